@@ -1,0 +1,30 @@
+# `make demo` and `make test` each work from nothing: they create .venv when missing and install
+# the project with all extras (torch pinned through constraints.txt).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dataplane demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/bench_shm.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dataplane tests bench examples
+	$(VENV)/bin/mypy dataplane
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

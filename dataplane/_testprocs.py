@@ -1,0 +1,137 @@
+"""Writer and subscriber programs that tests run as real subprocesses.
+
+``python -m dataplane._testprocs publish URL --steps N [...]`` writes deterministic steps and
+prints one JSON line per completed step; ``subscribe URL [...]`` prints one JSON line per
+received step (index, attributes, a checksum per variable) and a final line saying how the
+stream ended. Tests compare both sides by checksum. Kept free of pytest so that it runs
+anywhere the package does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def make_step(index: int, size: int = 1000) -> dict[str, np.ndarray]:
+    """The deterministic content of step ``index``: a float field, an int field, a scalar."""
+    rng = np.random.default_rng(index)
+    return {
+        "u": rng.standard_normal(size),
+        "k": (np.arange(size, dtype=np.int32) * (index + 1)).reshape(-1, 4 if size % 4 == 0 else 1),
+        "t": np.float64(index * 0.5),
+    }
+
+
+def digest(arr: np.ndarray) -> str:
+    """Checksum of an array's dtype, shape and bytes."""
+    a = np.asarray(arr)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes(order="C"))
+    return h.hexdigest()[:16]
+
+
+def step_digests(step: Any) -> dict[str, str]:
+    return {name: digest(step[name]) for name in sorted(step.keys())}
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def publish_main(args: argparse.Namespace) -> int:
+    import dataplane as dp
+
+    opts = _options(args.opt)
+    with dp.publish(args.url, policy=args.policy, queue_limit=args.queue_limit, **opts) as pub:
+        pub.attrs["writer_pid"] = os.getpid()
+        for i in range(args.steps):
+            data = make_step(i, args.size)
+            if args.kill_in_step is not None and i == args.kill_in_step:
+                # Die in the middle of writing step i: after the step began, before it ended.
+                writer = pub._writer
+                specs = {k: dp.VarSpec(np.asarray(v).dtype, np.shape(v)) for k, v in data.items()}
+                writer.begin_step(i, specs, {})
+                writer.put("u", np.asarray(data["u"]))
+                os.kill(os.getpid(), signal.SIGKILL)
+            pub.write(data, attrs={"i": i})
+            _emit({"wrote": i, "digests": {k: digest(np.asarray(v)) for k, v in data.items()}})
+            if args.sleep:
+                time.sleep(args.sleep)
+        if args.hang:
+            _emit({"hanging": True})
+            time.sleep(3600)
+    _emit({"closed": True})
+    return 0
+
+
+def subscribe_main(args: argparse.Namespace) -> int:
+    import dataplane as dp
+
+    opts = _options(args.opt)
+    try:
+        with dp.subscribe(args.url, timeout=args.timeout, start=args.start, **opts) as sub:
+            _emit({"subscribed": True})
+            for step in sub:
+                _emit({"index": step.index, "attrs": step.attrs, "digests": step_digests(step)})
+                if args.sleep:
+                    time.sleep(args.sleep)
+                if args.exit_after is not None and step.index >= args.exit_after:
+                    if args.kill:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return 0
+            _emit({"end": "closed", "stats": sub.stats.as_dict()})
+    except dp.ChannelBroken as exc:
+        _emit({"end": "broken", "error": str(exc)})
+    except dp.StepTimeoutError as exc:
+        _emit({"end": "timeout", "error": str(exc)})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dataplane._testprocs")
+    sp = ap.add_subparsers(dest="cmd", required=True)
+    p = sp.add_parser("publish")
+    p.add_argument("url")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--size", type=int, default=1000)
+    p.add_argument("--policy", default="block")
+    p.add_argument("--queue-limit", type=int, default=4)
+    p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("--hang", action="store_true", help="stay open after the last step")
+    p.add_argument("--kill-in-step", type=int, help="SIGKILL itself in the middle of this step")
+    p.add_argument("--opt", action="append", default=[], help="transport option key=value")
+    s = sp.add_parser("subscribe")
+    s.add_argument("url")
+    s.add_argument("--timeout", type=float, default=30.0)
+    s.add_argument("--start", default="first")
+    s.add_argument("--sleep", type=float, default=0.0)
+    s.add_argument("--exit-after", type=int, help="leave after receiving this step index")
+    s.add_argument("--kill", action="store_true", help="with --exit-after: SIGKILL instead")
+    s.add_argument("--opt", action="append", default=[], help="transport option key=value")
+    args = ap.parse_args(argv)
+    return publish_main(args) if args.cmd == "publish" else subscribe_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,726 @@
+"""The conformance suite every transport passes.
+
+A transport's test file is a few lines::
+
+    from dataplane.testing import conformance
+
+    class TestShm(conformance("shm")):
+        def make_url(self, tmp_path, name):
+            return f"shm://{name}?dir={tmp_path}"
+
+``conformance(scheme)`` assembles the suite from the transport's declared capabilities:
+:class:`TransportTests` for every transport, :class:`CrossProcessTests` when its scope reaches
+beyond one process, :class:`DropPolicyTests` when it supports ``policy="drop-oldest"``. So a
+capability a transport does not declare is not tested, rather than skipped.
+
+Override ``make_url`` (a fresh channel per test), ``writer_options`` and ``reader_options``
+where a transport needs them.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+import dataplane as dp
+from dataplane import _testprocs
+from dataplane.model import DTYPES
+from dataplane.registry import get_transport, resolve
+
+__all__ = [
+    "Consumer",
+    "CrossProcessTests",
+    "DropPolicyTests",
+    "TransportTests",
+    "assert_same_array",
+    "conformance",
+    "sample_array",
+]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def sample_array(dtype: Any, shape: tuple[int, ...] = (3, 5), seed: int = 0) -> np.ndarray:
+    """An array of ``dtype`` that includes the awkward values: extremes, NaN (with a payload),
+    infinities and negative zero for floats."""
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    if dt.kind == "b":
+        flat = rng.integers(0, 2, n).astype(bool)
+    elif dt.kind in "iu":
+        info = np.iinfo(dt)
+        flat = rng.integers(info.min, info.max, n, dtype=dt, endpoint=True)
+        flat[: min(n, 2)] = [info.min, info.max][: min(n, 2)]
+    elif dt.kind == "f":
+        flat = rng.standard_normal(n).astype(dt)
+        special = np.array([np.nan, np.inf, -np.inf, -0.0], dtype=dt)[:n]
+        flat[: len(special)] = special
+        if n > 4:  # a NaN with a non-default payload must survive bit for bit
+            bits = flat.view(f"u{dt.itemsize}")
+            bits[4] = bits[0] | 1
+    else:  # complex
+        flat = (rng.standard_normal(n) + 1j * rng.standard_normal(n)).astype(dt)
+        flat[: min(n, 2)] = [complex(np.nan, -0.0), complex(np.inf, -np.inf)][: min(n, 2)]
+    return flat.reshape(shape)
+
+
+def assert_same_array(got: np.ndarray, want: Any) -> None:
+    """Same dtype, shape and bytes (so NaN payloads and -0.0 count)."""
+    want = np.asarray(want)
+    assert isinstance(got, np.ndarray), f"got {type(got).__name__}, not an ndarray"
+    assert got.dtype == want.dtype, f"dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
+    assert got.tobytes(order="C") == want.tobytes(order="C"), f"values differ:\n{got}\n!=\n{want}"
+
+
+def _index(step: dp.Step | None) -> int | None:
+    return None if step is None else step.index
+
+
+class Consumer(threading.Thread):
+    """Drains a subscriber in a thread, copying every step, and records how the stream ended."""
+
+    def __init__(self, sub: dp.Subscriber, *, delay: float = 0.0, limit: int | None = None):
+        super().__init__(daemon=True)
+        self.sub = sub
+        self.delay = delay
+        self.limit = limit
+        self.steps: list[tuple[int, dict, dict[str, np.ndarray]]] = []
+        self.outcome: str | BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for step in self.sub:
+                self.steps.append(
+                    (step.index, dict(step.attrs), {n: np.array(step[n]) for n in step})
+                )
+                if self.delay:
+                    time.sleep(self.delay)
+                if self.limit is not None and len(self.steps) >= self.limit:
+                    self.outcome = "limit"
+                    return
+            self.outcome = "closed"
+        except BaseException as exc:  # the test inspects it
+            self.outcome = exc
+
+    def finish(self, timeout: float) -> Consumer:
+        self.join(timeout)
+        assert not self.is_alive(), f"subscriber of {self.sub.url} still waiting after {timeout}s"
+        return self
+
+    @property
+    def indices(self) -> list[int]:
+        return [i for i, _, _ in self.steps]
+
+
+# -- the suite -------------------------------------------------------------------------------
+class TransportTests:
+    """What every transport must do. Subclasses set ``scheme`` (``conformance()`` does)."""
+
+    scheme: ClassVar[str] = ""
+    #: Upper bound of every wait in these tests, seconds.
+    timeout: ClassVar[float] = 20.0
+
+    # hooks ----------------------------------------------------------------------------------
+    def make_url(self, tmp_path: Any, name: str) -> str:
+        return f"{self.scheme}://{name}"
+
+    def writer_options(self, subscribers: int) -> dict[str, Any]:
+        """Options for ``publish`` when ``subscribers`` will attach (e.g. a rendezvous)."""
+        return {}
+
+    def reader_options(self) -> dict[str, Any]:
+        return {}
+
+    @pytest.fixture
+    def url(self, tmp_path: Any) -> str:
+        return self.make_url(tmp_path, "c" + uuid.uuid4().hex[:12])
+
+    @property
+    def transport(self) -> type:
+        return get_transport(self.scheme)
+
+    # building blocks ------------------------------------------------------------------------
+    def subscribe(self, url: str, **kw: Any) -> dp.Subscriber:
+        kw.setdefault("timeout", self.timeout)
+        return dp.subscribe(url, **self.reader_options(), **kw)
+
+    def publish(self, url: str, subscribers: int = 1, **kw: Any) -> dp.Publisher:
+        return dp.publish(url, **self.writer_options(subscribers), **kw)
+
+    def roundtrip(
+        self,
+        url: str,
+        steps: Sequence[tuple[Mapping[str, Any], Mapping[str, Any] | None]],
+        *,
+        subscribers: int = 1,
+        channel_attrs: dict[str, Any] | None = None,
+        sub_kwargs: dict[str, Any] | None = None,
+        **pub_kwargs: Any,
+    ) -> list[Consumer]:
+        """Publish ``steps`` with ``subscribers`` live consumers; return the consumers."""
+        consumers = [
+            Consumer(self.subscribe(url, **(sub_kwargs or {}))) for _ in range(subscribers)
+        ]
+        for c in consumers:
+            c.start()
+        try:
+            with self.publish(url, subscribers, **pub_kwargs) as pub:
+                for key, value in (channel_attrs or {}).items():
+                    pub.attrs[key] = value
+                for data, attrs in steps:
+                    pub.write(data, attrs)
+            for c in consumers:
+                c.finish(self.timeout)
+        finally:
+            for c in consumers:
+                c.sub.close()
+        return consumers
+
+    def roundtrip_one(self, url: str, data: dict[str, Any], attrs: dict | None = None) -> dict:
+        (c,) = self.roundtrip(url, [(data, attrs)])
+        assert c.outcome == "closed", c.outcome
+        assert c.indices == [0]
+        return c.steps[0][2]
+
+    # exact arrays ---------------------------------------------------------------------------
+    @pytest.mark.parametrize("dtype", DTYPES, ids=[d.name for d in DTYPES])
+    def test_every_dtype_round_trips_bit_exact(self, url: str, dtype: np.dtype) -> None:
+        want = sample_array(dtype, (4, 6))
+        got = self.roundtrip_one(url, {"x": want})
+        assert_same_array(got["x"], want)
+
+    SHAPES: ClassVar[dict[str, Any]] = {
+        "0d": lambda: np.float64(3.25),
+        "0d-array": lambda: np.array(7, dtype=np.int16),
+        "empty": lambda: np.zeros(0, dtype=np.float32),
+        "empty-2d": lambda: np.zeros((0, 5), dtype=np.int64),
+        "empty-middle": lambda: np.zeros((3, 0, 2), dtype=np.uint8),
+        "1d": lambda: np.arange(17, dtype=np.float64),
+        "3d": lambda: sample_array(np.float32, (3, 4, 5)),
+        "fortran": lambda: np.asfortranarray(sample_array(np.float64, (5, 7))),
+        "every-other-row": lambda: sample_array(np.int32, (9, 4))[::2],
+        "transposed": lambda: sample_array(np.float64, (4, 6)).T,
+        "reversed": lambda: np.arange(10, dtype=np.int64)[::-1],
+        "column": lambda: sample_array(np.complex128, (5, 3))[:, 1],
+        "fortran-3d-slice": lambda: np.asfortranarray(sample_array(np.float32, (6, 5, 4)))[
+            1::2, :, ::3
+        ],
+        "big-endian": lambda: np.arange(6, dtype=">f8").reshape(2, 3),
+        "2MiB": lambda: np.random.default_rng(1).standard_normal(2**18),
+    }
+
+    @pytest.mark.parametrize("shape", sorted(SHAPES))
+    def test_shapes_and_layouts_round_trip(self, url: str, shape: str) -> None:
+        value = self.SHAPES[shape]()
+        arr = np.asarray(value)
+        want = np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C")
+        got = self.roundtrip_one(url, {"x": value})
+        assert_same_array(got["x"], want)
+
+    def test_python_numbers_and_torch_tensors_are_accepted(self, url: str) -> None:
+        data: dict[str, Any] = {"i": 3, "f": 2.5, "b": True, "l": [1.0, 2.0]}
+        torch = pytest.importorskip("torch")
+        t = torch.arange(12, dtype=torch.float32).reshape(3, 4).requires_grad_(True)
+        data["t"] = t.T  # a strided view with grad: detached and copied exactly
+        got = self.roundtrip_one(url, data)
+        assert_same_array(got["i"], np.asarray(3))
+        assert_same_array(got["f"], np.asarray(2.5))
+        assert_same_array(got["b"], np.asarray(True))
+        assert_same_array(got["l"], np.asarray([1.0, 2.0]))
+        assert_same_array(got["t"], t.detach().numpy().T)
+
+    # steps, order, attributes -----------------------------------------------------------------
+    def test_steps_arrive_in_order_each_once(self, url: str) -> None:
+        steps = [
+            ({"u": np.full(100, i, np.float64), "n": np.int64(i)}, {"i": i}) for i in range(25)
+        ]
+        (c,) = self.roundtrip(url, steps, queue_limit=3)
+        assert c.outcome == "closed"
+        assert c.indices == list(range(25))
+        for i, attrs, arrays in c.steps:
+            assert attrs == {"i": i}
+            assert_same_array(arrays["u"], np.full(100, i, np.float64))
+            assert_same_array(arrays["n"], np.int64(i))
+        assert c.sub.stats.steps == 25 and c.sub.stats.dropped == 0
+
+    def test_step_and_channel_attributes_round_trip(self, url: str) -> None:
+        attrs = {
+            "time": 1.5,
+            "iteration": 42,
+            "big": 2**62,
+            "name": "gray-scott",
+            "flag": False,
+            "floats": [0.5, 1.5],
+            "ints": [1, 2, 3],
+            "words": ["a", "b"],
+            "np_scalar": np.float32(0.25),
+            "np_array": np.array([1, 2], dtype=np.int16),
+            "empty": [],
+        }
+        want = {**attrs, "np_scalar": 0.25, "np_array": [1, 2]}
+        sub = self.subscribe(url)
+        consumer = Consumer(sub, limit=2)
+        consumer.start()
+        with self.publish(url) as pub:
+            pub.attrs["units"] = "m/s"
+            pub.attrs["dims"] = ["x", "y"]
+            pub.write({"x": np.zeros(3)}, attrs=attrs)
+            pub.write({"x": np.ones(3)})
+            consumer.finish(self.timeout)
+            assert sub.attrs == {"units": "m/s", "dims": ["x", "y"]}
+        sub.close()
+        assert consumer.outcome == "limit"
+        assert consumer.steps[0][1] == want
+        assert consumer.steps[1][1] == {}
+
+    def test_every_subscriber_gets_every_step(self, url: str) -> None:
+        steps = [({"u": np.arange(10) + i}, None) for i in range(12)]
+        consumers = self.roundtrip(url, steps, subscribers=3, queue_limit=2)
+        for c in consumers:
+            assert c.outcome == "closed"
+            assert c.indices == list(range(12))
+            for i, _, arrays in c.steps:
+                assert_same_array(arrays["u"], np.arange(10) + i)
+
+    def test_end_of_stream_ends_iteration(self, url: str) -> None:
+        with self.publish(url, subscribers=0) as pub:
+            sub = self.subscribe(url)
+            for _ in range(3):
+                pub.write({"x": np.zeros(2)})
+        assert [step.index for step in sub] == [0, 1, 2]
+        assert sub.ended
+        assert sub.next() is None  # stays ended
+        assert list(sub) == []
+        sub.close()
+
+    def test_stats_count_steps_and_bytes(self, url: str) -> None:
+        steps = [({"a": np.zeros(10, np.float32), "b": np.zeros((2, 3), np.int64)}, None)] * 4
+        (c,) = self.roundtrip(url, steps)
+        stats = c.sub.stats
+        assert (stats.steps, stats.dropped, stats.bytes) == (4, 0, 4 * (40 + 48))
+        assert stats.as_dict() == {"steps": 4, "dropped": 0, "bytes": 4 * 88}
+
+    # reading parts ------------------------------------------------------------------------------
+    def test_hyperslab_and_variable_selection(self, url: str) -> None:
+        u = sample_array(np.float64, (6, 8))
+        sub = self.subscribe(url, vars=["u"])
+        got: dict[str, Any] = {}
+
+        def consume() -> None:
+            step = next(sub)
+            got["keys"] = step.keys()
+            got["part"] = np.array(step.read("u", start=(1, 2), count=(3, 4)))
+            got["tail"] = np.array(step.read("u", start=(4, 6)))
+            got["row"] = np.array(step.read("u", count=(1, 8)))
+            try:
+                step.read("u", start=(5, 0), count=(2, 8))
+            except dp.SchemaError as exc:
+                got["oob"] = str(exc)
+            try:
+                step["v"]
+            except KeyError as exc:
+                got["missing"] = exc
+            torch = pytest.importorskip("torch")
+            got["torch"] = step.torch("u", start=(0, 0), count=(2, 2))
+            assert isinstance(got["torch"], torch.Tensor)
+
+        t = threading.Thread(target=consume, daemon=True)
+        t.start()
+        with self.publish(url) as pub:
+            pub.write({"u": u, "v": np.zeros(3)})
+            t.join(self.timeout)
+        sub.close()
+        assert got["keys"] == ["u"]
+        assert_same_array(got["part"], u[1:4, 2:6])
+        assert_same_array(got["tail"], u[4:, 6:])
+        assert_same_array(got["row"], u[:1])
+        assert "outside variable 'u'" in got["oob"]
+        assert isinstance(got["missing"], dp.VariableNotFoundError)
+        assert "available: u" in str(got["missing"])
+        np.testing.assert_array_equal(got["torch"].numpy(), u[:2, :2])
+
+    def test_step_is_invalid_after_the_subscriber_advances(self, url: str) -> None:
+        sub = self.subscribe(url)
+        seen: dict[str, Any] = {}
+
+        def consume() -> None:
+            first = next(sub)
+            seen["first"] = np.array(first["x"])
+            second = next(sub)
+            seen["second"] = np.array(second["x"])
+            try:
+                first["x"]
+            except dp.DataplaneError as exc:
+                seen["error"] = str(exc)
+
+        t = threading.Thread(target=consume, daemon=True)
+        t.start()
+        with self.publish(url) as pub:
+            pub.write({"x": np.zeros(4)})
+            pub.write({"x": np.ones(4)})
+            t.join(self.timeout)
+        sub.close()
+        assert_same_array(seen["second"], np.ones(4))
+        assert "released" in seen["error"]
+
+    # waiting ----------------------------------------------------------------------------------
+    def test_timeout_raises_and_the_channel_stays_usable(self, url: str) -> None:
+        with self.publish(url, subscribers=0) as pub:
+            sub = self.subscribe(url)
+            pub.write({"x": np.zeros(1)})
+            assert _index(sub.next(timeout=self.timeout)) == 0
+            t0 = time.monotonic()
+            with pytest.raises(dp.StepTimeoutError, match="within 0.3s"):
+                sub.next(timeout=0.3)
+            assert time.monotonic() - t0 < self.timeout
+            assert sub.poll(0.05) is None
+            pub.write({"x": np.ones(1)})
+            assert _index(sub.next(timeout=self.timeout)) == 1
+        assert sub.next(timeout=self.timeout) is None
+        sub.close()
+
+    def test_timeout_without_any_writer(self, url: str) -> None:
+        with self.subscribe(url, timeout=0.3) as sub:
+            with pytest.raises(dp.StepTimeoutError):
+                next(sub)
+
+    # failures -----------------------------------------------------------------------------------
+    def test_writer_exception_breaks_the_channel_after_completed_steps(self, url: str) -> None:
+        c = Consumer(self.subscribe(url))
+        c.start()
+        with pytest.raises(RuntimeError, match="simulation blew up"):
+            with self.publish(url) as pub:
+                pub.write({"x": np.zeros(2)})
+                pub.write({"x": np.ones(2)})
+                raise RuntimeError("simulation blew up")
+        c.finish(self.timeout)
+        c.sub.close()
+        assert c.indices == [0, 1]
+        assert isinstance(c.outcome, dp.ChannelBroken), c.outcome
+
+    def test_abandoned_publisher_breaks_the_channel(self, url: str) -> None:
+        c = Consumer(self.subscribe(url))
+        c.start()
+        pub = self.publish(url)
+        pub.write({"x": np.zeros(2)})
+        del pub
+        gc.collect()
+        c.finish(self.timeout)
+        c.sub.close()
+        assert c.indices == [0]
+        assert isinstance(c.outcome, dp.ChannelBroken), c.outcome
+
+    def test_bad_step_is_refused_whole(self, url: str) -> None:
+        c = Consumer(self.subscribe(url))
+        c.start()
+        with self.publish(url) as pub:
+            with pytest.raises(dp.SchemaError, match="object"):
+                pub.write({"a": np.zeros(3), "b": np.array([None, 1], dtype=object)})
+            assert pub.write({"a": np.ones(3), "b": np.zeros(2)}) == 0
+        c.finish(self.timeout)
+        c.sub.close()
+        assert c.indices == [0]
+        assert sorted(c.steps[0][2]) == ["a", "b"]
+        assert_same_array(c.steps[0][2]["a"], np.ones(3))
+
+    def test_dtype_change_is_refused(self, url: str) -> None:
+        with self.publish(url, subscribers=0) as pub:
+            pub.write({"u": np.zeros(3, np.float64)})
+            with pytest.raises(dp.SchemaError, match=r"float64 in step 0 but float32 in step 1"):
+                pub.write({"u": np.zeros(3, np.float32)})
+            pub.write({"u": np.zeros(5, np.float64)})  # shape may change; dtype may not
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            np.array([None, 1], dtype=object),
+            np.array(["a", "b"]),
+            np.array([b"x"]),
+            np.zeros(2, dtype=[("a", "f4")]),
+            np.array(["2020-01-01"], dtype="datetime64[D]"),
+            "a string",
+            {"a": 1},
+        ],
+        ids=["object", "unicode", "bytes", "structured", "datetime", "str", "dict"],
+    )
+    def test_non_numeric_data_is_refused(self, url: str, value: Any) -> None:
+        with self.publish(url, subscribers=0) as pub:
+            with pytest.raises(dp.SchemaError):
+                pub.write({"x": value})
+
+    @pytest.mark.parametrize(
+        "name",
+        ["", "../x", "a/b", ".hidden", "-x", "x" * 200, "a b", "é", "__dpx", "a\0b", 3, None],
+    )
+    def test_unsafe_variable_names_are_refused(self, url: str, name: Any) -> None:
+        with self.publish(url, subscribers=0) as pub:
+            with pytest.raises(dp.SchemaError, match="name"):
+                pub.write({name: np.zeros(1)})
+            with pytest.raises(dp.SchemaError, match="name"):
+                pub.write({"x": np.zeros(1)}, attrs={name: 1})
+
+    def test_duplicate_names_are_refused(self, url: str) -> None:
+        with self.publish(url, subscribers=0) as pub:
+            with pytest.raises(dp.SchemaError, match="twice"):
+                pub.write([("u", np.zeros(2)), ("u", np.ones(2))])
+
+    @pytest.mark.parametrize(
+        "value",
+        [{"a": 1}, None, [[1, 2]], [1, "a"], object(), 2**70, b"bytes"],
+        ids=["dict", "none", "nested", "mixed", "object", "huge-int", "bytes"],
+    )
+    def test_bad_attribute_values_are_refused(self, url: str, value: Any) -> None:
+        with self.publish(url, subscribers=0) as pub:
+            with pytest.raises(dp.SchemaError, match="attribute"):
+                pub.write({"x": np.zeros(1)}, attrs={"a": value})
+            with pytest.raises(dp.SchemaError, match="attribute"):
+                pub.attrs["a"] = value
+
+    def test_bad_arguments_are_refused(self, url: str) -> None:
+        with pytest.raises(dp.OptionError, match="policy"):
+            dp.publish(url, policy="sometimes")
+        with pytest.raises(dp.OptionError, match="queue_limit"):
+            dp.publish(url, queue_limit=0)
+        with pytest.raises(dp.OptionError, match="queue_limit"):
+            dp.publish(url, queue_limit=10**9)
+        with pytest.raises(dp.OptionError, match="start"):
+            dp.subscribe(url, start="middle")
+        with pytest.raises(dp.OptionError, match="timeout"):
+            dp.subscribe(url, timeout=-1)
+        with pytest.raises(TypeError, match="no_such_option"):
+            dp.publish(url, no_such_option=1)
+        sep = "&" if "?" in url else "?"
+        with pytest.raises(dp.UnknownOptionError, match="bogus"):
+            dp.subscribe(f"{url}{sep}bogus=1")
+        with pytest.raises(dp.OptionError, match="mode"):
+            dp.publish(url, mode="x")
+
+    def test_unknown_scheme_lists_the_known_ones(self) -> None:
+        with pytest.raises(dp.UnknownSchemeError) as info:
+            dp.publish("nosuch://x")
+        assert f"{self.scheme}://" in str(info.value)
+        assert isinstance(info.value, ValueError)
+
+    def test_one_writer_per_channel(self, url: str) -> None:
+        with self.publish(url, subscribers=0):
+            with pytest.raises(dp.ChannelBusyError, match="writer"):
+                dp.publish(url)
+
+    def test_transport_pickles_as_how_to_reopen(self, url: str) -> None:
+        import pickle
+
+        parsed, cls = resolve(url)
+        t = cls.from_url(parsed, {})
+        again = pickle.loads(pickle.dumps(t))
+        assert type(again) is cls and again.url == t.url and again.options == t.options
+        json.dumps(t.get_config())
+
+
+class DropPolicyTests:
+    """For streams that support ``policy="drop-oldest"``."""
+
+    def test_drop_oldest_never_blocks_and_counts_drops(self, url: str) -> None:
+        n = 60
+        done = threading.Event()
+        pub = self.publish(url, 0, policy="drop-oldest", queue_limit=2)  # type: ignore[attr-defined]
+        sub = self.subscribe(url)  # type: ignore[attr-defined]
+
+        def write() -> None:
+            with pub:
+                for i in range(n):
+                    pub.write({"x": np.full(1000, i)})
+            done.set()
+
+        t = threading.Thread(target=write, daemon=True)
+        t.start()
+        # Nobody reads while the writer runs: it must still finish.
+        assert done.wait(self.timeout), "drop-oldest writer blocked on a subscriber"  # type: ignore[attr-defined]
+        c = Consumer(sub)
+        c.run()
+        sub.close()
+        assert c.outcome == "closed"
+        assert c.indices == sorted(set(c.indices)) and c.indices[-1] == n - 1
+        assert 1 <= len(c.indices) < n
+        assert sub.stats.dropped == n - len(c.indices)
+        for i, _, arrays in c.steps:
+            assert_same_array(arrays["x"], np.full(1000, i))
+
+    def test_block_policy_bounds_the_writer(self, url: str) -> None:
+        written: list[int] = []
+        pub = self.publish(url, 0, queue_limit=2)  # type: ignore[attr-defined]
+        sub = self.subscribe(url)  # type: ignore[attr-defined]
+
+        def write() -> None:
+            with pub:
+                for i in range(10):
+                    written.append(pub.write({"x": np.full(10, i)}))
+
+        t = threading.Thread(target=write, daemon=True)
+        t.start()
+        first = sub.next()  # attach, then stop reading for a while
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline and len(written) < 10:
+            time.sleep(0.01)
+        # One step held by the subscriber plus queue_limit unconsumed: the writer waits.
+        assert len(written) <= 1 + 2, written
+        assert first.index == 0
+        c = Consumer(sub)
+        c.run()
+        t.join(self.timeout)  # type: ignore[attr-defined]
+        sub.close()
+        assert [0] + c.indices == list(range(10)) and sub.stats.dropped == 0
+
+    def test_late_subscribers_start_first_or_latest(self, url: str) -> None:
+        with self.publish(url, subscribers=0, queue_limit=4) as pub:  # type: ignore[attr-defined]
+            for i in range(3):
+                pub.write({"x": np.full(2, i)})
+            first = self.subscribe(url, start="first")  # type: ignore[attr-defined]
+            latest = self.subscribe(url, start="latest")  # type: ignore[attr-defined]
+            c1, c2 = Consumer(first), Consumer(latest)
+            c1.start()
+            c2.start()
+            for i in range(3, 5):
+                pub.write({"x": np.full(2, i)})
+        for c in (c1, c2):
+            c.finish(self.timeout)  # type: ignore[attr-defined]
+            c.sub.close()
+        assert c1.indices == [0, 1, 2, 3, 4]
+        assert c2.indices == [3, 4]
+        assert c1.sub.stats.dropped == 0 and c2.sub.stats.dropped == 0
+
+
+def run_proc(*args: str, **kw: Any) -> subprocess.Popen[str]:
+    """Start ``python -m dataplane._testprocs ARGS`` with line-buffered JSON on stdout."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dataplane._testprocs", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def read_events(proc: subprocess.Popen[str], timeout: float) -> list[dict]:
+    """Every JSON line a test program printed, once it exits (killed after ``timeout``)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"{proc.args!r} did not finish in {timeout}s; stderr:\n{err}") from None
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    if proc.returncode not in (0, -9):
+        raise AssertionError(f"{proc.args!r} exited with {proc.returncode}; stderr:\n{err}")
+    return events
+
+
+def wait_for_event(proc: subprocess.Popen[str], key: str, timeout: float) -> list[dict]:
+    """Read a program's JSON lines until one has ``key``; returns the lines so far."""
+    events: list[dict] = []
+    result: dict[str, Any] = {}
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("{"):
+                events.append(json.loads(line))
+                if key in events[-1]:
+                    result["hit"] = True
+                    return
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    t.join(timeout)
+    if "hit" not in result:
+        proc.kill()
+        raise AssertionError(f"{proc.args!r} printed no {key!r} within {timeout}s: {events}")
+    return events
+
+
+class CrossProcessTests:
+    """For transports whose channels reach other processes: real subprocess writers/readers."""
+
+    def expected_digests(self, n: int, size: int = 1000) -> dict[int, dict[str, str]]:
+        return {
+            i: {
+                k: _testprocs.digest(np.asarray(v))
+                for k, v in sorted(_testprocs.make_step(i, size).items())
+            }
+            for i in range(n)
+        }
+
+    def test_subscriber_processes_each_get_every_step(self, url: str) -> None:
+        n = 30
+        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(3).items()]  # type: ignore[attr-defined]
+        readers = [run_proc("subscribe", url, "--timeout", "30") for _ in range(3)]
+        writer = run_proc("publish", url, "--steps", str(n), "--queue-limit", "3", *opts)
+        want = self.expected_digests(n)
+        read_events(writer, 60)
+        for proc in readers:
+            events = read_events(proc, 60)
+            steps = [e for e in events if "index" in e]
+            assert [e["index"] for e in steps] == list(range(n))
+            assert all(e["digests"] == want[e["index"]] for e in steps)
+            assert events[-1]["end"] == "closed"
+
+    def test_writer_process_killed_gives_channel_broken(self, url: str) -> None:
+        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(1).items()]  # type: ignore[attr-defined]
+        sub = self.subscribe(url, timeout=self.timeout)  # type: ignore[attr-defined]
+        writer = run_proc("publish", url, "--steps", "5", "--hang", *opts)
+        got = []
+        try:
+            for step in sub:
+                got.append(step.index)
+                if step.index == 4:
+                    writer.kill()
+                    writer.wait(10)
+                    t0 = time.monotonic()
+                    with pytest.raises(dp.ChannelBroken, match="died|gone"):
+                        next(sub)
+                    # Detected from liveness, well before the subscriber's own timeout.
+                    assert time.monotonic() - t0 < self.timeout / 2  # type: ignore[attr-defined]
+                    break
+        finally:
+            sub.close()
+            if writer.poll() is None:
+                writer.kill()
+            writer.communicate()
+        assert got == [0, 1, 2, 3, 4]
+
+    def test_writer_killed_mid_step_leaves_no_partial_step(self, url: str) -> None:
+        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(1).items()]  # type: ignore[attr-defined]
+        sub = self.subscribe(url)  # type: ignore[attr-defined]
+        writer = run_proc("publish", url, "--steps", "10", "--kill-in-step", "3", *opts)
+        want = self.expected_digests(10)
+        c = Consumer(sub)
+        c.start()
+        c.finish(self.timeout)  # type: ignore[attr-defined]
+        read_events(writer, 30)
+        sub.close()
+        assert c.indices == [0, 1, 2]
+        for i, _, arrays in c.steps:
+            assert {k: _testprocs.digest(v) for k, v in sorted(arrays.items())} == want[i]
+        assert isinstance(c.outcome, dp.ChannelBroken), c.outcome
+
+
+def conformance(scheme: str) -> type:
+    """The conformance suite for ``scheme``, assembled from its declared capabilities."""
+    cls = get_transport(scheme)
+    bases: list[type] = []
+    if cls.scope != "process":
+        bases.append(CrossProcessTests)
+    if cls.supports_drop_policy:
+        bases.append(DropPolicyTests)
+    bases.append(TransportTests)
+    return type(f"{scheme.capitalize()}TransportTests", tuple(bases), {"scheme": scheme})

@@ -1,0 +1,217 @@
+"""POSIX pieces for node-local transports: shared-memory segments, futexes, process liveness.
+
+Segments are managed with ``shm_open`` directly, not ``multiprocessing.shared_memory``: Python
+3.11's resource tracker unlinks a segment when any process that merely attached to it exits,
+which would pull a live channel from under its writer.
+"""
+
+from __future__ import annotations
+
+import _posixshmem
+import ctypes
+import errno
+import mmap
+import os
+import platform
+import stat
+import sys
+import time
+
+from dataplane.errors import DataplaneError
+
+__all__ = [
+    "SHM_DIR",
+    "create_segment",
+    "futex_wait",
+    "futex_wake",
+    "is_alive",
+    "list_segments",
+    "my_identity",
+    "open_segment",
+    "process_identity",
+    "unlink_segment",
+]
+
+#: Where POSIX shared memory shows up as files on Linux (used to list and sweep segments).
+SHM_DIR = "/dev/shm"
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+# -- segments -----------------------------------------------------------------------------
+def create_segment(name: str, size: int) -> tuple[int, mmap.mmap]:
+    """Create segment ``name`` exclusively, owner-only, with ``size`` bytes reserved.
+
+    Returns the open file descriptor and a writable mapping. Space is reserved up front
+    (``posix_fallocate``): a sparse segment on a full tmpfs kills the writer with SIGBUS later.
+    """
+    fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                    raise DataplaneError(
+                        f"no room for a {size / 2**20:.1f} MiB shared-memory segment "
+                        f"({os.strerror(exc.errno)}); free space in {SHM_DIR}, enlarge it, or "
+                        f"lower queue_limit"
+                    ) from exc
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+    except BaseException:
+        os.close(fd)
+        unlink_segment(name)
+        raise
+    return fd, mm
+
+
+def open_segment(name: str, *, writable: bool) -> tuple[int, mmap.mmap]:
+    """Open an existing segment; read-only mappings make zero-copy views safe to hand out."""
+    fd = _posixshmem.shm_open("/" + name, os.O_RDWR if writable else os.O_RDONLY, 0)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise FileNotFoundError(errno.ENOENT, "segment is empty (being created)", name)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=prot)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, mm
+
+
+def unlink_segment(name: str) -> bool:
+    """Remove segment ``name``; False if it was already gone."""
+    try:
+        _posixshmem.shm_unlink("/" + name)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def list_segments(prefix: str) -> list[str]:
+    """Names of this user's segments starting with ``prefix`` (Linux; empty elsewhere)."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    uid = os.getuid()
+    out = []
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        try:
+            st = os.stat(os.path.join(SHM_DIR, name))
+        except OSError:
+            continue
+        if st.st_uid == uid and stat.S_ISREG(st.st_mode):
+            out.append(name)
+    return out
+
+
+def segment_age(name: str) -> float:
+    try:
+        return time.time() - os.stat(os.path.join(SHM_DIR, name)).st_mtime
+    except OSError:
+        return 0.0
+
+
+# -- process liveness ---------------------------------------------------------------------
+def process_identity(pid: int) -> int | None:
+    """Start time of process ``pid`` (clock ticks since boot), or None if it is gone.
+
+    Comparing start times makes a recycled pid count as a different process. A zombie (dead,
+    not yet reaped by its parent) counts as gone.
+    """
+    if pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        data = b""
+    if data:
+        fields = data[data.rindex(b")") + 2 :].split()
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return int(fields[19])
+    # No procfs: fall back to signal 0 (cannot tell recycled pids apart).
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return 0
+
+
+_me: tuple[int, int] | None = None
+
+
+def my_identity() -> tuple[int, int]:
+    """(pid, start time) of this process; recomputed after fork."""
+    global _me
+    pid = os.getpid()
+    if _me is None or _me[0] != pid:
+        _me = (pid, process_identity(pid) or 0)
+    return _me
+
+
+def is_alive(pid: int, start: int) -> bool:
+    ident = process_identity(pid)
+    return ident is not None and (start == 0 or ident == 0 or ident == start)
+
+
+# -- futex ---------------------------------------------------------------------------------
+_SYS_FUTEX = {
+    "x86_64": 202,
+    "amd64": 202,
+    "aarch64": 98,
+    "arm64": 98,
+    "ppc64le": 221,
+    "riscv64": 98,
+    "s390x": 238,
+}.get(platform.machine().lower())
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1
+_libc = None
+if sys.platform.startswith("linux") and _SYS_FUTEX is not None:
+    try:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _syscall = _libc.syscall
+    except (OSError, AttributeError):
+        _libc = None
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def futex_wait(addr: int, expected: int, timeout: float) -> None:
+    """Sleep while the shared 32-bit word at ``addr`` equals ``expected``, at most ``timeout``.
+
+    Works across processes (no FUTEX_PRIVATE flag). Spurious returns are fine: callers
+    re-check their condition. Without futexes, sleeps briefly instead.
+    """
+    if _libc is None:
+        time.sleep(min(timeout, 0.0005))
+        return
+    ts = _Timespec(int(timeout), int((timeout - int(timeout)) * 1e9))
+    _syscall(
+        _SYS_FUTEX,
+        ctypes.c_void_p(addr),
+        _FUTEX_WAIT,
+        ctypes.c_uint32(expected),
+        ctypes.byref(ts),
+        None,
+        0,
+    )
+
+
+def futex_wake(addr: int) -> None:
+    """Wake every process sleeping on the word at ``addr``."""
+    if _libc is not None:
+        _syscall(_SYS_FUTEX, ctypes.c_void_p(addr), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)

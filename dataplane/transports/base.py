@@ -1,0 +1,242 @@
+"""The transport contract.
+
+A transport moves steps of named arrays for one URL scheme. It implements a handful of
+primitives (the abstract methods of :class:`Writer`, :class:`Reader` and, for stored data,
+:class:`Archive`); ``dataplane.api`` derives everything users see from them: validation,
+policies, asynchronous publishing, statistics, selections.
+
+What the core may rely on:
+
+- ``Writer.begin_step`` receives every variable's spec and the step's attributes up front,
+  then ``put`` is called once per variable, then ``end_step`` publishes the step atomically.
+  ``abort_step`` discards a step that was begun; nothing of it may become visible.
+- Arrays given to ``put`` have a dtype from ``model.DTYPES`` in native byte order but may be
+  Fortran-ordered, strided or zero-sized: the transport makes its own copy in its own layout.
+- ``Reader.next_step`` returns the next complete step's metadata, ``None`` once the writer has
+  closed and every step was delivered, raises ``StepTimeoutError`` when ``timeout`` expires and
+  ``ChannelBroken`` when the writer is gone. ``Reader.get`` reads from the current step only.
+- Capabilities are class attributes, so the core and the conformance tests ask rather than probe.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+from dataplane.errors import DataplaneError, OptionError, UnknownOptionError
+from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec
+
+__all__ = ["POLICIES", "Archive", "Reader", "Transport", "Writer"]
+
+#: Writer policies: lossless with back-pressure, or never wait and drop the oldest steps.
+POLICIES = ("block", "drop-oldest")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(name: str, raw: str, default: Any, annotation: Any) -> Any:
+    """Turn a ``?key=value`` string into the type the option's default or annotation says."""
+    kind: type | None = type(default) if default is not None else None
+    if kind is None and isinstance(annotation, str):
+        for candidate in (bool, int, float):
+            if candidate.__name__ in annotation:
+                kind = candidate
+                break
+    if kind is None or kind is str:
+        return raw
+    try:
+        if kind is bool:
+            low = raw.lower()
+            if low in _TRUE | _FALSE:
+                return low in _TRUE
+            raise ValueError(raw)
+        return kind(raw)
+    except ValueError:
+        raise OptionError(
+            f"option {name}={raw!r} in the URL is not a valid {kind.__name__}"
+        ) from None
+
+
+class Transport:
+    """One channel (a URL) of one scheme, with its options; opens writers and readers.
+
+    Subclasses declare their options as keyword-only parameters of ``__init__`` (after
+    ``url``); :meth:`from_url` checks user options against that signature. Instances pickle as
+    "how to reopen": the URL and options, never an open handle.
+    """
+
+    scheme: ClassVar[str] = ""
+    #: Where the channel can be reached from: "process", "node" or "network".
+    scope: ClassVar[str] = "process"
+    #: Steps are stored and can be read in any order (files), not only followed live.
+    supports_random_access: ClassVar[bool] = False
+    #: A subscriber can follow steps while the writer is still writing.
+    supports_live_read: ClassVar[bool] = True
+    #: Several MPI ranks can write blocks of one step (``publish(comm=...)``).
+    supports_parallel_write: ClassVar[bool] = False
+    #: ``policy="drop-oldest"`` is meaningful (streams); files are always lossless.
+    supports_drop_policy: ClassVar[bool] = False
+    #: Readers get views of shared memory instead of copies.
+    supports_zero_copy: ClassVar[bool] = False
+
+    def __init__(self, url: ChannelURL, **options: Any) -> None:
+        self.url = url
+        self.options = options
+
+    @classmethod
+    def from_url(cls, url: ChannelURL, options: dict[str, Any]) -> Transport:
+        """Build the transport from a parsed URL and keyword options, checking every option."""
+        params = {
+            p.name: p
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        merged: dict[str, Any] = {}
+        for key, raw in url.query.items():
+            p = params.get(key)
+            if p is None:
+                raise cls._unknown(key, params)
+            merged[key] = _coerce(key, raw, p.default, p.annotation)
+        for key, value in options.items():
+            if key not in params:
+                raise cls._unknown(key, params)
+            if key in merged and merged[key] != value:
+                raise OptionError(
+                    f"option {key!r} is given both in the URL ({merged[key]!r}) and as a "
+                    f"keyword ({value!r}); give it once"
+                )
+            merged[key] = value
+        return cls(url, **merged)
+
+    @classmethod
+    def _unknown(cls, key: str, params: dict) -> UnknownOptionError:
+        known = ", ".join(sorted(params)) or "none"
+        return UnknownOptionError(
+            f"{cls.scheme}:// does not take option {key!r}; its options are: {known}"
+        )
+
+    def __reduce__(self):
+        return (type(self).from_url, (self.url, dict(self.options)))
+
+    def get_config(self) -> dict[str, Any]:
+        """JSON-safe description of what this transport is, for logs and benchmarks."""
+        return {
+            "scheme": self.scheme,
+            "url": self.url.url,
+            "options": {k: v for k, v in self.options.items() if _json_safe(v)},
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url.url!r})"
+
+    # -- what a transport implements -------------------------------------------------------
+    def open_writer(self, *, policy: str, queue_limit: int, mode: str) -> Writer:
+        raise DataplaneError(f"{self.scheme}:// cannot be written")
+
+    def open_reader(self, *, start: str, vars: tuple[str, ...] | None) -> Reader:
+        raise DataplaneError(f"{self.scheme}:// cannot be subscribed to")
+
+    def open_archive(self) -> Archive:
+        raise DataplaneError(
+            f"{self.url.url} is a stream: its steps are not stored, so it cannot be opened for "
+            f"random access. Use dataplane.subscribe() to follow it, or record it into a file "
+            f"transport with `dataplane convert`."
+        )
+
+
+def _json_safe(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, list, dict, tuple))
+
+
+class Writer(ABC):
+    """The writing end of a channel. Not thread-safe; one per channel at a time."""
+
+    #: Index of the next step (greater than zero when appending to stored data).
+    next_index: int = 0
+
+    def known_vars(self) -> dict[str, VarSpec]:
+        """Variables already in the channel (append mode), so dtypes stay consistent."""
+        return {}
+
+    @abstractmethod
+    def begin_step(
+        self, index: int, specs: dict[str, VarSpec], attrs: dict[str, AttrValue]
+    ) -> None:
+        """Start step ``index`` holding exactly ``specs``; may wait under ``policy="block"``."""
+
+    @abstractmethod
+    def put(self, name: str, array: np.ndarray) -> None:
+        """Copy ``array`` (any layout) as variable ``name`` of the current step."""
+
+    @abstractmethod
+    def end_step(self) -> None:
+        """Make the current step visible to readers, all at once."""
+
+    @abstractmethod
+    def abort_step(self) -> None:
+        """Discard the current step; readers never see any of it."""
+
+    @abstractmethod
+    def set_attrs(self, attrs: dict[str, AttrValue]) -> None:
+        """Replace the channel-level attributes."""
+
+    @abstractmethod
+    def close(self, failed: bool = False) -> None:
+        """End the channel. ``failed`` marks it broken: readers get ``ChannelBroken`` after the
+        steps that completed. Must be idempotent."""
+
+
+class Reader(ABC):
+    """The reading end of a channel, for one subscriber. Not thread-safe."""
+
+    #: Index of the first step owed to this subscriber, once known; steps missing between it
+    #: and the first delivered one count as dropped.
+    first_index: int | None = None
+
+    @abstractmethod
+    def next_step(self, timeout: float | None) -> StepMeta | None:
+        """Release the current step and return the next one; ``None`` at end of stream."""
+
+    @abstractmethod
+    def get(self, name: str, selection: Selection) -> np.ndarray:
+        """Read ``selection`` of variable ``name`` from the current step."""
+
+    def attrs(self) -> dict[str, AttrValue]:
+        """Channel-level attributes as last published."""
+        return {}
+
+    @abstractmethod
+    def close(self) -> None:
+        """Leave the channel. Must be idempotent."""
+
+
+class Archive(ABC):
+    """Stored steps, readable in any order."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def meta(self, index: int) -> StepMeta:
+        """Metadata of step ``index`` (0 <= index < len)."""
+
+    @abstractmethod
+    def get(self, index: int, name: str, selection: Selection) -> np.ndarray:
+        """Read ``selection`` of variable ``name`` of step ``index``."""
+
+    def attrs(self) -> dict[str, AttrValue]:
+        return {}
+
+    def vars(self) -> dict[str, VarSpec]:
+        """Every variable with its spec in the last step that holds it."""
+        out: dict[str, VarSpec] = {}
+        for i in range(len(self)):
+            out.update(self.meta(i).vars)
+        return out
+
+    @abstractmethod
+    def close(self) -> None: ...

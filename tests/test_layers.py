@@ -1,0 +1,108 @@
+"""Import direction is down only (DESIGN.md, "Layers"): checked by walking the imports with ast."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dataplane"
+
+# What each part of the package may import from dataplane itself (prefix match).
+ALLOWED = {
+    "dataplane.errors": [],
+    "dataplane.model": ["dataplane.errors"],
+    "dataplane.transports": ["dataplane.errors", "dataplane.model", "dataplane.transports"],
+    "dataplane.registry": ["dataplane.errors", "dataplane.model", "dataplane.transports.base"],
+    "dataplane.api": [
+        "dataplane.errors",
+        "dataplane.model",
+        "dataplane.registry",
+        "dataplane.transports.base",
+    ],
+    "dataplane.cache": ["dataplane.errors", "dataplane.model", "dataplane.cache"],
+    "dataplane.loaders": [
+        "dataplane.errors",
+        "dataplane.model",
+        "dataplane.api",
+        "dataplane.cache",
+        "dataplane.loaders",
+    ],
+    # Users of the public API, like any user.
+    "dataplane.cli": ["dataplane"],
+    "dataplane.demo": ["dataplane"],
+    "dataplane.testing": ["dataplane"],
+    "dataplane._testprocs": ["dataplane"],
+    "dataplane": ["dataplane"],
+}
+HEAVY = {"adios2", "h5py", "zarr", "torch", "mpi4py", "fsspec"}
+# Heavy libraries a module may import at module level (they are optional dependencies).
+HEAVY_ALLOWED = {
+    "dataplane.transports": {"adios2", "h5py", "zarr", "fsspec", "mpi4py"},
+    "dataplane.loaders": {"torch"},
+}
+
+
+def module_name(path: pathlib.Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def rule_for(module: str, table: dict) -> object:
+    best = max(
+        (k for k in table if module == k or module.startswith(k + ".")), key=len, default=None
+    )
+    return table.get(best) if best else None
+
+
+def imports(path: pathlib.Path) -> list[tuple[str, bool]]:
+    """(imported module, at module level?) for every import in the file."""
+    tree = ast.parse(path.read_text())
+    package = module_name(path)
+    if path.name != "__init__.py":
+        package = package.rsplit(".", 1)[0]
+    top = {id(node) for node in tree.body}
+    for node in tree.body:  # imports inside `if TYPE_CHECKING:` and try blocks at top level count
+        if isinstance(node, (ast.If, ast.Try)):
+            top.update(id(n) for n in ast.walk(node))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.extend((alias.name, id(node) in top) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            out.append((name, id(node) in top))
+    return out
+
+
+FILES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", FILES, ids=[module_name(p) for p in FILES])
+def test_imports_go_down_only(path: pathlib.Path) -> None:
+    module = module_name(path)
+    allowed = rule_for(module, ALLOWED)
+    assert allowed is not None, f"{module} has no layering rule; add it to ALLOWED"
+    for name, _ in imports(path):
+        if name == "dataplane" or name.startswith("dataplane."):
+            ok = any(name == a or name.startswith(a + ".") for a in allowed)
+            assert ok, f"{module} imports {name}, which is above it (allowed: {allowed})"
+
+
+@pytest.mark.parametrize("path", FILES, ids=[module_name(p) for p in FILES])
+def test_heavy_libraries_only_where_they_belong(path: pathlib.Path) -> None:
+    module = module_name(path)
+    allowed = rule_for(module, HEAVY_ALLOWED) or set()
+    for name, top_level in imports(path):
+        root = name.split(".")[0]
+        if root in HEAVY and top_level:
+            assert root in allowed, f"{module} imports {root} at module level"

@@ -1,0 +1,221 @@
+"""shm:// beyond the conformance suite: segment hygiene, crashes on either side, zero copy."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+import dataplane as dp
+from dataplane.testing import Consumer, assert_same_array, read_events, run_proc, wait_for_event
+from dataplane.transports import _posix
+from dataplane.transports.shm import default_dir
+
+TIMEOUT = 20.0
+
+
+@pytest.fixture
+def url() -> str:
+    return f"shm://t{uuid.uuid4().hex[:10]}"
+
+
+def channel_file(url: str) -> str:
+    return os.path.join(default_dir(), url.split("://")[1] + ".json")
+
+
+def token_of(url: str) -> str:
+    with open(channel_file(url)) as f:
+        return json.load(f)["token"]
+
+
+def segments(token: str) -> list[str]:
+    return _posix.list_segments(f"dp-{token}-")
+
+
+def test_segments_are_private_and_unguessable(url: str) -> None:
+    with dp.publish(url) as pub:
+        pub.write({"x": np.zeros(1000)})
+        token = token_of(url)
+        names = segments(token)
+        assert len(names) == 2  # control + one slot
+        for name in names:
+            mode = os.stat(os.path.join(_posix.SHM_DIR, name)).st_mode
+            assert stat.S_IMODE(mode) == 0o600, oct(mode)
+        assert len(token) == 16 and int(token, 16) >= 0  # 64 random bits
+        assert stat.S_IMODE(os.stat(default_dir()).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(channel_file(url)).st_mode) == 0o600
+
+
+def test_nothing_left_after_clean_close(url: str) -> None:
+    readers = [run_proc("subscribe", url, "--timeout", "30") for _ in range(2)]
+    with dp.publish(url, rendezvous=2, queue_limit=32) as pub:
+        token = token_of(url)
+        local = dp.subscribe(url, timeout=TIMEOUT)
+        for i in range(20):
+            pub.write({"x": np.full(5000, i)})
+    assert [s.index for s in local] == list(range(20))
+    for proc in readers:
+        assert read_events(proc, 30)[-1]["end"] == "closed"
+    assert segments(token)  # the local subscriber is still attached
+    local.close()
+    assert segments(token) == []
+    assert not os.path.exists(channel_file(url))
+
+
+def test_crash_leftovers_are_removed_at_the_next_start(url: str) -> None:
+    writer = run_proc("publish", url, "--steps", "3", "--hang")
+    wait_for_event(writer, "hanging", 30)
+    token = token_of(url)
+    writer.kill()
+    writer.wait(10)
+    assert segments(token), "a killed writer leaves its segments"
+    # The next writer of any channel sweeps them; a stale channel file does not block it.
+    with dp.publish(url) as pub:
+        assert segments(token) == []
+        sub = dp.subscribe(url, timeout=TIMEOUT)
+        pub.write({"x": np.arange(3)})
+        assert_same_array(next(sub)["x"], np.arange(3))
+    sub.close()
+
+
+def test_dead_subscriber_releases_its_slots_under_block(url: str) -> None:
+    n = 30
+    # One subscriber takes step 0 and is killed while holding it; one stays healthy.
+    doomed = run_proc("subscribe", url, "--exit-after", "0", "--kill")
+    with dp.publish(url, queue_limit=2, rendezvous=1) as pub:
+        healthy = Consumer(dp.subscribe(url, timeout=TIMEOUT))
+        healthy.start()
+        t0 = time.monotonic()
+        for i in range(n):
+            pub.write({"x": np.full(100, i)})
+        elapsed = time.monotonic() - t0
+    healthy.finish(TIMEOUT)
+    healthy.sub.close()
+    events = read_events(doomed, 30)
+    assert doomed.returncode == -9 and [e["index"] for e in events if "index" in e] == [0]
+    assert healthy.indices == list(range(n))
+    assert elapsed < TIMEOUT  # the writer was not stalled for good by the dead reader
+
+
+def test_dead_subscriber_never_stalls_drop_oldest(url: str) -> None:
+    doomed = run_proc("subscribe", url, "--exit-after", "0", "--kill")
+    pub = dp.publish(url, policy="drop-oldest", queue_limit=2, rendezvous=1)
+    pub.write({"x": np.full(1000, -1)})
+    read_events(doomed, 30)
+    done = threading.Event()
+
+    def write() -> None:
+        with pub:
+            for i in range(200):
+                pub.write({"x": np.full(1000, i)})
+        done.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    assert done.wait(TIMEOUT)
+
+
+def test_subscriber_exit_does_not_unlink_the_channel(url: str) -> None:
+    """Python 3.11's resource tracker would unlink segments a mere reader attached to."""
+    first = run_proc("subscribe", url, "--exit-after", "1")
+    with dp.publish(url, queue_limit=2, rendezvous=1) as pub:
+        token = token_of(url)
+        for i in range(2):
+            pub.write({"x": np.full(10, i)})
+        assert [e["index"] for e in read_events(first, 30) if "index" in e] == [0, 1]
+        before = sorted(segments(token))
+        second = run_proc("subscribe", url, "--start", "latest", "--timeout", "30")
+        wait_for_event(second, "subscribed", 30)
+        time.sleep(0.2)  # let it register before steps it should see
+        for i in range(2, 6):
+            pub.write({"x": np.full(10, i)})
+        assert sorted(segments(token))[: len(before)] == before
+    events = read_events(second, 30)
+    assert [e["index"] for e in events if "index" in e] == [2, 3, 4, 5]
+
+
+def test_zero_copy_views_are_read_only_views_of_the_slot(url: str) -> None:
+    with dp.publish(url) as pub:
+        sub = dp.subscribe(url, timeout=TIMEOUT)
+        pub.write({"x": np.arange(1000.0)})
+        step = next(sub)
+        a, b = step["x"], step.read("x", start=(10,), count=(5,))
+        assert not a.flags.writeable and not a.flags.owndata
+        assert np.shares_memory(a, b)
+        with pytest.raises(ValueError, match="read-only"):
+            a[0] = 1
+        t = step.torch("x", copy=False)
+        assert t.data_ptr() == a.ctypes.data
+        assert step.torch("x").data_ptr() != a.ctypes.data
+    sub.close()
+
+
+def test_slots_grow_for_larger_steps(url: str) -> None:
+    sizes = [10, 3_000_000, 10, 5_000_000, 100]
+    with dp.publish(url, queue_limit=1) as pub:
+        sub = dp.subscribe(url, timeout=TIMEOUT)
+        c = Consumer(sub)
+        c.start()
+        for i, n in enumerate(sizes):
+            pub.write({"x": np.full(n, i, dtype=np.uint8)})
+    c.finish(TIMEOUT)
+    sub.close()
+    assert [a["x"].shape[0] for _, _, a in c.steps] == sizes
+    for i, _, arrays in c.steps:
+        assert (arrays["x"] == i).all()
+
+
+def test_second_writer_in_another_process_is_refused(url: str) -> None:
+    with dp.publish(url):
+        proc = run_proc("publish", url, "--steps", "1")
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode != 0
+        assert "ChannelBusyError" in err and "already has a live writer" in err
+
+
+def test_subscriber_table_full(url: str) -> None:
+    with dp.publish(url, max_subscribers=2):
+        subs = [dp.subscribe(url) for _ in range(2)]
+        with pytest.raises(dp.DataplaneError, match="max_subscribers"):
+            dp.subscribe(url)
+        for s in subs:
+            s.close()
+        dp.subscribe(url).close()  # a freed row is reused
+
+
+def test_channel_attributes_have_a_size_limit(url: str) -> None:
+    with dp.publish(url) as pub:
+        pub.attrs["big"] = "x" * (300 * 1024)
+        with pytest.raises(dp.SchemaError, match="limit"):
+            pub.write({"x": np.zeros(1)})
+        pub.attrs["big"] = "small"
+
+
+def test_bad_options(url: str) -> None:
+    with pytest.raises(dp.OptionError, match="max_subscribers"):
+        dp.publish(url, max_subscribers=0)
+    with pytest.raises(dp.OptionError, match="rendezvous"):
+        dp.publish(url, rendezvous=99)
+    with pytest.raises(dp.SchemaError, match="channel name"):
+        dp.publish("shm://../etc/passwd")
+    with pytest.raises(dp.OptionError, match="append"):
+        dp.publish(url, mode="a")
+    with pytest.raises(dp.StepTimeoutError, match="rendezvous"):
+        dp.publish(url, rendezvous=1, rendezvous_timeout=0.2)
+    with pytest.raises(dp.OptionError, match="not a valid int"):
+        dp.publish(url + "?rendezvous=two")
+
+
+def test_options_from_the_url(url: str, tmp_path) -> None:
+    with dp.publish(f"{url}?dir={tmp_path}&max_subscribers=3") as pub:
+        assert os.path.exists(tmp_path / (url.split("://")[1] + ".json"))
+        sub = dp.subscribe(f"{url}?dir={tmp_path}", timeout=TIMEOUT)
+        pub.write({"x": np.ones(2)})
+        assert_same_array(next(sub)["x"], np.ones(2))
+        assert pub.transport.get_config()["options"]["max_subscribers"] == 3
+    sub.close()
