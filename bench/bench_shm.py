@@ -11,8 +11,9 @@ For each step size it reports throughput and median / p99 latency of:
 
 Throughput runs use ``queue_limit=4`` (Queue ``maxsize=4``); latency runs use 1, so a step is
 never queued behind another and the figure is the time from ``write``/``put`` to delivery.
-Throughput is the steady state: the clock starts at the write of step ``WARMUP`` (by then
-shm:// has allocated its ring; the other methods are timed the same way).
+Both are steady state: the clock starts at the write of step ``WARMUP`` and latencies of the
+first ``WARMUP`` steps are left out (by then shm:// has allocated its ring; every method is
+measured the same way).
 
     python bench/bench_shm.py [--sizes 4KiB,1MiB,64MiB] [--seconds 2] [--json out.json]
 """
@@ -72,7 +73,7 @@ def _queue_writer(q: mp.Queue, size: int, steps: int) -> None:
 
 # -- measurements ------------------------------------------------------------------------------
 def _summary(size: int, steps: int, elapsed: float, lat: list[float]) -> dict:
-    lat_us = np.array(lat) * 1e6
+    lat_us = np.array(lat[WARMUP:]) * 1e6
     return {
         "size": size,
         "steps": steps,

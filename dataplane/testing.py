@@ -618,7 +618,9 @@ def read_events(proc: subprocess.Popen[str], timeout: float) -> list[dict]:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        raise AssertionError(f"{proc.args!r} did not finish in {timeout}s; stderr:\n{err}") from None
+        raise AssertionError(
+            f"{proc.args!r} did not finish in {timeout}s; stderr:\n{err}"
+        ) from None
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     if proc.returncode not in (0, -9):
         raise AssertionError(f"{proc.args!r} exited with {proc.returncode}; stderr:\n{err}")

@@ -186,6 +186,9 @@ if sys.platform.startswith("linux") and _SYS_FUTEX is not None:
         _libc = None
 
 
+_long = ctypes.c_long
+
+
 class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
@@ -200,18 +203,27 @@ def futex_wait(addr: int, expected: int, timeout: float) -> None:
         time.sleep(min(timeout, 0.0005))
         return
     ts = _Timespec(int(timeout), int((timeout - int(timeout)) * 1e9))
+    # syscall() is variadic: every integer goes as a full-width long.
     _syscall(
-        _SYS_FUTEX,
+        _long(_SYS_FUTEX),
         ctypes.c_void_p(addr),
-        _FUTEX_WAIT,
-        ctypes.c_uint32(expected),
+        _long(_FUTEX_WAIT),
+        _long(expected & 0xFFFFFFFF),
         ctypes.byref(ts),
         None,
-        0,
+        _long(0),
     )
 
 
 def futex_wake(addr: int) -> None:
     """Wake every process sleeping on the word at ``addr``."""
     if _libc is not None:
-        _syscall(_SYS_FUTEX, ctypes.c_void_p(addr), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)
+        _syscall(
+            _long(_SYS_FUTEX),
+            ctypes.c_void_p(addr),
+            _long(_FUTEX_WAKE),
+            _long(0x7FFFFFFF),
+            None,
+            None,
+            _long(0),
+        )

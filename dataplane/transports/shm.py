@@ -84,7 +84,7 @@ _ALIGN = 64
 _SLOT_GRANULE = 64 * 1024
 _ATTRS_CAP = 256 * 1024
 _POLL = 0.1  # seconds between liveness checks while waiting
-_SPIN = 50e-6  # seconds to spin before sleeping on a futex
+_SPIN = 100e-6  # seconds to spin before sleeping on a futex
 _LOCK_TRIES = 20  # non-blocking attempts at the channel lock before sleeping on it
 _REAP_EVERY = 0.05
 _CTL_RE = re.compile(r"dp-([0-9a-f]{16})-ctl\Z")
@@ -138,7 +138,6 @@ class _Sub(ctypes.Structure):
     ]
 
 
-_HEADER_SIZE = ctypes.sizeof(_Header)
 
 
 def _control_type(nslots: int, nsubs: int, attrs_cap: int) -> type[ctypes.Structure]:
