@@ -205,7 +205,7 @@ def futex_wait(addr: int, expected: int, timeout: float) -> None:
     ts = _Timespec(int(timeout), int((timeout - int(timeout)) * 1e9))
     # syscall() is variadic: every integer goes as a full-width long.
     _syscall(
-        _long(_SYS_FUTEX),
+        _long(_SYS_FUTEX or 0),
         ctypes.c_void_p(addr),
         _long(_FUTEX_WAIT),
         _long(expected & 0xFFFFFFFF),
@@ -219,7 +219,7 @@ def futex_wake(addr: int) -> None:
     """Wake every process sleeping on the word at ``addr``."""
     if _libc is not None:
         _syscall(
-            _long(_SYS_FUTEX),
+            _long(_SYS_FUTEX or 0),
             ctypes.c_void_p(addr),
             _long(_FUTEX_WAKE),
             _long(0x7FFFFFFF),
