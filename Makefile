@@ -17,6 +17,8 @@ demo: $(STAMP)
 	$(VENV)/bin/dataplane demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check dataplane tests bench
+	$(VENV)/bin/mypy dataplane
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
