@@ -63,9 +63,11 @@ def publish_main(args: argparse.Namespace) -> int:
     import dataplane as dp
 
     opts = _options(args.opt)
-    with dp.publish(args.url, policy=args.policy, queue_limit=args.queue_limit, **opts) as pub:
+    with dp.publish(
+        args.url, policy=args.policy, queue_limit=args.queue_limit, mode=args.mode, **opts
+    ) as pub:
         pub.attrs["writer_pid"] = os.getpid()
-        for i in range(args.steps):
+        for i in range(pub.next_index, pub.next_index + args.steps):
             data = make_step(i, args.size)
             if args.kill_in_step is not None and i == args.kill_in_step:
                 # Die in the middle of writing step i: after the step began, before it ended.
@@ -108,6 +110,24 @@ def subscribe_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify_main(args: argparse.Namespace) -> int:
+    """Read every step of stored data; print digests or the error. Run with a timeout."""
+    import dataplane as dp
+
+    opts = _options(args.opt)
+    out: dict[str, Any] = {"steps": {}}
+    try:
+        with dp.open(args.url, **opts) as arc:
+            out["count"] = len(arc)
+            for i in range(len(arc)):
+                out["steps"][i] = step_digests(arc[i])
+        out["error"] = None
+    except dp.DataplaneError as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    _emit(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dataplane._testprocs")
     sp = ap.add_subparsers(dest="cmd", required=True)
@@ -120,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--hang", action="store_true", help="stay open after the last step")
     p.add_argument("--kill-in-step", type=int, help="SIGKILL itself in the middle of this step")
+    p.add_argument("--mode", default="w")
     p.add_argument("--opt", action="append", default=[], help="transport option key=value")
     s = sp.add_parser("subscribe")
     s.add_argument("url")
@@ -129,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--exit-after", type=int, help="leave after receiving this step index")
     s.add_argument("--kill", action="store_true", help="with --exit-after: SIGKILL instead")
     s.add_argument("--opt", action="append", default=[], help="transport option key=value")
+    v = sp.add_parser("verify")
+    v.add_argument("url")
+    v.add_argument("--opt", action="append", default=[], help="transport option key=value")
     args = ap.parse_args(argv)
-    return publish_main(args) if args.cmd == "publish" else subscribe_main(args)
+    run = {"publish": publish_main, "subscribe": subscribe_main, "verify": verify_main}
+    return run[args.cmd](args)
 
 
 if __name__ == "__main__":

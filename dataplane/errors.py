@@ -10,6 +10,7 @@ __all__ = [
     "ChannelBroken",
     "ChannelBusyError",
     "DataplaneError",
+    "IntegrityError",
     "MissingDependencyError",
     "OptionError",
     "ReadOnlyError",
@@ -63,6 +64,10 @@ class ChannelBroken(DataplaneError, ConnectionError):
 
 class ChannelBusyError(DataplaneError, FileExistsError):
     """The channel already has a live writer; there is one writer per channel."""
+
+
+class IntegrityError(DataplaneError, ValueError):
+    """Stored bytes do not match what was written: a checksum mismatch, truncation, corruption."""
 
 
 class ReadOnlyError(DataplaneError, PermissionError):

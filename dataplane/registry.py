@@ -39,6 +39,7 @@ class _Entry:
 _BUILTIN: dict[str, tuple[str, str | None]] = {
     "mem": ("dataplane.transports.mem:MemTransport", None),
     "shm": ("dataplane.transports.shm:ShmTransport", None),
+    "h5": ("dataplane.transports.hdf5:HDF5Transport", "pip install 'dataplane[hdf5]'"),
 }
 
 _lock = threading.RLock()

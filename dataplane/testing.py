@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -41,6 +42,7 @@ __all__ = [
     "Consumer",
     "CrossProcessTests",
     "DropPolicyTests",
+    "FileTransportTests",
     "TransportTests",
     "assert_same_array",
     "conformance",
@@ -439,7 +441,37 @@ class TransportTests:
             pub.write({"u": np.zeros(3, np.float64)})
             with pytest.raises(dp.SchemaError, match=r"float64 in step 0 but float32 in step 1"):
                 pub.write({"u": np.zeros(3, np.float32)})
-            pub.write({"u": np.zeros(5, np.float64)})  # shape may change; dtype may not
+            pub.write({"u": np.ones(3, np.float64)})
+
+    def test_changing_variables_and_shapes(self, url: str) -> None:
+        """Transports declare whether a step may change the layout; either way nothing is lost."""
+        steps = [
+            {"a": np.arange(3.0)},
+            {"a": np.arange(5.0), "b": np.int8(7)},
+            {"b": np.int8(8)},
+        ]
+        sub = self.subscribe(url)
+        c = Consumer(sub)
+        c.start()
+        with self.publish(url) as pub:
+            pub.write(steps[0])
+            if getattr(self.transport, "supports_changing_layout", True):
+                pub.write(steps[1])
+                pub.write(steps[2])
+                want = steps
+            else:
+                for bad in steps[1:]:
+                    with pytest.raises(dp.SchemaError, match="same variables and shapes"):
+                        pub.write(bad)
+                pub.write({"a": np.arange(3.0) + 1})
+                want = [steps[0], {"a": np.arange(3.0) + 1}]
+        c.finish(self.timeout)
+        sub.close()
+        assert c.outcome == "closed" and c.indices == list(range(len(want)))
+        for (_, _, got), expected in zip(c.steps, want):
+            assert sorted(got) == sorted(expected)
+            for name, value in expected.items():
+                assert_same_array(got[name], np.asarray(value))
 
     @pytest.mark.parametrize(
         "value",
@@ -716,6 +748,218 @@ class CrossProcessTests:
         assert isinstance(c.outcome, dp.ChannelBroken), c.outcome
 
 
+class FileTransportTests:
+    """For transports that store steps (``supports_random_access``): random access, append,
+    interop with the plain library, crashes at random points, corrupted and truncated files.
+
+    Subclasses implement the bypass hooks, which read with the plain library (h5py, zarr,
+    adios2) so that a transport is checked against what is really on disk.
+    """
+
+    # bypass hooks -------------------------------------------------------------------------------
+    def plain_read(self, url: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Every variable with all its steps stacked on axis 0, and the channel attributes,
+        read with the plain library."""
+        raise NotImplementedError
+
+    def data_files(self, url: str) -> list[str]:
+        """The files holding the arrays (what the corruption tests damage)."""
+        raise NotImplementedError
+
+    def corruption_targets(self, url: str) -> list[tuple[str, int, int]]:
+        """(file, offset, length) byte ranges that hold array data; a flip there must be caught
+        by the checksum. Default: none known (only random flips are tested)."""
+        return []
+
+    # tests ----------------------------------------------------------------------------------------
+    def _write(self, url: str, n: int, **kw: Any) -> list[dict[str, Any]]:
+        steps = [_testprocs.make_step(i, 64) for i in range(n)]
+        with self.publish(url, 0, **kw) as pub:  # type: ignore[attr-defined]
+            pub.attrs["units"] = "m/s"
+            pub.attrs["dims"] = ["x", "y"]
+            for i, data in enumerate(steps):
+                pub.write(data, attrs={"i": i, "time": i * 0.5})
+        return steps
+
+    def test_random_access(self, url: str) -> None:
+        steps = self._write(url, 5)
+        with dp.open(url) as arc:
+            assert len(arc) == 5
+            assert arc.vars == {
+                "u": dp.VarSpec(np.dtype("float64"), (64,)),
+                "k": dp.VarSpec(np.dtype("int32"), (16, 4)),
+                "t": dp.VarSpec(np.dtype("float64"), ()),
+            }
+            assert arc.attrs == {"units": "m/s", "dims": ["x", "y"]}
+            for i in (3, 0, 4, 1, 2, -1):
+                want = steps[i]
+                step = arc[i]
+                assert step.index == (i % 5) and step.attrs == {"i": i % 5, "time": (i % 5) * 0.5}
+                for name, value in want.items():
+                    assert_same_array(step[name], np.asarray(value))
+            assert_same_array(arc.read("k", 2, start=(1, 1), count=(3, 2)), steps[2]["k"][1:4, 1:3])
+            with pytest.raises(dp.SchemaError, match="out of range"):
+                arc[5]
+            with pytest.raises(dp.VariableNotFoundError, match="available: k, t, u"):
+                arc[0]["nope"]
+
+    def test_plain_library_reads_what_dataplane_wrote(self, url: str) -> None:
+        steps = self._write(url, 3)
+        arrays, attrs = self.plain_read(url)
+        assert attrs == {"units": "m/s", "dims": ["x", "y"]}
+        assert sorted(arrays) == ["k", "t", "u"]
+        for name in arrays:
+            want = np.stack([np.asarray(s[name]) for s in steps])
+            assert_same_array(arrays[name], want)
+
+    def test_append_continues_the_step_sequence(self, url: str) -> None:
+        self._write(url, 3)
+        with self.publish(url, 0, mode="a") as pub:  # type: ignore[attr-defined]
+            assert pub.next_index == 3
+            with pytest.raises(dp.SchemaError, match="float64"):
+                pub.write({**_testprocs.make_step(3, 64), "u": np.zeros(64, np.float32)})
+            for i in (3, 4):
+                assert pub.write(_testprocs.make_step(i, 64), attrs={"i": i}) == i
+        with dp.open(url) as arc:
+            assert len(arc) == 5
+            for i in range(5):
+                assert_same_array(arc[i]["u"], _testprocs.make_step(i, 64)["u"])
+            assert arc[4].attrs == {"i": 4}
+
+    def test_second_writer_is_refused_and_leaves_data_alone(self, url: str) -> None:
+        with self.publish(url, 0) as pub:  # type: ignore[attr-defined]
+            pub.write({"x": np.arange(4.0)})
+            for mode in ("w", "a"):
+                with pytest.raises(dp.ChannelBusyError, match="live writer"):
+                    dp.publish(url, mode=mode)
+            pub.write({"x": np.arange(4.0) + 1})
+        with dp.open(url) as arc:
+            assert len(arc) == 2
+            assert_same_array(arc[1]["x"], np.arange(4.0) + 1)
+
+    def test_live_reader_sees_slow_writer_then_dead_writer(self, url: str) -> None:
+        """Finished (other tests), slow: StepTimeoutError, gone: ChannelBroken."""
+        sub = self.subscribe(url, timeout=self.timeout)  # type: ignore[attr-defined]
+        writer = run_proc("publish", url, "--steps", "2", "--hang", "--size", "64")
+        try:
+            wait_for_event(writer, "hanging", self.timeout)  # type: ignore[attr-defined]
+            assert [next(sub).index for _ in range(2)] == [0, 1]
+            with pytest.raises(dp.StepTimeoutError, match="alive"):
+                sub.next(timeout=0.5)
+            writer.kill()
+            writer.wait(10)
+            with pytest.raises(dp.ChannelBroken, match="died"):
+                sub.next(timeout=self.timeout)  # type: ignore[attr-defined]
+        finally:
+            sub.close()
+            if writer.poll() is None:
+                writer.kill()
+            writer.communicate()
+
+    @pytest.mark.parametrize("seed", range(8))
+    def test_writer_killed_at_random_points(self, url: str, seed: int) -> None:
+        """Every completed step stays readable and exact; no partial step is ever visible."""
+        rng = np.random.default_rng(seed)
+        n = 12
+        args = ["publish", url, "--steps", str(n), "--size", "20000"]
+        if seed % 2:
+            args += ["--kill-in-step", str(int(rng.integers(0, n)))]  # die inside a step
+            writer = run_proc(*args)
+        else:
+            writer = run_proc(*args, "--sleep", "0.01")
+            time.sleep(float(rng.uniform(0.0, 0.6)))  # die anywhere, often mid-write
+            writer.kill()
+        events = read_events(writer, 60)
+        wrote = [e["wrote"] for e in events if "wrote" in e]
+        want = _expected(n, 20000)
+        got = self._verify(url)
+        if wrote == [] and got["error"] and "nothing is stored" in got["error"]:
+            got = {"count": 0, "steps": {}}  # killed before its first step reached the disk
+        else:
+            assert got["error"] is None, got["error"]
+        count = got["count"]
+        assert count >= len(wrote), (count, wrote)  # everything reported written is there
+        assert count <= n
+        for i, digests in got["steps"].items():
+            assert digests == want[int(i)], f"step {i} differs from what was written"
+        # A live subscriber gets the same steps and then learns the writer is gone (or, if
+        # it died before leaving any trace, that no writer came).
+        sub = self.subscribe(url, timeout=3.0)  # type: ignore[attr-defined]
+        c = Consumer(sub)
+        c.run()
+        sub.close()
+        assert c.indices == list(range(count))
+        if count < n or not any("closed" in e for e in events):
+            nothing = count == 0 and isinstance(c.outcome, dp.StepTimeoutError)
+            assert isinstance(c.outcome, dp.ChannelBroken) or nothing, c.outcome
+        # The next writer of the channel can continue it.
+        with self.publish(url, 0, mode="a") as pub:  # type: ignore[attr-defined]
+            assert pub.next_index == count
+            pub.write(_testprocs.make_step(count, 20000))
+        final = self._verify(url)
+        assert final["error"] is None and final["count"] == count + 1, final
+
+    def _verify(self, url: str) -> dict[str, Any]:
+        """Read everything in a subprocess, so that a hang is a test failure, not a stuck run."""
+        proc = run_proc("verify", url)
+        (result,) = read_events(proc, 60)
+        return result
+
+    @pytest.mark.parametrize("seed", range(6))
+    def test_corrupted_bytes_never_come_back_as_values(self, url: str, seed: int) -> None:
+        self._write(url, 4)
+        want = {i: _testprocs.step_digests(dp.open(url)[i]) for i in range(4)}
+        targets = self.corruption_targets(url)
+        rng = np.random.default_rng(seed)
+        if targets and seed % 2 == 0:
+            path, offset, length = targets[int(rng.integers(0, len(targets)))]
+            spots = [offset + int(rng.integers(0, length))]
+        else:
+            files = self.data_files(url)
+            path = files[int(rng.integers(0, len(files)))]
+            size = os.path.getsize(path)
+            spots = [int(x) for x in rng.integers(0, size, 8)]
+        with open(path, "r+b") as f:
+            for spot in spots:
+                f.seek(spot)
+                byte = f.read(1)
+                f.seek(spot)
+                f.write(bytes([byte[0] ^ 0xFF]))
+        got = self._verify(url)
+        if targets and seed % 2 == 0:
+            assert got["error"] is not None and "IntegrityError" in got["error"], got
+            assert "step" in got["error"] and "variable" in got["error"]
+        for i, digests in got["steps"].items():
+            assert digests == want[int(i)], f"corrupt step {i} came back as values: {got}"
+
+    @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.6, 0.9, 0.99])
+    def test_truncated_files_give_an_error_not_a_hang(self, url: str, fraction: float) -> None:
+        self._write(url, 4)
+        want = {i: _testprocs.step_digests(dp.open(url)[i]) for i in range(4)}
+        for path in self.data_files(url):
+            with open(path, "r+b") as f:
+                f.truncate(int(os.path.getsize(path) * fraction))
+        got = self._verify(url)
+        for i, digests in got["steps"].items():
+            assert digests == want[int(i)], f"truncated step {i} came back wrong: {got}"
+        if got["error"] is None:
+            assert (
+                got["count"] < 4
+                or fraction == 0.0
+                or all(got["steps"][str(i)] == want[i] for i in range(4))
+            )
+
+
+def _expected(n: int, size: int) -> dict[int, dict[str, str]]:
+    return {
+        i: {
+            k: _testprocs.digest(np.asarray(v))
+            for k, v in sorted(_testprocs.make_step(i, size).items())
+        }
+        for i in range(n)
+    }
+
+
 def conformance(scheme: str) -> type:
     """The conformance suite for ``scheme``, assembled from its declared capabilities."""
     cls = get_transport(scheme)
@@ -724,5 +968,7 @@ def conformance(scheme: str) -> type:
         bases.append(CrossProcessTests)
     if cls.supports_drop_policy:
         bases.append(DropPolicyTests)
+    if cls.supports_random_access:
+        bases.append(FileTransportTests)
     bases.append(TransportTests)
     return type(f"{scheme.capitalize()}TransportTests", tuple(bases), {"scheme": scheme})

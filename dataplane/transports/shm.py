@@ -138,8 +138,6 @@ class _Sub(ctypes.Structure):
     ]
 
 
-
-
 def _control_type(nslots: int, nsubs: int, attrs_cap: int) -> type[ctypes.Structure]:
     class _Control(ctypes.Structure):
         _fields_ = [

@@ -1,0 +1,555 @@
+"""What the file transports (bp5, h5, zarr) share: the writer lease, checksums, live following.
+
+A format module provides a writer (:class:`FormatWriter`) and, for reading, either random
+access to committed steps (:class:`StepSource`) or a sequential stream (:class:`StepStream`);
+:class:`FileTransport` turns those into the transport contract with the same guarantees for
+every format:
+
+- **Three outcomes for a live reader.** The writer keeps a *lease* beside the data (pid, host,
+  heartbeat time, state). A subscriber that finds no new step looks at it: ``closed`` means end
+  of stream, ``failed`` or a writer that is gone (its pid on this host, or its heartbeat
+  elsewhere) means ``ChannelBroken``, and otherwise it waits until its timeout and raises
+  ``StepTimeoutError``. The formats themselves cannot tell a dead writer from a slow one.
+- **One writer per channel.** A lease held by a live writer refuses a second one.
+- **Integrity.** Every array is written with its xxh3-64 checksum; readers verify whole-array
+  reads (``verify=False`` turns it off) and raise ``IntegrityError`` naming channel, step and
+  variable on a mismatch or on bytes the format library cannot read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from functools import partial
+from typing import Any, ClassVar
+
+import numpy as np
+import xxhash
+
+from dataplane.errors import (
+    ChannelBroken,
+    ChannelBusyError,
+    DataplaneError,
+    IntegrityError,
+    OptionError,
+    StepTimeoutError,
+)
+from dataplane.model import AttrValue, Selection, StepMeta, VarSpec
+from dataplane.transports import _posix
+from dataplane.transports.base import Archive, Reader, Transport, Writer
+
+__all__ = [
+    "END",
+    "FileTransport",
+    "FormatWriter",
+    "Lease",
+    "StepSource",
+    "StepStream",
+    "digest",
+]
+
+#: Returned by ``StepStream.advance`` when the stream is over.
+END: Any = object()
+_HOST = socket.gethostname()
+
+
+def digest(arr: np.ndarray) -> str:
+    """xxh3-64 of an array's bytes in C order, as 16 hex digits (tens of GB/s)."""
+    if arr.size == 0:
+        return xxhash.xxh3_64_hexdigest(b"")
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    return xxhash.xxh3_64_hexdigest(arr.reshape(-1).view(np.uint8).data)
+
+
+# -- the lease -------------------------------------------------------------------------------
+class LeaseIO:
+    """Where a lease lives: a small file beside the data (atomic replace)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def read(self) -> bytes | None:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write(self, data: bytes) -> None:
+        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.path)
+
+
+def read_lease(io: LeaseIO) -> dict[str, Any] | None:
+    raw = io.read()
+    if not raw:
+        return None
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        return None  # being replaced; the next look will see it whole
+    return info if isinstance(info, dict) else None
+
+
+def writer_state(info: dict[str, Any] | None) -> str:
+    """``"none"`` (no lease: not written by dataplane), ``"closed"``, ``"failed"``, ``"alive"``
+    or ``"dead"``."""
+    if info is None:
+        return "none"
+    state = info.get("state")
+    if state in ("closed", "failed"):
+        return str(state)
+    if info.get("host") == _HOST:
+        return "alive" if _posix.is_alive(int(info["pid"]), int(info.get("start", 0))) else "dead"
+    # Another host: trust the heartbeat, with slack for clock skew and slow filesystems.
+    age = time.time() - float(info.get("heartbeat", 0))
+    return "alive" if age < max(10.0, 5 * float(info.get("interval", 1.0))) else "dead"
+
+
+class Lease:
+    """The writer's claim on a channel, refreshed by a heartbeat thread while it is open."""
+
+    def __init__(self, io: LeaseIO, url: str, interval: float) -> None:
+        self.io = io
+        self.url = url
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._info: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        info = read_lease(self.io)
+        if writer_state(info) == "alive":
+            assert info is not None
+            raise ChannelBusyError(
+                f"{self.url} already has a live writer (pid {info.get('pid')} on "
+                f"{info.get('host')}); one writer per channel. Its data is left untouched."
+            )
+        pid, start = _posix.my_identity()
+        self._info = {
+            "pid": pid,
+            "start": start,
+            "host": _HOST,
+            "interval": self.interval,
+            "state": "open",
+            "heartbeat": time.time(),
+        }
+        self._write()
+        self._thread = threading.Thread(
+            target=self._beat, name=f"dataplane-lease {self.url}", daemon=True
+        )
+        self._thread.start()
+
+    def _write(self) -> None:
+        with self._lock:
+            self._info["heartbeat"] = time.time()
+            self.io.write(json.dumps(self._info).encode())
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            if os.getpid() != self._info["pid"]:
+                return
+            self._write()
+
+    def release(self, state: str) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._info and os.getpid() == self._info["pid"]:
+            self._info["state"] = state
+            self._write()
+
+
+# -- what a format provides --------------------------------------------------------------------
+class FormatWriter(ABC):
+    """Writes steps in one file format. Arrays given to ``put`` are C-contiguous."""
+
+    next_index: int = 0
+
+    def known_vars(self) -> dict[str, VarSpec]:
+        return {}
+
+    @abstractmethod
+    def begin(self, index: int, specs: dict[str, VarSpec], attrs: dict[str, AttrValue]) -> None: ...
+
+    @abstractmethod
+    def put(self, name: str, array: np.ndarray, checksum: str) -> None: ...
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Make the step visible; must be the last thing written for it."""
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+    @abstractmethod
+    def set_attrs(self, attrs: dict[str, AttrValue]) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class StepSource(ABC):
+    """Random access to the committed steps of stored data."""
+
+    @abstractmethod
+    def refresh(self) -> int:
+        """Look again (new steps from a live writer); returns how many are committed."""
+
+    def finished(self) -> bool:
+        """True when the format itself knows no writer has it open (foreign files)."""
+        return True
+
+    @abstractmethod
+    def meta(self, index: int) -> tuple[StepMeta, dict[str, str]]:
+        """Metadata and per-variable checksums of committed step ``index``."""
+
+    @abstractmethod
+    def get(self, index: int, name: str, selection: Selection) -> np.ndarray: ...
+
+    def attrs(self) -> dict[str, AttrValue]:
+        return {}
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class StepStream(ABC):
+    """Sequential access for formats whose live reading is a stream (ADIOS2 engines)."""
+
+    @abstractmethod
+    def advance(self, wait: float) -> tuple[StepMeta, dict[str, str]] | None:
+        """Move to the next step within ``wait`` seconds: its metadata, ``None`` if none came,
+        or :data:`END` once the writer has closed the stream."""
+
+    @abstractmethod
+    def get(self, name: str, selection: Selection) -> np.ndarray: ...
+
+    def attrs(self) -> dict[str, AttrValue]:
+        return {}
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class _SourceStream(StepStream):
+    """A live, in-order stream over a :class:`StepSource`."""
+
+    def __init__(self, source: StepSource, poll: float) -> None:
+        self.source = source
+        self.poll = poll
+        self.cursor = 0
+        self.count = 0
+        self.current = -1
+
+    def advance(self, wait: float) -> tuple[StepMeta, dict[str, str]] | None:
+        deadline = time.monotonic() + wait
+        while True:
+            if self.cursor >= self.count:
+                self.count = self.source.refresh()
+            if self.cursor < self.count:
+                self.current = self.cursor
+                self.cursor += 1
+                return self.source.meta(self.current)
+            if self.source.finished():
+                return END
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(left, self.poll))
+
+    def get(self, name: str, selection: Selection) -> np.ndarray:
+        return self.source.get(self.current, name, selection)
+
+    def attrs(self) -> dict[str, AttrValue]:
+        return self.source.attrs()
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def guard(url: str, what: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; an error from the format library becomes an ``IntegrityError`` saying what
+    could not be read (damaged, truncated or foreign bytes), never a crash or a wrong value."""
+    try:
+        return fn()
+    except DataplaneError:
+        raise
+    except Exception as exc:
+        raise IntegrityError(f"{url}: cannot read {what}: {type(exc).__name__}: {exc}") from exc
+
+
+# -- the transport ---------------------------------------------------------------------------
+class FileTransport(Transport):
+    """Base of transports that store steps in files; subclasses provide the format hooks."""
+
+    scope = "network"
+    supports_random_access = True
+    #: Variables and their shapes may change from step to step.
+    supports_changing_layout: ClassVar[bool] = True
+    #: How often live readers look for new steps, seconds.
+    poll_interval: ClassVar[float] = 0.02
+
+    verify: bool
+    heartbeat: float
+
+    def _init_common(self, verify: bool, heartbeat: float) -> None:
+        if not heartbeat > 0:
+            raise OptionError(f"heartbeat must be > 0 seconds, got {heartbeat!r}")
+        self.verify = bool(verify)
+        self.heartbeat = float(heartbeat)
+
+    # hooks ------------------------------------------------------------------------------------
+    @abstractmethod
+    def lease_io(self) -> LeaseIO: ...
+
+    @abstractmethod
+    def format_writer(self, mode: str) -> FormatWriter: ...
+
+    def format_source(self) -> StepSource | None:
+        """Random access to what is stored, or None while nothing exists yet."""
+        return None
+
+    def format_stream(self, vars: tuple[str, ...] | None) -> StepStream | None:
+        """A live stream; the default follows ``format_source`` by polling."""
+        source = self.format_source()
+        return None if source is None else _SourceStream(source, self.poll_interval)
+
+    # contract ---------------------------------------------------------------------------------
+    def open_writer(self, *, policy: str, queue_limit: int, mode: str) -> Writer:
+        lease = Lease(self.lease_io(), self.url.url, self.heartbeat)
+        lease.acquire()
+        try:
+            fw = self.format_writer(mode)
+        except BaseException:
+            lease.release("failed")
+            raise
+        return _FileWriter(self, fw, lease)
+
+    def open_reader(self, *, start: str, vars: tuple[str, ...] | None) -> Reader:
+        return _FileReader(self, start, vars)
+
+    def open_archive(self) -> Archive:
+        source = guard(self.url.url, "the file", self.format_source)
+        if source is None:
+            raise DataplaneError(f"{self.url.url}: nothing is stored there (no such file)")
+        return _FileArchive(self, source)
+
+    def checked(
+        self,
+        index: int,
+        name: str,
+        selection: Selection,
+        spec: VarSpec,
+        stored: str | None,
+        read: Callable[[], np.ndarray],
+    ) -> np.ndarray:
+        """Run ``read`` and verify a whole-variable read against its stored checksum."""
+        arr = guard(self.url.url, f"variable {name!r} of step {index}", read)
+        if self.verify and stored is not None and selection.covers(spec.shape):
+            got = digest(arr)
+            if got != stored:
+                raise IntegrityError(
+                    f"{self.url.url}: variable {name!r} of step {index} is corrupt: checksum "
+                    f"{got} != {stored} written with it. Re-create the file, or open with "
+                    f"verify=False to read it anyway."
+                )
+        return arr
+
+
+class _FileWriter(Writer):
+    def __init__(self, t: FileTransport, fw: FormatWriter, lease: Lease) -> None:
+        self._t = t
+        self._fw = fw
+        self._lease = lease
+        self._closed = False
+        self.next_index = fw.next_index
+        self._holding: list[np.ndarray] = []
+
+    def known_vars(self) -> dict[str, VarSpec]:
+        return self._fw.known_vars()
+
+    def begin_step(
+        self, index: int, specs: dict[str, VarSpec], attrs: dict[str, AttrValue]
+    ) -> None:
+        if self._closed:
+            raise DataplaneError(f"writer of {self._t.url.url} is closed")
+        self._fw.begin(index, specs, attrs)
+
+    def put(self, name: str, array: np.ndarray) -> None:
+        arr = np.ascontiguousarray(array)
+        self._holding.append(arr)  # formats may write at commit (ADIOS2 deferred puts)
+        self._fw.put(name, arr, digest(arr))
+
+    def end_step(self) -> None:
+        try:
+            self._fw.commit()
+        finally:
+            self._holding = []
+
+    def abort_step(self) -> None:
+        self._holding = []
+        self._fw.abort()
+
+    def set_attrs(self, attrs: dict[str, AttrValue]) -> None:
+        self._fw.set_attrs(attrs)
+
+    def close(self, failed: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._fw.close()
+        except BaseException:
+            self._lease.release("failed")
+            raise
+        self._lease.release("failed" if failed else "closed")
+
+
+class _FileReader(Reader):
+    def __init__(self, t: FileTransport, start: str, vars: tuple[str, ...] | None) -> None:
+        self._t = t
+        self._vars = vars
+        self._start = start
+        self._stream: StepStream | None = None
+        self._lease_io = t.lease_io()
+        self._current: tuple[StepMeta, dict[str, str]] | None = None
+        self._skip_below = -1
+        self._closed = False
+        self._open_stream()
+
+    def _open_stream(self) -> bool:
+        if self._stream is None:
+            self._stream = guard(
+                self._t.url.url, "the file", lambda: self._t.format_stream(self._vars)
+            )
+            if self._stream is not None and self._start == "latest":
+                # Steps already committed when the subscriber arrived are skipped.
+                source = getattr(self._stream, "source", None)
+                if source is not None:
+                    self._skip_below = source.refresh()
+                    self.first_index = self._skip_below
+        return self._stream is not None
+
+    def next_step(self, timeout: float | None) -> StepMeta | None:
+        if self._closed:
+            raise DataplaneError(f"subscriber of {self._t.url.url} is closed")
+        self._current = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poll = self._t.poll_interval
+        while True:
+            lease = read_lease(self._lease_io)  # read before looking for steps: see docstring
+            state = writer_state(lease)
+            if self._open_stream():
+                assert self._stream is not None
+                wait = 0.0 if state in ("closed", "failed", "dead") else min(poll * 5, 0.25)
+                if deadline is not None:
+                    wait = min(wait, max(0.0, deadline - time.monotonic()))
+                got = guard(self._t.url.url, "the next step", partial(self._stream.advance, wait))
+                if got is END:
+                    if state == "failed":
+                        raise self._broken(lease, "failed")
+                    return None
+                if got is not None:
+                    meta = got[0]
+                    if meta.index < self._skip_below:
+                        continue
+                    if self.first_index is None:
+                        self.first_index = meta.index
+                    self._current = got
+                    return meta
+            # No new step. The lease was read before looking, so a closed writer's last
+            # step would have been found.
+            if state == "closed" and self._stream is not None:
+                return None
+            if state in ("failed", "dead"):
+                raise self._broken(lease, state)
+            if deadline is not None and time.monotonic() >= deadline:
+                what = (
+                    "no writer has created it yet"
+                    if self._stream is None
+                    else (
+                        f"the writer (pid {lease.get('pid')}) is alive"
+                        if lease
+                        else "it is not being written by dataplane"
+                    )
+                )
+                raise StepTimeoutError(f"{self._t.url.url}: no new step within {timeout}s ({what})")
+            if self._stream is None:
+                time.sleep(poll)
+
+    def _broken(self, lease: dict[str, Any] | None, state: str) -> ChannelBroken:
+        assert lease is not None
+        why = (
+            "failed (raised inside its 'with' block or was abandoned)"
+            if state == "failed"
+            else (f"died (pid {lease.get('pid')} on {lease.get('host')})")
+        )
+        return ChannelBroken(
+            f"{self._t.url.url}: the writer {why}; every step it completed was delivered"
+        )
+
+    def get(self, name: str, selection: Selection) -> np.ndarray:
+        assert self._current is not None and self._stream is not None
+        meta, sums = self._current
+        stream = self._stream
+        return self._t.checked(
+            meta.index,
+            name,
+            selection,
+            meta.vars[name],
+            sums.get(name),
+            lambda: stream.get(name, selection),
+        )
+
+    def attrs(self) -> dict[str, AttrValue]:
+        return {} if self._stream is None else self._stream.attrs()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._stream is not None:
+            self._stream.close()
+
+
+class _FileArchive(Archive):
+    def __init__(self, t: FileTransport, source: StepSource) -> None:
+        self._t = t
+        self._source = source
+        self._count = guard(t.url.url, "the number of steps", source.refresh)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _meta(self, index: int) -> tuple[StepMeta, dict[str, str]]:
+        return guard(self._t.url.url, f"step {index}", lambda: self._source.meta(index))
+
+    def meta(self, index: int) -> StepMeta:
+        return self._meta(index)[0]
+
+    def get(self, index: int, name: str, selection: Selection) -> np.ndarray:
+        meta, sums = self._meta(index)
+        return self._t.checked(
+            index,
+            name,
+            selection,
+            meta.vars[name],
+            sums.get(name),
+            lambda: self._source.get(index, name, selection),
+        )
+
+    def attrs(self) -> dict[str, AttrValue]:
+        return guard(self._t.url.url, "the channel attributes", self._source.attrs)
+
+    def close(self) -> None:
+        self._source.close()

@@ -1,0 +1,556 @@
+"""``h5://path/run.h5``: steps in an HDF5 file (h5py), followed live through SWMR.
+
+Layout (what plain h5py sees)
+    ``/<var>``
+        One dataset per variable with a **leading step axis**: ``f["u"][t]`` is step ``t``.
+        Chunked one step per chunk (several steps per chunk for small variables).
+    root attributes
+        The channel attributes.
+    ``/__dataplane/``
+        ``committed`` (how many steps are complete: written last, so a step a reader can see is
+        whole), ``meta`` and ``meta_offsets`` (per step: JSON with the step attributes and the
+        xxh3 checksum of each array), ``attrs_log`` (channel attributes as they change).
+
+Why a step axis and not a group per step: live readers need SWMR, and a SWMR writer may only
+append to datasets that exist, never create groups or datasets. So the variables, their dtypes
+and shapes are fixed by the first step (``SchemaError`` otherwise), which is also the layout
+training code wants (``f["u"][t]``, one chunk per step).
+
+Live readers open with SWMR. A file that is open for writing *without* SWMR is refused (reading
+it could return wrong data): detected by HDF5's file lock or, where locking is off, by the
+superblock's "open for write" flag (files written with ``libver="latest"``).
+
+Files not written by dataplane: every dataset (``group/name`` for nested ones) is a variable;
+with ``layout="one-step"`` (default for them) the file is one step; with ``layout="step-axis"``
+axis 0 of every dataset is the step axis (all must agree on its length). Root attributes are
+channel attributes.
+
+Options
+-------
+verify : bool
+    Check the checksum of every whole-variable read (default True).
+heartbeat : float
+    Seconds between the writer's lease updates (default 1).
+compression, compression_opts, shuffle
+    Passed to ``h5py.Group.create_dataset`` (e.g. ``compression="gzip"``).
+layout : str
+    ``"auto"`` (default), ``"one-step"`` or ``"step-axis"``: how to read files that dataplane
+    did not write.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+from typing import Any
+
+import h5py
+import numpy as np
+
+from dataplane.errors import DataplaneError, OptionError, SchemaError
+from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec
+from dataplane.transports._files import (
+    FileTransport,
+    FormatWriter,
+    LeaseIO,
+    StepSource,
+    read_lease,
+    writer_state,
+)
+
+__all__ = ["HDF5Transport"]
+
+_META = "__dataplane"
+_CHUNK_TARGET = 1 << 20  # small variables: pack steps until a chunk holds about 1 MiB
+_MAX_CHUNK = 1 << 30  # HDF5 limits a chunk to 4 GiB; stay well below
+
+
+def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    dims = [max(1, n) for n in shape]
+    step_bytes = math.prod(dims) * itemsize
+    if step_bytes <= _CHUNK_TARGET:
+        return (max(1, min(1024, _CHUNK_TARGET // max(step_bytes, 1))), *dims)
+    # Large steps: one step per chunk, split along the first axes if it is still too big.
+    for axis in range(len(dims)):
+        while math.prod(dims) * itemsize > _MAX_CHUNK and dims[axis] > 1:
+            dims[axis] = (dims[axis] + 1) // 2
+    return (1, *dims)
+
+
+# -- clearing a crashed SWMR writer's flags ------------------------------------------------
+_M = 0xFFFFFFFF
+
+
+def _rot(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & _M
+
+
+def _lookup3(data: bytes) -> int:
+    """Bob Jenkins' lookup3 (hashlittle), which HDF5 uses for metadata checksums."""
+    n = len(data)
+    a = b = c = (0xDEADBEEF + n) & _M
+    i = 0
+    while n > 12:
+        a = (a + int.from_bytes(data[i : i + 4], "little")) & _M
+        b = (b + int.from_bytes(data[i + 4 : i + 8], "little")) & _M
+        c = (c + int.from_bytes(data[i + 8 : i + 12], "little")) & _M
+        a = (a - c) & _M
+        a ^= _rot(c, 4)
+        c = (c + b) & _M  # noqa: E702
+        b = (b - a) & _M
+        b ^= _rot(a, 6)
+        a = (a + c) & _M  # noqa: E702
+        c = (c - b) & _M
+        c ^= _rot(b, 8)
+        b = (b + a) & _M  # noqa: E702
+        a = (a - c) & _M
+        a ^= _rot(c, 16)
+        c = (c + b) & _M  # noqa: E702
+        b = (b - a) & _M
+        b ^= _rot(a, 19)
+        a = (a + c) & _M  # noqa: E702
+        c = (c - b) & _M
+        c ^= _rot(b, 4)
+        b = (b + a) & _M  # noqa: E702
+        n -= 12
+        i += 12
+    if n == 0:
+        return c
+    tail = data[i : i + n] + bytes(12 - n)
+    a = (a + int.from_bytes(tail[0:4], "little")) & _M
+    b = (b + int.from_bytes(tail[4:8], "little")) & _M
+    c = (c + int.from_bytes(tail[8:12], "little")) & _M
+    c ^= b
+    c = (c - _rot(b, 14)) & _M  # noqa: E702
+    a ^= c
+    a = (a - _rot(c, 11)) & _M  # noqa: E702
+    b ^= a
+    b = (b - _rot(a, 25)) & _M  # noqa: E702
+    c ^= b
+    c = (c - _rot(b, 16)) & _M  # noqa: E702
+    a ^= c
+    a = (a - _rot(c, 4)) & _M  # noqa: E702
+    b ^= a
+    b = (b - _rot(a, 14)) & _M  # noqa: E702
+    c ^= b
+    c = (c - _rot(b, 24)) & _M  # noqa: E702
+    return c
+
+
+def superblock_flags(path: str) -> int | None:
+    """The file-consistency flags of a version 2/3 superblock (None for older superblocks)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if len(head) < 12 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] < 2:
+        return None
+    return head[11]
+
+
+def clear_write_flags(path: str) -> None:
+    """Undo what a killed SWMR writer left in the superblock (``h5clear -s --increment``).
+
+    Clears the "open for (SWMR) write" flags and raises the end-of-allocation address to the
+    file's real size (the writer may have allocated space it never recorded). Only called when
+    the writer's lease shows it is gone: SWMR writes keep the file itself consistent.
+    """
+    with open(path, "r+b") as f:
+        head = f.read(12)
+        if head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] < 2:
+            return
+        width = head[9]
+        size = 12 + 4 * width
+        f.seek(0)
+        block = bytearray(f.read(size + 4))
+        if _lookup3(bytes(block[:size])) != int.from_bytes(block[size:], "little"):
+            raise DataplaneError(f"{path}: the HDF5 superblock checksum does not match")
+        block[11] = 0
+        eoa_at = 12 + 2 * width  # base address, extension address, then end-of-file address
+        eoa = int.from_bytes(block[eoa_at : eoa_at + width], "little")
+        real = os.path.getsize(path)
+        if real > eoa:
+            block[eoa_at : eoa_at + width] = real.to_bytes(width, "little")
+        f.seek(0)
+        f.write(bytes(block[:size]) + _lookup3(bytes(block[:size])).to_bytes(4, "little"))
+
+
+class HDF5Transport(FileTransport):
+    scheme = "h5"
+    supports_changing_layout = False
+
+    def __init__(
+        self,
+        url: ChannelURL,
+        *,
+        verify: bool = True,
+        heartbeat: float = 1.0,
+        compression: str | int | None = None,
+        compression_opts: Any = None,
+        shuffle: bool = False,
+        layout: str = "auto",
+    ) -> None:
+        super().__init__(
+            url,
+            verify=verify,
+            heartbeat=heartbeat,
+            compression=compression,
+            compression_opts=compression_opts,
+            shuffle=shuffle,
+            layout=layout,
+        )
+        self._init_common(verify, heartbeat)
+        if layout not in ("auto", "one-step", "step-axis"):
+            raise OptionError(f"layout must be 'auto', 'one-step' or 'step-axis', got {layout!r}")
+        self.path = os.path.abspath(os.path.expanduser(url.path))
+        self.layout = layout
+        self.dataset_opts = {
+            k: v
+            for k, v in (
+                ("compression", compression),
+                ("compression_opts", compression_opts),
+                ("shuffle", shuffle),
+            )
+            if v not in (None, False)
+        }
+
+    def lease_io(self) -> LeaseIO:
+        return LeaseIO(self.path + ".lease")
+
+    def format_writer(self, mode: str) -> FormatWriter:
+        return _H5Writer(self, mode)
+
+    def format_source(self) -> StepSource | None:
+        if not os.path.exists(self.path):
+            return None
+        lease = writer_state(read_lease(self.lease_io()))
+        flags = superblock_flags(self.path)
+        writing_without_swmr = flags is not None and flags & 1 and not flags & 4
+        if lease == "alive" and (flags is None or writing_without_swmr):
+            # Our writer is still building the file; it switches to SWMR at its first step,
+            # and readers must not look at the structure before that.
+            return None
+        if writing_without_swmr:
+            if lease == "none":
+                raise DataplaneError(self._refusal())
+            return None  # our writer died before its first step: nothing was committed
+        try:
+            f = h5py.File(self.path, "r", swmr=True)
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN or "already open for write" in str(exc):
+                raise DataplaneError(self._refusal()) from exc
+            raise
+        if _META in f:
+            return _H5Source(self, f)
+        return _ForeignH5Source(self, f)
+
+    def _refusal(self) -> str:
+        return (
+            f"{self.url.url} is open for writing without SWMR; reading it now could return "
+            f"wrong data. Wait until its writer closes it, or have the writer use SWMR "
+            f"(h5py: File(..., libver='latest') and f.swmr_mode = True)."
+        )
+
+
+class _H5Writer(FormatWriter):
+    def __init__(self, t: HDF5Transport, mode: str) -> None:
+        self._t = t
+        self._specs: dict[str, VarSpec] = {}
+        self._pending: dict[str, Any] | None = None
+        self._attrs_written: dict[str, AttrValue] | None = None
+        os.makedirs(os.path.dirname(t.path) or ".", exist_ok=True)
+        flags = superblock_flags(t.path) if os.path.exists(t.path) else None
+        if mode == "a" and flags is not None and flags & 1 and not flags & 4:
+            # The last writer died before its first step (it never reached SWMR): nothing
+            # was committed, and the half-built file is not worth keeping.
+            mode = "w"
+        if mode == "a" and os.path.exists(t.path):
+            if flags:
+                clear_write_flags(t.path)  # the lease said its writer is gone
+            self._f = h5py.File(t.path, "r+", libver="latest")
+            if _META not in self._f:
+                self._f.close()
+                raise DataplaneError(
+                    f"{t.url.url} was not written by dataplane; append needs its layout"
+                )
+            self._open_meta()
+            n = int(self._committed[0])
+            self.next_index = n
+            names = json.loads(self._g.attrs["vars"])
+            self._specs = {
+                name: VarSpec(self._f[name].dtype, self._f[name].shape[1:]) for name in names
+            }
+            for name in self._specs:  # drop a step that was begun but never committed
+                self._f[name].resize(n, axis=0)
+            self._trim_meta(n)
+            self._f.swmr_mode = True
+        else:
+            self._f = h5py.File(t.path, "w", libver="latest")
+            g = self._f.create_group(_META)
+            g.attrs["version"] = 1
+            g.attrs["layout"] = "step-axis"
+            g.create_dataset("committed", data=np.zeros(1, np.int64))
+            g.create_dataset("meta", (0,), maxshape=(None,), chunks=(1 << 16,), dtype=np.uint8)
+            g.create_dataset(
+                "meta_offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(4096,)
+            )
+            g.create_dataset("attrs_log", (0,), maxshape=(None,), chunks=(1 << 14,), dtype=np.uint8)
+            g.create_dataset(
+                "attrs_offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(256,)
+            )
+            self._open_meta()
+
+    def _open_meta(self) -> None:
+        self._g = self._f[_META]
+        self._committed = self._g["committed"]
+        self._meta = self._g["meta"]
+        self._offsets = self._g["meta_offsets"]
+
+    def _trim_meta(self, n: int) -> None:
+        self._offsets.resize(n + 1, axis=0)
+        self._meta.resize(int(self._offsets[n]), axis=0)
+
+    def known_vars(self) -> dict[str, VarSpec]:
+        return dict(self._specs)
+
+    def _create(self, specs: dict[str, VarSpec]) -> None:
+        for name, spec in specs.items():
+            self._f.create_dataset(
+                name,
+                (0, *spec.shape),
+                # A zero-length axis must be resizable for HDF5 to accept a chunk of 1 there.
+                maxshape=(None, *(n if n else None for n in spec.shape)),
+                chunks=_chunks(spec.shape, spec.dtype.itemsize),
+                dtype=spec.dtype,
+                **self._t.dataset_opts,
+            )
+        self._g.attrs["vars"] = json.dumps(list(specs))
+        self._specs = dict(specs)
+        self._f.swmr_mode = True  # no new objects from here on: readers may now follow
+
+    def begin(self, index: int, specs: dict[str, VarSpec], attrs: dict[str, AttrValue]) -> None:
+        if not self._specs and not self._f.swmr_mode:
+            self._create(specs)
+        elif specs != self._specs:
+            raise SchemaError(
+                f"{self._t.url.url}: step {index} has variables {_describe(specs)} but the "
+                f"channel has {_describe(self._specs)}; h5:// stores each variable as one dataset "
+                f"with a leading step axis, so every step has the same variables and shapes "
+                f"(use bp5:// or a new file for changing layouts)"
+            )
+        n = int(self._committed[0])
+        for name in self._specs:
+            self._f[name].resize(n + 1, axis=0)
+        self._pending = {"n": n, "attrs": attrs, "sums": {}}
+
+    def put(self, name: str, array: np.ndarray, checksum: str) -> None:
+        assert self._pending is not None
+        n = self._pending["n"]
+        dset = self._f[name]
+        if array.size:
+            dset[n] = array
+        self._pending["sums"][name] = checksum
+
+    def commit(self) -> None:
+        p = self._pending
+        assert p is not None
+        self._pending = None
+        n = p["n"]
+        blob = np.frombuffer(json.dumps({"a": p["attrs"], "c": p["sums"]}).encode(), np.uint8)
+        end = int(self._offsets[n])
+        self._meta.resize(end + blob.size, axis=0)
+        self._meta[end:] = blob
+        self._offsets.resize(n + 2, axis=0)
+        self._offsets[n + 1] = end + blob.size
+        for name in self._specs:
+            self._f[name].flush()
+        self._meta.flush()
+        self._offsets.flush()
+        # Last: the step exists for readers once `committed` says so.
+        self._committed[0] = n + 1
+        self._committed.flush()
+
+    def abort(self) -> None:
+        if self._pending is not None:
+            n = self._pending["n"]
+            for name in self._specs:
+                self._f[name].resize(n, axis=0)
+            self._pending = None
+
+    def set_attrs(self, attrs: dict[str, AttrValue]) -> None:
+        if not self._f.swmr_mode:
+            self._write_root_attrs(attrs)
+        g = self._g
+        log, offs = g["attrs_log"], g["attrs_offsets"]
+        blob = np.frombuffer(json.dumps(attrs).encode(), np.uint8)
+        k = offs.shape[0] - 1
+        end = int(offs[k])
+        log.resize(end + blob.size, axis=0)
+        log[end:] = blob
+        offs.resize(k + 2, axis=0)
+        offs[k + 1] = end + blob.size
+        log.flush()
+        offs.flush()
+        self._latest_attrs = attrs
+
+    def _write_root_attrs(self, attrs: dict[str, AttrValue]) -> None:
+        for key in list(self._f.attrs):
+            if key not in attrs:
+                del self._f.attrs[key]
+        for key, value in attrs.items():
+            self._f.attrs[key] = _h5_attr(value)
+        self._attrs_written = dict(attrs)
+
+    def close(self) -> None:
+        latest = getattr(self, "_latest_attrs", None)
+        self._f.close()
+        if latest is not None and latest != self._attrs_written:
+            # Attributes set after SWMR began: mirror them as root attributes for plain h5py.
+            with h5py.File(self._t.path, "r+", libver="latest") as f:
+                for key in list(f.attrs):
+                    if key not in latest:
+                        del f.attrs[key]
+                for key, value in latest.items():
+                    f.attrs[key] = _h5_attr(value)
+
+
+def _describe(specs: dict[str, VarSpec]) -> str:
+    return "{" + ", ".join(f"{k}: {v.dtype.name}{list(v.shape)}" for k, v in specs.items()) + "}"
+
+
+def _h5_attr(value: AttrValue) -> Any:
+    if isinstance(value, list):
+        if not value:
+            return np.zeros(0, np.float64)
+        if all(isinstance(v, str) for v in value):
+            return np.array(value, dtype=h5py.string_dtype())
+    return value
+
+
+def _from_h5_attr(value: Any) -> AttrValue:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return [v.decode() if isinstance(v, bytes) else v for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class _H5Source(StepSource):
+    """Committed steps of a file in dataplane's layout, read through SWMR."""
+
+    def __init__(self, t: HDF5Transport, f: h5py.File) -> None:
+        self._t = t
+        self._f = f
+        g = f[_META]
+        self._committed = g["committed"]
+        self._meta = g["meta"]
+        self._offsets = g["meta_offsets"]
+        self._attrs_log = g["attrs_log"]
+        self._attrs_offsets = g["attrs_offsets"]
+        self._names: list[str] = json.loads(g.attrs["vars"]) if "vars" in g.attrs else []
+        self._specs: dict[str, VarSpec] = {}
+        self._count = 0
+        self._seen: dict[str, int] = {}  # rows of each dataset known to this reader
+
+    def refresh(self) -> int:
+        self._committed.refresh()
+        count = int(self._committed[0])
+        if count != self._count:
+            if not self._names:
+                g = self._f[_META]
+                g.refresh() if hasattr(g, "refresh") else None
+                self._names = json.loads(g.attrs.get("vars", "[]"))
+            self._offsets.refresh()
+            self._meta.refresh()
+            self._count = count
+        return count
+
+    def finished(self) -> bool:
+        return False  # the lease says when our writer is done
+
+    def _spec(self, name: str) -> VarSpec:
+        spec = self._specs.get(name)
+        if spec is None:
+            d = self._f[name]
+            spec = self._specs[name] = VarSpec(np.dtype(d.dtype), tuple(d.shape[1:]))
+        return spec
+
+    def meta(self, index: int) -> tuple[StepMeta, dict[str, str]]:
+        a, b = (int(x) for x in self._offsets[index : index + 2])
+        info = json.loads(self._meta[a:b].tobytes())
+        specs = {name: self._spec(name) for name in self._names}
+        return StepMeta(index, info["a"], specs), info["c"]
+
+    def get(self, index: int, name: str, selection: Selection) -> np.ndarray:
+        d = self._f[name]
+        if self._seen.get(name, -1) <= index:
+            d.refresh()
+            self._seen[name] = d.shape[0]
+        key = (index, *selection.slices)
+        return np.asarray(d[key])
+
+    def attrs(self) -> dict[str, AttrValue]:
+        self._attrs_offsets.refresh()
+        k = self._attrs_offsets.shape[0] - 1
+        if k == 0:
+            return {key: _from_h5_attr(v) for key, v in self._f.attrs.items()}
+        self._attrs_log.refresh()
+        a, b = (int(x) for x in self._attrs_offsets[k - 1 : k + 1])
+        return json.loads(self._attrs_log[a:b].tobytes())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _ForeignH5Source(StepSource):
+    """A file dataplane did not write, mapped by the documented rules (module docstring)."""
+
+    def __init__(self, t: HDF5Transport, f: h5py.File) -> None:
+        self._t = t
+        self._f = f
+        self._datasets: dict[str, h5py.Dataset] = {}
+        f.visititems(
+            lambda name, obj: (
+                self._datasets.__setitem__(name, obj)
+                if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "biufc"
+                else None
+            )
+        )
+        self._step_axis = t.layout == "step-axis"
+        if self._step_axis:
+            lengths = {n: d.shape[0] for n, d in self._datasets.items() if d.ndim}
+            if len(set(lengths.values())) > 1:
+                f.close()
+                raise SchemaError(
+                    f"{t.url.url}: layout='step-axis' needs every dataset to have the same "
+                    f"length along axis 0, got {lengths}"
+                )
+            self._count = next(iter(lengths.values()), 0)
+            self._datasets = {n: d for n, d in self._datasets.items() if d.ndim}
+        else:
+            self._count = 1
+
+    def refresh(self) -> int:
+        return self._count
+
+    def meta(self, index: int) -> tuple[StepMeta, dict[str, str]]:
+        if not 0 <= index < self._count:
+            raise SchemaError(f"{self._t.url.url} has {self._count} steps, not {index + 1}")
+        cut = 1 if self._step_axis else 0
+        specs = {
+            n: VarSpec(np.dtype(d.dtype), tuple(d.shape[cut:])) for n, d in self._datasets.items()
+        }
+        return StepMeta(index, {}, specs), {}
+
+    def get(self, index: int, name: str, selection: Selection) -> np.ndarray:
+        d = self._datasets[name]
+        key = (index, *selection.slices) if self._step_axis else selection.slices
+        return np.asarray(d[key] if key else d[()])
+
+    def attrs(self) -> dict[str, AttrValue]:
+        return {key: _from_h5_attr(v) for key, v in self._f.attrs.items()}
+
+    def close(self) -> None:
+        self._f.close()
