@@ -40,6 +40,7 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "mem": ("dataplane.transports.mem:MemTransport", None),
     "shm": ("dataplane.transports.shm:ShmTransport", None),
     "h5": ("dataplane.transports.hdf5:HDF5Transport", "pip install 'dataplane[hdf5]'"),
+    "zarr": ("dataplane.transports.zarrfs:ZarrTransport", "pip install 'dataplane[zarr]'"),
 }
 
 _lock = threading.RLock()

@@ -42,6 +42,7 @@ __all__ = [
     "Consumer",
     "CrossProcessTests",
     "DropPolicyTests",
+    "FileCrashTests",
     "FileTransportTests",
     "TransportTests",
     "assert_same_array",
@@ -559,14 +560,14 @@ class TransportTests:
         json.dumps(t.get_config())
 
 
-class DropPolicyTests:
+class DropPolicyTests(TransportTests):
     """For streams that support ``policy="drop-oldest"``."""
 
     def test_drop_oldest_never_blocks_and_counts_drops(self, url: str) -> None:
         n = 60
         done = threading.Event()
-        pub = self.publish(url, 0, policy="drop-oldest", queue_limit=2)  # type: ignore[attr-defined]
-        sub = self.subscribe(url)  # type: ignore[attr-defined]
+        pub = self.publish(url, 0, policy="drop-oldest", queue_limit=2)
+        sub = self.subscribe(url)
 
         def write() -> None:
             with pub:
@@ -577,7 +578,7 @@ class DropPolicyTests:
         t = threading.Thread(target=write, daemon=True)
         t.start()
         # Nobody reads while the writer runs: it must still finish.
-        assert done.wait(self.timeout), "drop-oldest writer blocked on a subscriber"  # type: ignore[attr-defined]
+        assert done.wait(self.timeout), "drop-oldest writer blocked on a subscriber"
         c = Consumer(sub)
         c.run()
         sub.close()
@@ -590,8 +591,8 @@ class DropPolicyTests:
 
     def test_block_policy_bounds_the_writer(self, url: str) -> None:
         written: list[int] = []
-        pub = self.publish(url, 0, queue_limit=2)  # type: ignore[attr-defined]
-        sub = self.subscribe(url)  # type: ignore[attr-defined]
+        pub = self.publish(url, 0, queue_limit=2)
+        sub = self.subscribe(url)
 
         def write() -> None:
             with pub:
@@ -606,26 +607,26 @@ class DropPolicyTests:
             time.sleep(0.01)
         # One step held by the subscriber plus queue_limit unconsumed: the writer waits.
         assert len(written) <= 1 + 2, written
-        assert first.index == 0
+        assert _index(first) == 0
         c = Consumer(sub)
         c.run()
-        t.join(self.timeout)  # type: ignore[attr-defined]
+        t.join(self.timeout)
         sub.close()
         assert [0] + c.indices == list(range(10)) and sub.stats.dropped == 0
 
     def test_late_subscribers_start_first_or_latest(self, url: str) -> None:
-        with self.publish(url, subscribers=0, queue_limit=4) as pub:  # type: ignore[attr-defined]
+        with self.publish(url, subscribers=0, queue_limit=4) as pub:
             for i in range(3):
                 pub.write({"x": np.full(2, i)})
-            first = self.subscribe(url, start="first")  # type: ignore[attr-defined]
-            latest = self.subscribe(url, start="latest")  # type: ignore[attr-defined]
+            first = self.subscribe(url, start="first")
+            latest = self.subscribe(url, start="latest")
             c1, c2 = Consumer(first), Consumer(latest)
             c1.start()
             c2.start()
             for i in range(3, 5):
                 pub.write({"x": np.full(2, i)})
         for c in (c1, c2):
-            c.finish(self.timeout)  # type: ignore[attr-defined]
+            c.finish(self.timeout)
             c.sub.close()
         assert c1.indices == [0, 1, 2, 3, 4]
         assert c2.indices == [3, 4]
@@ -682,7 +683,7 @@ def wait_for_event(proc: subprocess.Popen[str], key: str, timeout: float) -> lis
     return events
 
 
-class CrossProcessTests:
+class CrossProcessTests(TransportTests):
     """For transports whose channels reach other processes: real subprocess writers/readers."""
 
     def expected_digests(self, n: int, size: int = 1000) -> dict[int, dict[str, str]]:
@@ -696,7 +697,7 @@ class CrossProcessTests:
 
     def test_subscriber_processes_each_get_every_step(self, url: str) -> None:
         n = 30
-        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(3).items()]  # type: ignore[attr-defined]
+        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(3).items()]
         readers = [run_proc("subscribe", url, "--timeout", "30") for _ in range(3)]
         writer = run_proc("publish", url, "--steps", str(n), "--queue-limit", "3", *opts)
         want = self.expected_digests(n)
@@ -709,8 +710,8 @@ class CrossProcessTests:
             assert events[-1]["end"] == "closed"
 
     def test_writer_process_killed_gives_channel_broken(self, url: str) -> None:
-        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(1).items()]  # type: ignore[attr-defined]
-        sub = self.subscribe(url, timeout=self.timeout)  # type: ignore[attr-defined]
+        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(1).items()]
+        sub = self.subscribe(url, timeout=self.timeout)
         writer = run_proc("publish", url, "--steps", "5", "--hang", *opts)
         got = []
         try:
@@ -723,7 +724,7 @@ class CrossProcessTests:
                     with pytest.raises(dp.ChannelBroken, match="died|gone"):
                         next(sub)
                     # Detected from liveness, well before the subscriber's own timeout.
-                    assert time.monotonic() - t0 < self.timeout / 2  # type: ignore[attr-defined]
+                    assert time.monotonic() - t0 < self.timeout / 2
                     break
         finally:
             sub.close()
@@ -733,13 +734,13 @@ class CrossProcessTests:
         assert got == [0, 1, 2, 3, 4]
 
     def test_writer_killed_mid_step_leaves_no_partial_step(self, url: str) -> None:
-        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(1).items()]  # type: ignore[attr-defined]
-        sub = self.subscribe(url)  # type: ignore[attr-defined]
+        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(1).items()]
+        sub = self.subscribe(url)
         writer = run_proc("publish", url, "--steps", "10", "--kill-in-step", "3", *opts)
         want = self.expected_digests(10)
         c = Consumer(sub)
         c.start()
-        c.finish(self.timeout)  # type: ignore[attr-defined]
+        c.finish(self.timeout)
         read_events(writer, 30)
         sub.close()
         assert c.indices == [0, 1, 2]
@@ -748,7 +749,7 @@ class CrossProcessTests:
         assert isinstance(c.outcome, dp.ChannelBroken), c.outcome
 
 
-class FileTransportTests:
+class FileTransportTests(TransportTests):
     """For transports that store steps (``supports_random_access``): random access, append,
     interop with the plain library, crashes at random points, corrupted and truncated files.
 
@@ -774,7 +775,7 @@ class FileTransportTests:
     # tests ----------------------------------------------------------------------------------------
     def _write(self, url: str, n: int, **kw: Any) -> list[dict[str, Any]]:
         steps = [_testprocs.make_step(i, 64) for i in range(n)]
-        with self.publish(url, 0, **kw) as pub:  # type: ignore[attr-defined]
+        with self.publish(url, 0, **kw) as pub:
             pub.attrs["units"] = "m/s"
             pub.attrs["dims"] = ["x", "y"]
             for i, data in enumerate(steps):
@@ -814,7 +815,7 @@ class FileTransportTests:
 
     def test_append_continues_the_step_sequence(self, url: str) -> None:
         self._write(url, 3)
-        with self.publish(url, 0, mode="a") as pub:  # type: ignore[attr-defined]
+        with self.publish(url, 0, mode="a") as pub:
             assert pub.next_index == 3
             with pytest.raises(dp.SchemaError, match="float64"):
                 pub.write({**_testprocs.make_step(3, 64), "u": np.zeros(64, np.float32)})
@@ -827,7 +828,7 @@ class FileTransportTests:
             assert arc[4].attrs == {"i": 4}
 
     def test_second_writer_is_refused_and_leaves_data_alone(self, url: str) -> None:
-        with self.publish(url, 0) as pub:  # type: ignore[attr-defined]
+        with self.publish(url, 0) as pub:
             pub.write({"x": np.arange(4.0)})
             for mode in ("w", "a"):
                 with pytest.raises(dp.ChannelBusyError, match="live writer"):
@@ -837,19 +838,25 @@ class FileTransportTests:
             assert len(arc) == 2
             assert_same_array(arc[1]["x"], np.arange(4.0) + 1)
 
+
+class FileCrashTests(FileTransportTests):
+    """For stored data that other processes can reach: real writer processes killed at seeded
+    points, slow and dead writers, flipped bytes and truncated files (read in a subprocess, so
+    that a hang is a test failure)."""
+
     def test_live_reader_sees_slow_writer_then_dead_writer(self, url: str) -> None:
         """Finished (other tests), slow: StepTimeoutError, gone: ChannelBroken."""
-        sub = self.subscribe(url, timeout=self.timeout)  # type: ignore[attr-defined]
+        sub = self.subscribe(url, timeout=self.timeout)
         writer = run_proc("publish", url, "--steps", "2", "--hang", "--size", "64")
         try:
-            wait_for_event(writer, "hanging", self.timeout)  # type: ignore[attr-defined]
+            wait_for_event(writer, "hanging", self.timeout)
             assert [next(sub).index for _ in range(2)] == [0, 1]
             with pytest.raises(dp.StepTimeoutError, match="alive"):
                 sub.next(timeout=0.5)
             writer.kill()
             writer.wait(10)
             with pytest.raises(dp.ChannelBroken, match="died"):
-                sub.next(timeout=self.timeout)  # type: ignore[attr-defined]
+                sub.next(timeout=self.timeout)
         finally:
             sub.close()
             if writer.poll() is None:
@@ -884,7 +891,7 @@ class FileTransportTests:
             assert digests == want[int(i)], f"step {i} differs from what was written"
         # A live subscriber gets the same steps and then learns the writer is gone (or, if
         # it died before leaving any trace, that no writer came).
-        sub = self.subscribe(url, timeout=3.0)  # type: ignore[attr-defined]
+        sub = self.subscribe(url, timeout=3.0)
         c = Consumer(sub)
         c.run()
         sub.close()
@@ -893,7 +900,7 @@ class FileTransportTests:
             nothing = count == 0 and isinstance(c.outcome, dp.StepTimeoutError)
             assert isinstance(c.outcome, dp.ChannelBroken) or nothing, c.outcome
         # The next writer of the channel can continue it.
-        with self.publish(url, 0, mode="a") as pub:  # type: ignore[attr-defined]
+        with self.publish(url, 0, mode="a") as pub:
             assert pub.next_index == count
             pub.write(_testprocs.make_step(count, 20000))
         final = self._verify(url)
@@ -960,15 +967,23 @@ def _expected(n: int, size: int) -> dict[int, dict[str, str]]:
     }
 
 
-def conformance(scheme: str) -> type:
-    """The conformance suite for ``scheme``, assembled from its declared capabilities."""
+def conformance(scheme: str, **capabilities: Any) -> type:
+    """The conformance suite for ``scheme``, assembled from its declared capabilities.
+
+    ``capabilities`` override the class's declarations where an instance differs, e.g.
+    ``conformance("zarr", scope="process")`` for fsspec's in-process memory filesystem.
+    """
     cls = get_transport(scheme)
+
+    def has(name: str) -> Any:
+        return capabilities.get(name, getattr(cls, name))
+
     bases: list[type] = []
-    if cls.scope != "process":
+    if has("scope") != "process":
         bases.append(CrossProcessTests)
-    if cls.supports_drop_policy:
+    if has("supports_drop_policy"):
         bases.append(DropPolicyTests)
-    if cls.supports_random_access:
-        bases.append(FileTransportTests)
+    if has("supports_random_access"):
+        bases.append(FileCrashTests if has("scope") != "process" else FileTransportTests)
     bases.append(TransportTests)
     return type(f"{scheme.capitalize()}TransportTests", tuple(bases), {"scheme": scheme})

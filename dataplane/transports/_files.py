@@ -63,7 +63,7 @@ def digest(arr: np.ndarray) -> str:
     if arr.size == 0:
         return xxhash.xxh3_64_hexdigest(b"")
     if not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr)
+        arr = np.array(arr, order="C")
     return xxhash.xxh3_64_hexdigest(arr.reshape(-1).view(np.uint8).data)
 
 
@@ -386,7 +386,8 @@ class _FileWriter(Writer):
         self._fw.begin(index, specs, attrs)
 
     def put(self, name: str, array: np.ndarray) -> None:
-        arr = np.ascontiguousarray(array)
+        # (np.ascontiguousarray would turn a 0-d array into a 1-d one.)
+        arr = array if array.flags.c_contiguous else np.array(array, order="C")
         self._holding.append(arr)  # formats may write at commit (ADIOS2 deferred puts)
         self._fw.put(name, arr, digest(arr))
 

@@ -70,8 +70,9 @@ class Transport:
     """
 
     scheme: ClassVar[str] = ""
-    #: Where the channel can be reached from: "process", "node" or "network".
-    scope: ClassVar[str] = "process"
+    #: Where the channel can be reached from: "process", "node" or "network" (an instance may
+    #: narrow it, e.g. a store in one process's memory).
+    scope: str = "process"
     #: Steps are stored and can be read in any order (files), not only followed live.
     supports_random_access: ClassVar[bool] = False
     #: A subscriber can follow steps while the writer is still writing.
