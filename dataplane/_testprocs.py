@@ -110,6 +110,52 @@ def subscribe_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_publisher(conn: Any, url: str, kwargs: dict[str, Any]) -> None:
+    """Run a publisher for a test in another process, driven over ``conn`` (a Pipe end).
+
+    Used for transports whose writer and readers cannot share a process (sst://). Exceptions
+    travel back as (type name, message) and are raised again on the test's side.
+    """
+    import gc
+
+    import dataplane as dp
+
+    def fail(exc: BaseException) -> None:
+        conn.send(("error", type(exc).__name__, str(exc)))
+
+    try:
+        pub = dp.publish(url, **kwargs)
+    except Exception as exc:
+        fail(exc)
+        return
+    conn.send(("ok", pub.next_index))
+    while True:
+        cmd, *args = conn.recv()
+        try:
+            if cmd == "write":
+                result: Any = pub.write(*args)
+            elif cmd == "attr":
+                pub.attrs[args[0]] = args[1]
+                result = None
+            elif cmd == "next_index":
+                result = pub.next_index
+            elif cmd == "close":
+                pub.close(failed=args[0])
+                conn.send(("ok", None))
+                return
+            elif cmd == "abandon":  # drop it without close(), as a crashed or careless caller
+                del pub
+                gc.collect()
+                conn.send(("ok", None))
+                return
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+        except Exception as exc:
+            fail(exc)
+            continue
+        conn.send(("ok", result))
+
+
 def verify_main(args: argparse.Namespace) -> int:
     """Read every step of stored data; print digests or the error. Run with a timeout."""
     import dataplane as dp

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -35,8 +37,9 @@ import pytest
 
 import dataplane as dp
 from dataplane import _testprocs
-from dataplane.model import DTYPES
+from dataplane.model import DTYPES, as_array
 from dataplane.registry import get_transport, resolve
+from dataplane.transports.base import Transport
 
 __all__ = [
     "Consumer",
@@ -88,6 +91,104 @@ def assert_same_array(got: np.ndarray, want: Any) -> None:
 
 def _index(step: dp.Step | None) -> int | None:
     return None if step is None else step.index
+
+
+class RemotePublisher:
+    """A publisher in a subprocess, for transports whose writer and readers cannot share a
+    process (``same_process_pairs = False``). Mirrors what the suite uses of ``Publisher``."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_testprocs.serve_publisher, args=(child, url, kwargs), daemon=True
+        )
+        self._proc.start()
+        self.url = url
+        self.closed = False
+        self._call_reply()
+        self.attrs = _RemoteAttrs(self)
+        self._finalizer = weakref.finalize(self, _abandon_remote, self._conn, self._proc)
+
+    def _call_reply(self) -> Any:
+        if not self._conn.poll(30):
+            self._proc.kill()
+            raise AssertionError(f"the publisher process for {self.url} did not answer in 30s")
+        status, *rest = self._conn.recv()
+        if status == "ok":
+            return rest[0]
+        name, message = rest
+        cls = getattr(dp, name, None) or getattr(__builtins__, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            cls = RuntimeError
+        raise cls(message)
+
+    def _call(self, *cmd: Any) -> Any:
+        self._conn.send(cmd)
+        return self._call_reply()
+
+    def write(self, data: Any, attrs: Any = None) -> int:
+        if isinstance(data, dict):
+            # Tensors that require grad do not pickle; turning them into arrays here runs the
+            # same conversion the publisher would (dataplane.model.as_array).
+            data = {
+                k: as_array(v, str(k)) if type(v).__module__.startswith("torch") else v
+                for k, v in data.items()
+            }
+        return self._call("write", data, attrs)
+
+    @property
+    def next_index(self) -> int:
+        return self._call("next_index")
+
+    def close(self, failed: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._finalizer.detach()
+        try:
+            self._call("close", failed)
+        finally:
+            self._proc.join(60)
+
+    def __enter__(self) -> RemotePublisher:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(failed=exc_type is not None)
+
+
+class _RemoteAttrs(dict):
+    def __init__(self, pub: RemotePublisher) -> None:
+        super().__init__()
+        self._pub = pub
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._pub._call("attr", key, value)
+        super().__setitem__(key, value)
+
+
+def _abandon_remote(conn: Any, proc: Any) -> None:
+    conn.send(("abandon",))
+    conn.poll(60)
+    proc.join(60)
+
+
+class _WriterThread(threading.Thread):
+    """A publisher's life in a thread; what it raised is kept in ``errors``."""
+
+    def __init__(self, open_pub: Any, body: Any) -> None:
+        super().__init__(daemon=True)
+        self._open_pub = open_pub
+        self._body = body
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        try:
+            with self._open_pub() as pub:
+                self._body(pub)
+        except BaseException as exc:  # the test inspects it
+            self.errors.append(exc)
 
 
 class Consumer(threading.Thread):
@@ -150,7 +251,7 @@ class TransportTests:
         return self.make_url(tmp_path, "c" + uuid.uuid4().hex[:12])
 
     @property
-    def transport(self) -> type:
+    def transport(self) -> type[Transport]:
         return get_transport(self.scheme)
 
     # building blocks ------------------------------------------------------------------------
@@ -158,8 +259,11 @@ class TransportTests:
         kw.setdefault("timeout", self.timeout)
         return dp.subscribe(url, **self.reader_options(), **kw)
 
-    def publish(self, url: str, subscribers: int = 1, **kw: Any) -> dp.Publisher:
-        return dp.publish(url, **self.writer_options(subscribers), **kw)
+    def publish(self, url: str, subscribers: int = 1, **kw: Any) -> Any:
+        options = {**self.writer_options(subscribers), **kw}
+        if not getattr(self.transport, "same_process_pairs", True):
+            return RemotePublisher(url, **options)
+        return dp.publish(url, **options)
 
     def roundtrip(
         self,
@@ -282,7 +386,7 @@ class TransportTests:
             pub.write({"x": np.ones(3)})
             consumer.finish(self.timeout)
             assert sub.attrs == {"units": "m/s", "dims": ["x", "y"]}
-        sub.close()
+            sub.close()  # a subscriber that stops reading leaves before the writer closes
         assert consumer.outcome == "limit"
         assert consumer.steps[0][1] == want
         assert consumer.steps[1][1] == {}
@@ -296,12 +400,23 @@ class TransportTests:
             for i, _, arrays in c.steps:
                 assert_same_array(arrays["u"], np.arange(10) + i)
 
+    def writer_thread(self, url: str, body: Any, **kw: Any) -> _WriterThread:
+        """Run ``body(pub)`` on a publisher in a thread (it may wait for subscribers to attach)."""
+        t = _WriterThread(lambda: self.publish(url, **kw), body)
+        t.start()
+        return t
+
     def test_end_of_stream_ends_iteration(self, url: str) -> None:
-        with self.publish(url, subscribers=0) as pub:
-            sub = self.subscribe(url)
+        sub = self.subscribe(url)
+
+        def body(pub: Any) -> None:
             for _ in range(3):
                 pub.write({"x": np.zeros(2)})
+
+        t = self.writer_thread(url, body)
         assert [step.index for step in sub] == [0, 1, 2]
+        t.join(self.timeout)
+        assert not t.errors
         assert sub.ended
         assert sub.next() is None  # stays ended
         assert list(sub) == []
@@ -379,18 +494,26 @@ class TransportTests:
 
     # waiting ----------------------------------------------------------------------------------
     def test_timeout_raises_and_the_channel_stays_usable(self, url: str) -> None:
-        with self.publish(url, subscribers=0) as pub:
-            sub = self.subscribe(url)
+        sub = self.subscribe(url)
+        go = threading.Event()
+
+        def body(pub: Any) -> None:
             pub.write({"x": np.zeros(1)})
-            assert _index(sub.next(timeout=self.timeout)) == 0
-            t0 = time.monotonic()
-            with pytest.raises(dp.StepTimeoutError, match="within 0.3s"):
-                sub.next(timeout=0.3)
-            assert time.monotonic() - t0 < self.timeout
-            assert sub.poll(0.05) is None
+            go.wait(self.timeout)
             pub.write({"x": np.ones(1)})
-            assert _index(sub.next(timeout=self.timeout)) == 1
+
+        t = self.writer_thread(url, body)
+        assert _index(sub.next(timeout=self.timeout)) == 0
+        t0 = time.monotonic()
+        with pytest.raises(dp.StepTimeoutError, match="within 0.3s"):
+            sub.next(timeout=0.3)
+        assert time.monotonic() - t0 < self.timeout
+        assert sub.poll(0.05) is None
+        go.set()
+        assert _index(sub.next(timeout=self.timeout)) == 1
         assert sub.next(timeout=self.timeout) is None
+        t.join(self.timeout)
+        assert not t.errors
         sub.close()
 
     def test_timeout_without_any_writer(self, url: str) -> None:
@@ -565,56 +688,86 @@ class DropPolicyTests(TransportTests):
 
     def test_drop_oldest_never_blocks_and_counts_drops(self, url: str) -> None:
         n = 60
-        done = threading.Event()
-        pub = self.publish(url, 0, policy="drop-oldest", queue_limit=2)
         sub = self.subscribe(url)
 
-        def write() -> None:
-            with pub:
-                for i in range(n):
-                    pub.write({"x": np.full(1000, i)})
-            done.set()
+        def body(pub: Any) -> None:
+            for i in range(n):
+                pub.write({"x": np.full(1000, i)})
 
-        t = threading.Thread(target=write, daemon=True)
-        t.start()
-        # Nobody reads while the writer runs: it must still finish.
-        assert done.wait(self.timeout), "drop-oldest writer blocked on a subscriber"
+        t = self.writer_thread(url, body, policy="drop-oldest", queue_limit=2)
+        first = sub.next()  # attach (the writer waits for that), then stop reading
+        t.join(self.timeout)
+        assert not t.is_alive(), "drop-oldest writer blocked on a subscriber"
+        assert not t.errors
         c = Consumer(sub)
         c.run()
         sub.close()
+        assert first is not None
+        got = [first.index] + c.indices
         assert c.outcome == "closed"
-        assert c.indices == sorted(set(c.indices)) and c.indices[-1] == n - 1
-        assert 1 <= len(c.indices) < n
-        assert sub.stats.dropped == n - len(c.indices)
+        assert got == sorted(set(got)) and got[-1] == n - 1
+        assert 1 <= len(got) < n, got
+        assert sub.stats.dropped == n - len(got), (sub.stats, got)
         for i, _, arrays in c.steps:
             assert_same_array(arrays["x"], np.full(1000, i))
 
     def test_block_policy_bounds_the_writer(self, url: str) -> None:
         written: list[int] = []
-        pub = self.publish(url, 0, queue_limit=2)
+        n, limit = 24, 2
         sub = self.subscribe(url)
 
-        def write() -> None:
-            with pub:
-                for i in range(10):
-                    written.append(pub.write({"x": np.full(10, i)}))
+        def fill(pub: Any) -> None:
+            for i in range(n):
+                written.append(pub.write({"x": np.full(10, i)}))
 
-        t = threading.Thread(target=write, daemon=True)
-        t.start()
+        t = self.writer_thread(url, fill, queue_limit=limit)
         first = sub.next()  # attach, then stop reading for a while
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline and len(written) < 10:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and len(written) < n:
             time.sleep(0.01)
-        # One step held by the subscriber plus queue_limit unconsumed: the writer waits.
-        assert len(written) <= 1 + 2, written
+        # The subscriber holds one step; the writer may be queue_limit steps (plus what the
+        # transport buffers in between) ahead, and then waits.
+        bound = self.transport.steps_ahead(limit)
+        assert len(written) <= 1 + bound < n, (written, bound)
         assert _index(first) == 0
         c = Consumer(sub)
         c.run()
         t.join(self.timeout)
+        assert not t.errors
         sub.close()
-        assert [0] + c.indices == list(range(10)) and sub.stats.dropped == 0
+        assert [0] + c.indices == list(range(n)) and sub.stats.dropped == 0
+
+    def _late_join_without_replay(self, url: str) -> None:
+        """A stream that keeps nothing for late subscribers: one that joins a running writer
+        gets every step from some point on, without gaps, through the last."""
+        stop = threading.Event()
+
+        def body(pub: Any) -> None:
+            i = 0
+            while not stop.is_set() or i < 30:
+                pub.write({"x": np.full(2, i)})
+                i += 1
+                time.sleep(0.02)
+
+        t = self.writer_thread(url, body, subscribers=0)
+        time.sleep(0.3)
+        sub = self.subscribe(url)
+        c = Consumer(sub)
+        c.start()
+        time.sleep(1.0)
+        stop.set()
+        t.join(self.timeout)
+        c.finish(self.timeout)
+        sub.close()
+        assert not t.errors and c.outcome == "closed"
+        assert len(c.indices) >= 5 and c.indices == list(range(c.indices[0], c.indices[-1] + 1))
+        for i, _, arrays in c.steps:
+            assert_same_array(arrays["x"], np.full(2, i))
 
     def test_late_subscribers_start_first_or_latest(self, url: str) -> None:
+        if not self.transport.supports_replay:
+            self._late_join_without_replay(url)
+            return
         with self.publish(url, subscribers=0, queue_limit=4) as pub:
             for i in range(3):
                 pub.write({"x": np.full(2, i)})

@@ -226,6 +226,11 @@ class StepSource(ABC):
 class StepStream(ABC):
     """Sequential access for formats whose live reading is a stream (ADIOS2 engines)."""
 
+    @property
+    def connected(self) -> bool:
+        """False while the stream still looks for a writer (leases it finds meanwhile are old)."""
+        return True
+
     @abstractmethod
     def advance(self, wait: float) -> tuple[StepMeta, dict[str, str]] | None:
         """Move to the next step within ``wait`` seconds: its metadata, ``None`` if none came,
@@ -298,6 +303,12 @@ class FileTransport(Transport):
     supports_changing_layout: ClassVar[bool] = True
     #: How often live readers look for new steps, seconds.
     poll_interval: ClassVar[float] = 0.02
+    #: Streams: a subscriber not yet connected waits for the next writer instead of reporting
+    #: the death of the previous one (whose leftovers it may find).
+    waits_for_next_writer: ClassVar[bool] = False
+    #: The stream itself ends after the last step a dead or failed writer completed (relayed
+    #: streams): the lease is consulted at that end, not while steps may still be in flight.
+    stream_tells_end: ClassVar[bool] = False
 
     verify: bool
     heartbeat: float
@@ -452,27 +463,34 @@ class _FileReader(Reader):
             state = writer_state(lease)
             if self._open_stream():
                 assert self._stream is not None
-                wait = 0.0 if state in ("closed", "failed", "dead") else min(poll * 5, 0.25)
+                settled = state in ("closed", "failed", "dead") and not self._t.stream_tells_end
+                wait = 0.0 if settled else min(poll * 5, 0.25)
                 if deadline is not None:
                     wait = min(wait, max(0.0, deadline - time.monotonic()))
                 got = guard(self._t.url.url, "the next step", partial(self._stream.advance, wait))
                 if got is END:
-                    if state == "failed":
-                        raise self._broken(lease, "failed")
+                    self._ended(lease)
                     return None
                 if got is not None:
                     meta = got[0]
                     if meta.index < self._skip_below:
                         continue
                     if self.first_index is None:
-                        self.first_index = meta.index
+                        owed = getattr(self._stream, "first_index", None)
+                        self.first_index = meta.index if owed is None else owed
                     self._current = got
                     return meta
             # No new step. The lease was read before looking, so a closed writer's last
             # step would have been found.
+            waiting_for_next = self._t.waits_for_next_writer and (
+                self._stream is None or not self._stream.connected
+            )
             if state == "closed" and self._stream is not None:
                 return None
-            if state in ("failed", "dead"):
+            in_flight = (
+                self._t.stream_tells_end and self._stream is not None and (self._stream.connected)
+            )
+            if state in ("failed", "dead") and not waiting_for_next and not in_flight:
                 raise self._broken(lease, state)
             if deadline is not None and time.monotonic() >= deadline:
                 what = (
@@ -487,6 +505,23 @@ class _FileReader(Reader):
                 raise StepTimeoutError(f"{self._t.url.url}: no new step within {timeout}s ({what})")
             if self._stream is None:
                 time.sleep(poll)
+
+    def _ended(self, lease: dict[str, Any] | None) -> None:
+        """The format says the stream is over: a clean end only if the writer says so too."""
+        deadline = time.monotonic() + 2 * self._t.heartbeat + 1.0
+        while True:
+            state = writer_state(lease)
+            if state in ("closed", "none"):
+                return None
+            if state in ("failed", "dead"):
+                raise self._broken(lease, state)
+            if time.monotonic() > deadline:  # ended while its writer lives and says "open"
+                raise ChannelBroken(
+                    f"{self._t.url.url}: the stream ended but its writer (pid "
+                    f"{lease.get('pid') if lease else '?'}) never closed it"
+                )
+            time.sleep(0.02)  # the writer updates its lease right after closing the engine
+            lease = read_lease(self._lease_io)
 
     def _broken(self, lease: dict[str, Any] | None, state: str) -> ChannelBroken:
         assert lease is not None

@@ -27,15 +27,29 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import select
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from typing import Any
 
 import numpy as np
 from adios2 import bindings as ab
 
-from dataplane.errors import DataplaneError, IntegrityError, OptionError, SchemaError
+from dataplane.errors import (
+    ChannelBroken,
+    DataplaneError,
+    IntegrityError,
+    OptionError,
+    SchemaError,
+    StepTimeoutError,
+)
 from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec
+from dataplane.transports import _posix
 from dataplane.transports._files import (
     END,
     FileTransport,
@@ -45,10 +59,13 @@ from dataplane.transports._files import (
     StepStream,
 )
 
-__all__ = ["BP5Transport"]
+__all__ = ["BP5Transport", "SSTTransport"]
 
 _STEP_VAR = "__dp_step"
 _STEP_ATTR = "step/"
+# The channel attributes exactly as given, as one JSON string: ADIOS2 attributes lose types
+# (bool, one-element lists) and SST delivers string-list attributes empty.
+_CHANNEL_ATTR = "__dp/channel_attrs"
 _STORED_AS: dict[np.dtype, np.dtype] = {
     np.dtype(bool): np.dtype(np.uint8),
     np.dtype(np.float16): np.dtype(np.uint16),
@@ -114,12 +131,10 @@ def _adios_attr(io: Any, name: str, value: AttrValue) -> None:
         if numbers.dtype.kind in "iuf":
             io.DefineAttribute(name, numbers)
         return
-    if isinstance(value, str):
-        io.DefineAttribute(name, value)
-    elif isinstance(value, int) and not -(2**63) <= value < 2**63:
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
         io.DefineAttribute(name, np.array([value], np.uint64))
     else:
-        io.DefineAttribute(name, np.array([value]))
+        io.DefineAttribute(name, value)  # a single value (str, int, float)
 
 
 def _read_attr(a: Any) -> AttrValue:
@@ -134,9 +149,21 @@ class _ADIOSTransport(FileTransport):
     """What BP5 and SST share: the ADIOS2 object, parameters, and the step encoding."""
 
     engine = ""
+    path: str
+    params: dict[str, str]
+    threads: int
 
     def _adios(self) -> Any:
         return ab.ADIOS()
+
+    def reader_params(self) -> dict[str, str]:
+        return {"Threads": str(self.threads), "OpenTimeoutSecs": "5"}
+
+    def reader_io(self, ad: Any) -> Any:
+        io = ad.DeclareIO(_io_name("read"))
+        io.SetEngine(self.engine)
+        io.SetParameters({**self.reader_params(), **self.params})
+        return io
 
 
 class BP5Transport(_ADIOSTransport):
@@ -191,17 +218,310 @@ class BP5Transport(_ADIOSTransport):
             return None
         return _BP5Stream(self)
 
-    def reader_io(self, ad: Any) -> Any:
-        io = ad.DeclareIO(_io_name("read"))
-        io.SetEngine(self.engine)
-        io.SetParameters({"Threads": str(self.threads), "OpenTimeoutSecs": "5", **self.params})
-        return io
+
+class SSTTransport(_ADIOSTransport):
+    """``sst://name``: an ADIOS2 SST stream, writer to readers over the network.
+
+    The writer publishes a contact file ``name.sst`` (readers must see the same filesystem
+    path) and a lease ``name.lease``. ``policy="block"`` maps to SST's ``QueueFullPolicy=Block``
+    and ``"drop-oldest"`` to ``Discard`` with ``QueueLimit=queue_limit``: the writer never waits,
+    and when the queue is full SST drops the step being written (it has no way to drop the
+    oldest). SST does not tell readers what they missed, so every step carries the writer's
+    step index and readers count the gaps (``sub.stats.dropped``). Readers that join late
+    receive steps from about the time they join. A stale contact file left by a crashed writer
+    is ignored by readers (its lease is dead) and removed by the next writer.
+
+    Options: ``verify``, ``heartbeat``, ``data_transport`` (``"WAN"``; ``"RDMA"`` or ``"UCX"``
+    where the adios2 build has them), ``rendezvous`` (readers the writer waits for at open),
+    ``rendezvous_timeout``, ``params`` (more SST engine parameters), ``threads``.
+    """
+
+    scheme = "sst"
+    engine = "SST"
+    supports_random_access = False
+    supports_drop_policy = True
+    waits_for_next_writer = True
+    stream_tells_end = True
+
+    @classmethod
+    def steps_ahead(cls, queue_limit: int) -> int:
+        # The writer's ring and relay (1 + 1), SST's queue, the reader relay (1) and the
+        # subscriber's ring (queue_limit).
+        return 2 * queue_limit + 3
+
+    def __init__(
+        self,
+        url: ChannelURL,
+        *,
+        verify: bool = True,
+        heartbeat: float = 1.0,
+        data_transport: str = "WAN",
+        rendezvous: int = 0,
+        rendezvous_timeout: float = 60.0,
+        params: dict[str, Any] | str | None = None,
+        threads: int = 1,
+    ) -> None:
+        super().__init__(
+            url,
+            verify=verify,
+            heartbeat=heartbeat,
+            data_transport=data_transport,
+            rendezvous=rendezvous,
+            rendezvous_timeout=rendezvous_timeout,
+            params=params,
+            threads=threads,
+        )
+        self._init_common(verify, heartbeat)
+        self.path = os.path.abspath(os.path.expanduser(url.path))
+        self.data_transport = str(data_transport)
+        if int(rendezvous) < 0:
+            raise OptionError(f"rendezvous must be >= 0, got {rendezvous}")
+        self.rendezvous = int(rendezvous)
+        self.rendezvous_timeout = float(rendezvous_timeout)
+        self.params = _params(params)
+        self.threads = int(threads)
+
+    @property
+    def contact_file(self) -> str:
+        return self.path + ".sst"
+
+    def lease_io(self) -> LeaseIO:
+        return LeaseIO(self.path + ".lease")
+
+    def reader_params(self) -> dict[str, str]:
+        return {"DataTransport": self.data_transport, "OpenTimeoutSecs": "10"}
+
+    def open_writer(self, *, policy: str, queue_limit: int, mode: str) -> Any:
+        if mode == "a":
+            raise OptionError("sst:// streams are not stored, so there is nothing to append to")
+        self._policy, self._queue_limit = policy, queue_limit
+        return super().open_writer(policy=policy, queue_limit=queue_limit, mode=mode)
+
+    def format_writer(self, mode: str) -> FormatWriter:
+        return _SSTRelayWriter(self, self._policy, self._queue_limit)
+
+    def format_stream(self, vars: tuple[str, ...] | None) -> StepStream | None:
+        return _SSTRelayStream(self)
+
+    def relay(self, mode: str, shm_url: str, shm_dir: str, params: dict[str, str]) -> Any:
+        pid, start = _posix.my_identity()
+        config = {
+            "mode": mode,
+            "path": self.path,
+            "url": self.url.url,
+            "params": params,
+            "shm_url": shm_url,
+            "shm_dir": shm_dir,
+            "lease": self.lease_io().path,
+            "parent": pid,
+            "parent_start": start,
+        }
+        err = tempfile.TemporaryFile()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dataplane.transports._sst_relay", json.dumps(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        proc.dataplane_stderr = err  # type: ignore[attr-defined]
+        return proc
+
+
+def _relay_failure(proc: Any) -> str:
+    """The last lines a relay printed to stderr (why it stopped)."""
+    err = getattr(proc, "dataplane_stderr", None)
+    if err is None:
+        return ""
+    err.seek(0)
+    lines = err.read().decode(errors="replace").strip().splitlines()
+    return "; ".join(lines[-3:])
+
+
+def _private_shm_url(kind: str) -> tuple[str, str]:
+    from dataplane.transports.shm import default_dir
+
+    return f"shm://sst-{kind}-{secrets.token_hex(8)}", default_dir()
+
+
+class _SSTRelayWriter(FormatWriter):
+    """Publishes through a relay process that runs the SST writer engine (see _sst_relay)."""
+
+    def __init__(self, t: SSTTransport, policy: str, queue_limit: int) -> None:
+        from dataplane.transports.shm import ShmTransport
+
+        self._t = t
+        if os.path.exists(t.contact_file):
+            os.unlink(t.contact_file)  # the lease was not alive: a crashed writer's leftover
+        os.makedirs(os.path.dirname(t.path) or ".", exist_ok=True)
+        params = {
+            "DataTransport": t.data_transport,
+            "RendezvousReaderCount": str(t.rendezvous),
+            # Lossless between the relays: a subscriber's policy is applied where it reads
+            # (its relay drains SST into a ring with that policy), so "drop-oldest" really
+            # drops the oldest steps, which SST's Discard (drop the newest) cannot do.
+            "QueueLimit": str(queue_limit),
+            "QueueFullPolicy": "Block",
+            "OpenTimeoutSecs": str(int(max(1, t.rendezvous_timeout))),
+            "StatsLevel": "0",
+            **t.params,
+        }
+        shm_url, shm_dir = _private_shm_url("w")
+        self._proc = t.relay("write", shm_url, shm_dir, params)
+        try:
+            ready = self._await_ready(t.rendezvous_timeout + 30)
+            if "error" in ready:
+                raise DataplaneError(f"{t.url.url}: SST could not open: {ready['error']}")
+            shm = ShmTransport(
+                ChannelURL.parse(shm_url), rendezvous=1, rendezvous_timeout=60.0, dir=shm_dir
+            )
+            # The relay is this ring's one subscriber. The ring is lossless whatever the policy:
+            # steps are dropped only at a subscriber's own ring, where it can count them. Under
+            # "block" one step here keeps the writer close to queue_limit; under "drop-oldest"
+            # room for queue_limit steps rides out a relay that falls briefly behind.
+            queue = 1 if policy == "block" else max(2, queue_limit)
+            self._out = shm.open_writer(policy="block", queue_limit=queue, mode="w")
+        except BaseException:
+            self._proc.kill()
+            self._proc.wait()
+            raise
+        self._pending: dict[str, Any] | None = None
+        self._policy, self._queue_limit = policy, queue_limit
+
+    def _await_ready(self, timeout: float) -> dict[str, Any]:
+        assert self._proc.stdout is not None
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
+        line = self._proc.stdout.readline() if ready else ""
+        if not line:
+            self._proc.kill()
+            self._proc.wait()
+            raise DataplaneError(
+                f"{self._t.url.url}: the SST writer process did not start "
+                f"({_relay_failure(self._proc) or 'no answer within the rendezvous timeout'})"
+            )
+        return json.loads(line)
+
+    def _alive(self) -> None:
+        if self._proc.poll() is not None:
+            raise ChannelBroken(
+                f"{self._t.url.url}: the SST writer process exited ({self._proc.returncode}): "
+                f"{_relay_failure(self._proc)}"
+            )
+
+    def begin(self, index: int, specs: dict[str, VarSpec], attrs: dict[str, AttrValue]) -> None:
+        self._alive()
+        self._pending = {"index": index, "attrs": attrs, "specs": specs, "sums": {}, "arrays": []}
+
+    def put(self, name: str, array: np.ndarray, checksum: str) -> None:
+        assert self._pending is not None
+        self._pending["arrays"].append((name, array))
+        self._pending["sums"][name] = checksum
+
+    def commit(self) -> None:
+        p = self._pending
+        assert p is not None
+        self._pending = None
+        info = {
+            "i": p["index"],
+            "a": p["attrs"],
+            "c": p["sums"],
+            "p": self._policy,
+            "q": self._queue_limit,
+        }
+        self._out.begin_step(p["index"], p["specs"], {"info": json.dumps(info)})
+        try:
+            for name, arr in p["arrays"]:
+                self._out.put(name, arr)
+            self._out.end_step()
+        except BaseException:
+            self._out.abort_step()
+            raise
+
+    def abort(self) -> None:
+        self._pending = None
+
+    def set_attrs(self, attrs: dict[str, AttrValue]) -> None:
+        self._out.set_attrs(attrs)
+
+    def close(self) -> None:
+        # The relay finishes delivering, closes SST (which waits for readers) and exits.
+        self._out.close()
+        code = self._proc.wait()
+        if code != 0:
+            raise ChannelBroken(
+                f"{self._t.url.url}: the SST writer process failed ({code}): "
+                f"{_relay_failure(self._proc)}"
+            )
+
+
+class _SSTRelayStream(StepStream):
+    """Receives SST steps from a relay process that runs the SST reader (see _sst_relay)."""
+
+    def __init__(self, t: SSTTransport) -> None:
+        from dataplane.transports.shm import ShmTransport
+
+        self._t = t
+        shm_url, shm_dir = _private_shm_url("r")
+        self._proc = t.relay("read", shm_url, shm_dir, {**t.reader_params(), **t.params})
+        self._in = ShmTransport(ChannelURL.parse(shm_url), dir=shm_dir).open_reader(
+            start="first", vars=None
+        )
+
+    @property
+    def connected(self) -> bool:
+        """True once the relay reached a live writer (until then, old leases do not count)."""
+        return bool(getattr(self._in, "_ctl", None))
+
+    @property
+    def first_index(self) -> int | None:
+        """The first step this subscriber was owed (the relay's ring starts there)."""
+        return self._in.first_index
+
+    def advance(self, wait: float) -> tuple[StepMeta, dict[str, str]] | None:
+        try:
+            meta = self._in.next_step(wait)
+        except StepTimeoutError:
+            if self._proc.poll() is not None and not self.connected:
+                return END if self._proc.returncode == 0 else self._failed()
+            return None
+        except ChannelBroken:
+            return self._failed()
+        if meta is None:
+            return END
+        info = json.loads(str(meta.attrs["info"]))
+        return _meta_from(info)
+
+    def _failed(self) -> Any:
+        why = self._in.attrs().get("relay_error") or _relay_failure(self._proc)
+        raise ChannelBroken(f"{self._t.url.url}: the SST reader process failed: {why}")
+
+    def get(self, name: str, selection: Selection) -> np.ndarray:
+        return self._in.get(name, selection)
+
+    def attrs(self) -> dict[str, AttrValue]:
+        return {k: v for k, v in self._in.attrs().items() if k != "relay_error"}
+
+    def close(self) -> None:
+        self._in.close()
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
 
 
 class _StepEncoder:
     """Puts one dataplane step into an open ADIOS2 step (shared by BP5 and SST writers)."""
 
-    def __init__(self, t: FileTransport, io: Any, engine: Any) -> None:
+    def __init__(self, t: FileTransport, io: Any, engine: Any, *, stream: bool = False) -> None:
+        # NOTE: over SST, redefining an attribute breaks readers (adios2 reports a null pointer
+        # in DataStrings) and string lists arrive empty. A stream therefore defines each plain
+        # attribute once and carries the channel attributes in every step's JSON ("ca"), which
+        # also gives late joiners the current ones.
+        self._stream = stream
+        self._ca: dict[str, AttrValue] = {}
         self._t = t
         self._io = io
         self._engine = engine
@@ -215,6 +535,8 @@ class _StepEncoder:
     ) -> None:
         io, eng = self._io, self._engine
         info: dict[str, Any] = {"i": index, "a": pending["attrs"], "c": pending["sums"], "v": {}}
+        if self._stream:
+            info["ca"] = self._ca
         if extra:
             info.update(extra)
         eng.BeginStep()
@@ -226,11 +548,12 @@ class _StepEncoder:
                     _stored(arr).reshape(-1) if arr.ndim == 0 else _stored(arr),
                     ab.Mode.Deferred,
                 )
-        for name in self._step_attrs - set(pending["attrs"]):
-            io.RemoveAttribute(_STEP_ATTR + name)
-        for name, value in pending["attrs"].items():
-            _adios_attr(io, _STEP_ATTR + name, value)
-        self._step_attrs = set(pending["attrs"])
+        if not self._stream:
+            for name in self._step_attrs - set(pending["attrs"]):
+                io.RemoveAttribute(_STEP_ATTR + name)
+            for name, value in pending["attrs"].items():
+                _adios_attr(io, _STEP_ATTR + name, value)
+            self._step_attrs = set(pending["attrs"])
         eng.Put(self._step_var, json.dumps(info))  # last: marks the step complete
         eng.EndStep()
 
@@ -238,13 +561,14 @@ class _StepEncoder:
         stored = _stored(arr)
         var = self._vars.get(name)
         if var is None:
+            # The template only gives the type; it must be writable (read-only memory, such as a
+            # shared-memory view, is refused by the bindings here, though Put takes it).
+            template = np.zeros(1, stored.dtype)
             if arr.ndim == 0:
-                var = self._io.DefineVariable(name, stored.reshape(1), [], [], [], False)
+                var = self._io.DefineVariable(name, template, [], [], [], False)
             else:
-                zeros = [0] * arr.ndim
-                var = self._io.DefineVariable(
-                    name, stored, list(arr.shape), zeros, list(arr.shape), False
-                )
+                shape = list(arr.shape)
+                var = self._io.DefineVariable(name, template, shape, [0] * arr.ndim, shape, False)
             self._vars[name] = var
             self._ndim[name] = arr.ndim
             op = getattr(self._t, "operator", None)
@@ -267,11 +591,18 @@ class _StepEncoder:
         return var
 
     def channel_attrs(self, attrs: dict[str, AttrValue], previous: dict[str, AttrValue]) -> None:
+        if self._stream:
+            self._ca = dict(attrs)
+            for name, value in attrs.items():
+                if self._io.InquireAttribute(name) is None:
+                    _adios_attr(self._io, name, value)
+            return
         for name in previous:
             if name not in attrs and self._io.InquireAttribute(name):
                 self._io.RemoveAttribute(name)
         for name, value in attrs.items():
             _adios_attr(self._io, name, value)
+        _adios_attr(self._io, _CHANNEL_ATTR, json.dumps(attrs))
 
 
 class _BP5Writer(FormatWriter):
@@ -457,7 +788,10 @@ def _meta_from(info: dict[str, Any]) -> tuple[StepMeta, dict[str, str]]:
 
 
 def _channel_attrs(io: Any) -> dict[str, AttrValue]:
-    out: dict[str, AttrValue] = {}
+    exact = io.InquireAttribute(_CHANNEL_ATTR)
+    if exact is not None:
+        return json.loads(exact.DataString()[0])
+    out: dict[str, AttrValue] = {}  # a file dataplane did not write: its attributes as they are
     for name in io.AvailableAttributes():
         if name.startswith((_STEP_ATTR, "__dp")) or "/" in name:
             continue
@@ -543,23 +877,31 @@ class _BP5Stream(StepStream):
     def __init__(self, t: _ADIOSTransport, target: str | None = None) -> None:
         self._t = t
         self._ad = t._adios()
-        self._io = t.reader_io(self._ad)  # type: ignore[attr-defined]
-        self._engine = self._io.Open(target or t.path, ab.Mode.Read)  # type: ignore[attr-defined]
+        self._io = t.reader_io(self._ad)
+        self._engine = self._io.Open(target or t.path, ab.Mode.Read)
         self._in_step = False
         self._info: dict[str, Any] | None = None
         self._foreign_index = 0
         self._file_step = -1  # ADIOS2 step number of the current step
+        self._poll = 0.002 if t.engine == "SST" else t.poll_interval
 
     def advance(self, wait: float) -> tuple[StepMeta, dict[str, str]] | None:
         if self._in_step:
             self._engine.EndStep()
             self._in_step = False
+        deadline = time.monotonic() + wait
         while True:
-            status = self._engine.BeginStep(ab.StepMode.Read, float(wait))
+            # NOTE: the adios2 bindings hold the GIL inside BeginStep, for its whole timeout.
+            # Poll without waiting there and sleep here, so other threads keep running.
+            status = self._engine.BeginStep(ab.StepMode.Read, 0.0)
             if status == ab.StepStatus.EndOfStream:
                 return END
             if status != ab.StepStatus.OK:
-                return None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                time.sleep(min(left, self._poll))
+                continue
             self._in_step = True
             self._file_step += 1
             if self._io.InquireVariable(_STEP_VAR) is not None:

@@ -83,6 +83,17 @@ class Transport:
     supports_drop_policy: ClassVar[bool] = False
     #: Readers get views of shared memory instead of copies.
     supports_zero_copy: ClassVar[bool] = False
+    #: A writer and readers of one channel may live in one process.
+    same_process_pairs: ClassVar[bool] = True
+    #: A subscriber that joins late can replay what a stream still keeps (start="first").
+    supports_replay: ClassVar[bool] = False
+
+    @classmethod
+    def steps_ahead(cls, queue_limit: int) -> int:
+        """How many steps a writer under ``policy="block"`` can be ahead of a subscriber that
+        holds one step and reads no further (what ``queue_limit`` bounds, plus any buffering
+        the transport has in between)."""
+        return queue_limit
 
     def __init__(self, url: ChannelURL, **options: Any) -> None:
         self.url = url

@@ -67,6 +67,7 @@ class MemTransport(Transport):
     scope = "process"
     supports_drop_policy = True
     supports_zero_copy = True
+    supports_replay = True
 
     def __init__(
         self,
@@ -135,14 +136,18 @@ class _MemWriter(Writer):
         ch = self._ch
         if ch.policy == "block":
             with ch.cond:
+                # Unconsumed steps per subscriber, not index arithmetic (indices may jump).
                 ok = ch.cond.wait_for(
-                    lambda: all(c > index - ch.queue_limit for c in ch.cursors.values()),
+                    lambda: all(
+                        sum(1 for meta, _ in ch.steps if meta.index >= c) < ch.queue_limit
+                        for c in ch.cursors.values()
+                    ),
                     self._t.block_timeout,
                 )
             if not ok:
                 raise StepTimeoutError(
-                    f"{self._t.url.url}: a subscriber did not consume step "
-                    f"{index - ch.queue_limit} within block_timeout={self._t.block_timeout}s"
+                    f"{self._t.url.url}: a subscriber did not consume its steps "
+                    f"within block_timeout={self._t.block_timeout}s"
                 )
         self._pending = (StepMeta(index, attrs, specs), {})
 

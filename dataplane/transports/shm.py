@@ -43,6 +43,9 @@ max_subscribers : int
 dir : str or None
     Directory for channel files; default ``$DATAPLANE_SHM_DIR``, else
     ``$XDG_RUNTIME_DIR/dataplane``, else ``<tmp>/dataplane-<uid>``.
+start_index : int
+    Index of the first step this writer will publish (default 0), for writers that forward
+    another channel's steps: subscribers attached before it count drops from there.
 """
 
 from __future__ import annotations
@@ -431,6 +434,7 @@ class ShmTransport(Transport):
     scope = "node"
     supports_drop_policy = True
     supports_zero_copy = True
+    supports_replay = True
 
     def __init__(
         self,
@@ -441,6 +445,7 @@ class ShmTransport(Transport):
         block_timeout: float | None = None,
         max_subscribers: int = 16,
         dir: str | None = None,
+        start_index: int = 0,
     ) -> None:
         super().__init__(
             url,
@@ -449,7 +454,9 @@ class ShmTransport(Transport):
             block_timeout=block_timeout,
             max_subscribers=max_subscribers,
             dir=dir,
+            start_index=start_index,
         )
+        self.start_index = int(start_index)
         self.name = check_name(url.path, "channel")
         if not 1 <= int(max_subscribers) <= 1024:
             raise OptionError(f"max_subscribers must be between 1 and 1024, got {max_subscribers}")
@@ -528,6 +535,7 @@ class _ShmWriter(Writer):
             self._wslots = [_WriterSlot() for _ in range(nslots)]
             h = self._ctl.h
             h.policy, h.queue_limit = _POLICY_CODE[policy], queue_limit
+            h.next_seq = t.start_index
             pid, start = _posix.my_identity()
             _write_channel_file(t.channel_file, {"token": self._token, "pid": pid, "start": start})
         if t.rendezvous:
@@ -591,8 +599,12 @@ class _ShmWriter(Writer):
                 pinned.add(cur)
         if self._policy != "block":
             min_cursor = None  # nothing is "needed": slow subscribers lose the oldest steps
-        elif min_cursor is not None and min_cursor <= index - ql:
-            return None
+        elif min_cursor is not None:
+            # Count the slowest subscriber's unconsumed steps rather than compare indices:
+            # indices need not start at its cursor or be contiguous (appends, relays).
+            unconsumed = sum(1 for seq in self._seqs if seq >= min_cursor)
+            if unconsumed >= ql:
+                return None
         empties, reusable, retained = [], [], 0
         for i, seq in enumerate(self._seqs):  # the writer alone sets seq: read its own copy
             if seq < 0:
