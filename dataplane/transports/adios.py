@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -410,17 +411,17 @@ class _SSTRelayWriter(FormatWriter):
 
     def begin(self, index: int, specs: dict[str, VarSpec], attrs: dict[str, AttrValue]) -> None:
         self._alive()
-        self._pending = {"index": index, "attrs": attrs, "specs": specs, "sums": {}, "arrays": []}
+        self._pending = {"index": index, "attrs": attrs, "specs": specs, "arrays": []}
 
-    def put(self, name: str, array: np.ndarray, checksum: str) -> None:
+    def put(self, name: str, array: np.ndarray) -> None:
         assert self._pending is not None
         self._pending["arrays"].append((name, array))
-        self._pending["sums"][name] = checksum
 
-    def commit(self) -> None:
+    def commit(self, checksums: Callable[[], dict[str, str]]) -> None:
         p = self._pending
         assert p is not None
         self._pending = None
+        p["sums"] = checksums
         info = {
             "i": p["index"],
             "a": p["attrs"],
@@ -534,7 +535,7 @@ class _StepEncoder:
         self, index: int, pending: dict[str, Any], extra: dict[str, Any] | None = None
     ) -> None:
         io, eng = self._io, self._engine
-        info: dict[str, Any] = {"i": index, "a": pending["attrs"], "c": pending["sums"], "v": {}}
+        info: dict[str, Any] = {"i": index, "a": pending["attrs"], "v": {}}
         if self._stream:
             info["ca"] = self._ca
         if extra:
@@ -554,6 +555,13 @@ class _StepEncoder:
             for name, value in pending["attrs"].items():
                 _adios_attr(io, _STEP_ATTR + name, value)
             self._step_attrs = set(pending["attrs"])
+        sums = pending["sums"]
+        if callable(sums):
+            # Write the arrays now, while their checksums are still being computed beside.
+            if any(arr.size for _, arr in pending["arrays"]):
+                eng.PerformDataWrite()
+            sums = sums()
+        info["c"] = sums
         eng.Put(self._step_var, json.dumps(info))  # last: marks the step complete
         eng.EndStep()
 
@@ -632,17 +640,17 @@ class _BP5Writer(FormatWriter):
 
     def begin(self, index: int, specs: dict[str, VarSpec], attrs: dict[str, AttrValue]) -> None:
         # Nothing touches ADIOS2 until commit: an aborted step leaves no trace.
-        self._pending = {"index": index, "attrs": attrs, "sums": {}, "arrays": []}
+        self._pending = {"index": index, "attrs": attrs, "arrays": []}
 
-    def put(self, name: str, array: np.ndarray, checksum: str) -> None:
+    def put(self, name: str, array: np.ndarray) -> None:
         assert self._pending is not None
         self._pending["arrays"].append((name, array))
-        self._pending["sums"][name] = checksum
 
-    def commit(self) -> None:
+    def commit(self, checksums: Callable[[], dict[str, str]]) -> None:
         p = self._pending
         assert p is not None
         self._pending = None
+        p["sums"] = checksums
         self._enc.write(p["index"], p)
 
     def abort(self) -> None:

@@ -46,6 +46,7 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -281,21 +282,20 @@ class _ZarrWriter(FormatWriter):
             )
         for a in self._arrays.values():
             a.resize((self._n + 1, *a.shape[1:]))
-        self._pending = {"attrs": attrs, "sums": {}}
+        self._pending = {"attrs": attrs}
 
-    def put(self, name: str, array: np.ndarray, checksum: str) -> None:
+    def put(self, name: str, array: np.ndarray) -> None:
         assert self._pending is not None
         if array.size:
             self._arrays[name][self._n] = array
-        self._pending["sums"][name] = checksum
 
-    def commit(self) -> None:
+    def commit(self, checksums: Callable[[], dict[str, str]]) -> None:
         p = self._pending
         assert p is not None
         self._pending = None
         n = self._n
         self._steps.resize((n + 1,))
-        self._steps[n] = json.dumps({"a": p["attrs"], "c": p["sums"]})
+        self._steps[n] = json.dumps({"a": p["attrs"], "c": checksums()})
         self._meta.attrs["committed"] = n + 1  # last: the step is visible from here
         self._n = n + 1
 
