@@ -165,9 +165,9 @@ def run(steps: int, mib: int, repeat: int, directory: str, schemes: list[str]) -
         url = f"{scheme}://{path}"
         clean = _remove(path)
         methods: dict[str, Callable[[], None]] = {
-            name: (lambda fn=fn: fn(path, data)) for name, fn, _ in PLAIN[scheme]
+            name: (lambda fn=fn, path=path: fn(path, data)) for name, fn, _ in PLAIN[scheme]
         }
-        methods["dataplane"] = lambda: dataplane_write(url, data)
+        methods["dataplane"] = lambda url=url: dataplane_write(url, data)
         # The first writes of a run fill the page cache and are several times slower than
         # the rest: warm up once, then interleave the methods so that none gets the slow turn.
         for fn in methods.values():

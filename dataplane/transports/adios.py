@@ -425,7 +425,7 @@ class _SSTRelayWriter(FormatWriter):
         info = {
             "i": p["index"],
             "a": p["attrs"],
-            "c": p["sums"],
+            "c": p["sums"](),
             "p": self._policy,
             "q": self._queue_limit,
         }
