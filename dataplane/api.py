@@ -140,7 +140,7 @@ def subscribe(
     """
     if start not in ("first", "latest"):
         raise OptionError(f"start must be 'first' or 'latest', got {start!r}")
-    names = None if vars is None else tuple(check_name(v) for v in _as_names(vars))
+    names = None if vars is None else _var_filter(vars)
     timeout = _check_timeout(timeout)
     transport = _transport(url, opts)
     if comm is not None and comm.Get_size() > 1:
@@ -162,6 +162,16 @@ def _as_names(vars: Iterable[str]) -> Iterable[str]:
     if isinstance(vars, str):
         return (vars,)
     return vars
+
+
+def _var_filter(vars: Iterable[str]) -> tuple[str, ...]:
+    """The names to subscribe to. Looser than ``check_name``: files that dataplane did not
+    write have names such as ``grid/x``, and a filter never creates anything."""
+    names = tuple(_as_names(vars))
+    for v in names:
+        if not isinstance(v, str) or not v:
+            raise SchemaError(f"vars must be variable names (non-empty strings), got {v!r}")
+    return names
 
 
 class ChannelAttrs(MutableMapping):

@@ -3,12 +3,196 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, TextIO
 
 import dataplane as dp
+from dataplane.registry import resolve
 
 __all__ = ["main"]
+
+
+def _options(pairs: Iterable[str] | None, flag: str) -> dict[str, Any]:
+    """``key=value`` pairs; values are JSON where they parse (numbers, dicts), else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise dp.OptionError(f"{flag} takes key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
+
+
+def _shapes(steps: list[tuple[int, tuple[int, ...]]]) -> str:
+    """``10*{4, 5}`` when every step agrees, else runs such as ``0-3:{4} 4:{5}``."""
+    if not steps:
+        return ""
+    runs: list[list[Any]] = []
+    for index, shape in steps:
+        if runs and runs[-1][2] == shape and runs[-1][1] == index - 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index, shape])
+
+    def fmt(shape: tuple[int, ...]) -> str:
+        return "{" + ", ".join(map(str, shape)) + "}" if shape else "scalar"
+
+    if len(runs) == 1 and runs[0][0] == steps[0][0]:
+        return f"{len(steps)}*{fmt(runs[0][2])}"
+    return " ".join(f"{a}:{fmt(s)}" if a == b else f"{a}-{b}:{fmt(s)}" for a, b, s in runs)
+
+
+def _describe(steps: Iterable[dp.Step], limit: int | None) -> dict[str, Any]:
+    variables: dict[str, dict[str, Any]] = {}
+    step_attrs: dict[int, dict[str, Any]] = {}
+    count = 0
+    for step in steps:
+        count += 1
+        if step.attrs:
+            step_attrs[step.index] = dict(step.attrs)
+        for name, spec in step.vars.items():
+            v = variables.setdefault(name, {"dtype": spec.dtype.name, "steps": []})
+            v["steps"].append((step.index, tuple(spec.shape)))
+        if limit is not None and count >= limit:
+            break
+    return {"steps": count, "variables": variables, "step_attrs": step_attrs}
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    opts = _options(args.opt, "--opt")
+    random_access = resolve(args.url)[1].supports_random_access
+    if random_access:
+        with dp.open(args.url, **opts) as archive:
+            info = _describe(archive, args.steps)
+            info["stored_steps"] = len(archive)
+            channel_attrs = archive.attrs
+    else:
+        # A stream keeps nothing: show what arrives within the timeout.
+        with dp.subscribe(args.url, timeout=args.timeout, **opts) as sub:
+            try:
+                info = _describe(sub, args.steps or 10)
+            except dp.StepTimeoutError:
+                info = {"steps": sub.stats.steps, "variables": {}, "step_attrs": {}}
+            channel_attrs = sub.attrs
+    info["url"] = args.url
+    info["attrs"] = channel_attrs
+    if args.json:
+        for v in info["variables"].values():
+            v["shapes"] = {str(i): list(s) for i, s in v.pop("steps")}
+        json.dump(info, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    stored = info.get("stored_steps")
+    shown = (
+        info["steps"]
+        if stored is None or stored == info["steps"]
+        else f"{info['steps']} of {stored}"
+    )
+    print(f"{args.url}  ({shown} steps)")
+    if info["attrs"]:
+        print("channel attributes:")
+        for key, value in info["attrs"].items():
+            print(f"  {key} = {value!r}")
+    if info["variables"]:
+        print("variables:")
+        width = max(len(n) for n in info["variables"])
+        for name, v in info["variables"].items():
+            print(f"  {v['dtype']:<10} {name:<{width}}  {_shapes(v['steps'])}")
+    if info["step_attrs"] and args.attrs:
+        print("step attributes:")
+        for index, attrs in info["step_attrs"].items():
+            print(f"  step {index}: {attrs}")
+    elif info["step_attrs"]:
+        print(f"({len(info['step_attrs'])} steps carry attributes: --attrs shows them)")
+    return 0
+
+
+class _Progress:
+    """One line on stderr, redrawn in place on a terminal and every few seconds otherwise."""
+
+    def __init__(self, stream: TextIO, total: int | None, quiet: bool) -> None:
+        self.stream = stream
+        self.total = total
+        self.quiet = quiet
+        self.tty = stream.isatty()
+        self.start = self.last = time.monotonic()
+
+    def update(self, steps: int, nbytes: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.quiet or not (final or now - self.last >= (0.2 if self.tty else 5.0)):
+            return
+        self.last = now
+        rate = nbytes / max(now - self.start, 1e-9)
+        if self.total:
+            done = min(steps / self.total, 1.0)
+            bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
+            head = f"[{bar}] {steps}/{self.total} steps"
+        else:
+            head = f"{steps} steps"
+        line = f"{head}  {nbytes / 2**20:,.1f} MiB  {rate / 2**20:,.1f} MiB/s"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _convert(args: argparse.Namespace) -> int:
+    src_opts = _options(args.src_opt, "--src-opt")
+    dst_opts = _options(args.dst_opt, "--dst-opt")
+    total = None
+    if resolve(args.src)[1].supports_random_access:
+        try:
+            with dp.open(args.src, **src_opts) as archive:
+                total = len(archive)
+        except dp.DataplaneError:
+            total = None  # not written yet: subscribe below waits for it or says why
+    wanted = None if args.vars is None else [v for v in args.vars.split(",") if v]
+    renamed: dict[str, str] = {}
+    progress = _Progress(sys.stderr, total, args.quiet)
+    steps = nbytes = 0
+    with dp.subscribe(args.src, vars=wanted, timeout=args.timeout, **src_opts) as sub:
+        pub = dp.publish(args.dst, mode=args.mode, **dst_opts)
+        try:
+            attrs: dict[str, Any] | None = None
+            for step in sub:
+                current = sub.attrs
+                if current != attrs:
+                    attrs = current
+                    pub.attrs.clear()
+                    pub.attrs.update(current)
+                data = {}
+                for name in step.vars:
+                    # Group paths (HDF5, Zarr, ADIOS2) are not channel variable names.
+                    new = renamed.setdefault(name, name.replace("/", "."))
+                    data[new] = step[name]
+                    nbytes += data[new].nbytes
+                pub.write(data, attrs=step.attrs)
+                steps += 1
+                progress.update(steps, nbytes)
+                if args.steps is not None and steps >= args.steps:
+                    break
+        except KeyboardInterrupt:
+            pub.close()  # keep what was recorded: every written step is complete
+            progress.update(steps, nbytes, final=True)
+            print(f"dataplane: interrupted after {steps} steps", file=sys.stderr)
+            return 130
+        except BaseException:
+            pub.close(failed=True)
+            raise
+        pub.close()
+    progress.update(steps, nbytes, final=True)
+    for old, new in renamed.items():
+        if old != new and not args.quiet:
+            print(f"dataplane: variable {old!r} written as {new!r}", file=sys.stderr)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -42,12 +226,69 @@ def main(argv: list[str] | None = None) -> int:
         help="where loss.png and summary.json go (default demo_out/)",
     )
     demo.set_defaults(func=_demo)
+
+    insp = sub.add_parser(
+        "inspect",
+        help="steps, variables and attributes of a channel (like bpls / h5ls)",
+        description="Show the steps, variables (dtype, shape per step) and attributes of a "
+        "channel: stored steps of a file, or the steps a stream delivers within --timeout.",
+    )
+    insp.add_argument("url")
+    insp.add_argument("--steps", type=int, help="look at the first STEPS steps only")
+    insp.add_argument("--attrs", action="store_true", help="print the attributes of every step")
+    insp.add_argument("--json", action="store_true", help="machine-readable output")
+    insp.add_argument(
+        "--timeout", type=float, default=10.0, help="streams: seconds to wait per step (10)"
+    )
+    insp.add_argument(
+        "--opt", action="append", metavar="KEY=VALUE", help="transport option (repeatable)"
+    )
+    insp.set_defaults(func=_inspect)
+
+    conv = sub.add_parser(
+        "convert",
+        help="stream any channel into any other, step by step",
+        description="Copy every step of SRC into DST, with channel and step attributes: record "
+        "a live sst:// or shm:// stream into a file, or turn a bp5:// run into zarr:// for "
+        "sharing. Variable names with '/' (HDF5, Zarr or ADIOS2 groups) are written with '.'.",
+        epilog="examples:  dataplane convert bp5://run.bp zarr://run.zarr "
+        "--dst-opt compressors=zstd\n"
+        "           dataplane convert sst://sim h5://sim.h5 --dst-opt compression=gzip",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument("--vars", help="comma-separated variables to copy (default: all)")
+    conv.add_argument("--steps", type=int, help="stop after STEPS steps")
+    conv.add_argument("--mode", choices=("w", "a"), default="w", help="w: new, a: append")
+    conv.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for each step of a live source (default: until it ends)",
+    )
+    conv.add_argument(
+        "--src-opt", action="append", metavar="KEY=VALUE", help="option for SRC (repeatable)"
+    )
+    conv.add_argument(
+        "--dst-opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="option for DST, e.g. compression=gzip (h5), compressors=zstd (zarr), "
+        "operator=blosc (bp5)",
+    )
+    conv.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    conv.set_defaults(func=_convert)
     args = ap.parse_args(argv)
     for name in ("steps", "size", "every"):
-        if getattr(args, name, 1) < 1:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
             ap.error(f"--{name} must be at least 1")
     try:
         return args.func(args)
+    except BrokenPipeError:  # `dataplane inspect ... | head`
+        sys.stderr.close()
+        return 0
     except dp.DataplaneError as exc:
         print(f"dataplane: error: {exc}", file=sys.stderr)
         return 1

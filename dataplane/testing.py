@@ -228,6 +228,12 @@ class Consumer(threading.Thread):
 
 
 # -- the suite -------------------------------------------------------------------------------
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """As a subscriber's zero-copy view arrives: memory the writer may not change."""
+    a.flags.writeable = False
+    return a
+
+
 class TransportTests:
     """What every transport must do. Subclasses set ``scheme`` (``conformance()`` does)."""
 
@@ -325,6 +331,9 @@ class TransportTests:
         ],
         "big-endian": lambda: np.arange(6, dtype=">f8").reshape(2, 3),
         "2MiB": lambda: np.random.default_rng(1).standard_normal(2**18),
+        "read-only-int": lambda: _read_only(np.arange(12, dtype=np.int32).reshape(3, 4)),
+        "read-only-buffer": lambda: np.frombuffer(bytes(range(16)), dtype=np.uint16),
+        "read-only-0d": lambda: _read_only(np.array(5, dtype=np.int64)),
     }
 
     @pytest.mark.parametrize("shape", sorted(SHAPES))

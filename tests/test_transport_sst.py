@@ -1,6 +1,12 @@
 """sst:// passes the conformance suite (real SST engines, WAN transport, real processes)."""
 
-from dataplane.testing import conformance
+import os
+import signal
+
+import pytest
+
+import dataplane as dp
+from dataplane.testing import conformance, read_events, run_proc, wait_for_event
 
 
 class TestSST(conformance("sst")):
@@ -9,3 +15,37 @@ class TestSST(conformance("sst")):
 
     def writer_options(self, subscribers):
         return {"rendezvous": subscribers}
+
+
+@pytest.mark.timeout(120)
+def test_stale_contact_file_of_a_killed_writer_never_blocks_the_next_run(tmp_path):
+    url = f"sst://{tmp_path}/run"
+    contact = tmp_path / "run.sst"
+    crashed = run_proc("publish", url, "--steps", "2", "--hang")
+    wait_for_event(crashed, "hanging", 60)
+    assert contact.exists()
+    os.kill(crashed.pid, signal.SIGKILL)
+    crashed.wait(10)
+    assert contact.exists()  # SIGKILL leaves it behind
+
+    # A reader arriving now waits for the next writer instead of dialling the dead contact.
+    with pytest.raises(dp.StepTimeoutError, match="dead; waiting for the next"):
+        with dp.subscribe(url, timeout=2) as sub:
+            sub.next()
+    reader = run_proc("subscribe", url, "--timeout", "60")
+    wait_for_event(reader, "subscribed", 60)
+
+    # The next run starts over the stale file and the waiting reader gets every step.
+    writer = run_proc("publish", url, "--steps", "3", "--opt", "rendezvous=1")
+    wrote = [e["wrote"] for e in read_events(writer, 90) if "wrote" in e]
+    got = read_events(reader, 90)
+    assert wrote == [0, 1, 2]
+    assert [e["index"] for e in got if "index" in e] == [0, 1, 2]
+    assert got[-1]["end"] == "closed"
+    assert not contact.exists()  # a writer that closes removes its contact file
+
+
+@pytest.mark.timeout(60)
+def test_unknown_data_transport_is_refused(tmp_path):
+    with pytest.raises(dp.OptionError, match="data_transport"):
+        dp.publish(f"sst://{tmp_path}/x", data_transport="carrier-pigeon")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import glob
 import os
 
+import numpy as np
 import zarr
 
+import dataplane as dp
 from dataplane.testing import conformance
 
 
@@ -51,3 +53,25 @@ class TestZarrMemory(conformance("zarr", scope="process")):
 
     def plain_read(self, url):
         return plain_read("memory://" + url.split("://", 1)[1])
+
+
+def test_append_after_a_writer_died_creating_its_first_arrays(tmp_path):
+    """A writer killed between creating two arrays of its first step leaves them behind;
+    the next writer starts the channel over them (a seeded kill test once hit this)."""
+    url = f"zarr://{tmp_path}/run.zarr"
+    with dp.publish(url):
+        pass
+    g = zarr.open_group(str(tmp_path / "run.zarr"), mode="r+")
+    g.create_array("u", shape=(0, 3), dtype="f8")
+    g.create_array("gone", shape=(0,), dtype="i4")
+    with dp.publish(url, mode="a") as pub:
+        assert pub.next_index == 0
+        pub.write({"u": np.ones((2, 3)), "k": np.arange(3)})
+    with dp.open(url) as a:
+        assert len(a) == 1 and sorted(a[0].vars) == ["k", "u"]
+        np.testing.assert_array_equal(a[0]["u"], np.ones((2, 3)))
+    assert sorted(zarr.open_group(str(tmp_path / "run.zarr"), mode="r").keys()) == [
+        "__dataplane",
+        "k",
+        "u",
+    ]

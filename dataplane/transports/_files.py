@@ -521,15 +521,14 @@ class _FileReader(Reader):
             if state in ("failed", "dead") and not waiting_for_next and not in_flight:
                 raise self._broken(lease, state)
             if deadline is not None and time.monotonic() >= deadline:
-                what = (
-                    "no writer has created it yet"
-                    if self._stream is None
-                    else (
-                        f"the writer (pid {lease.get('pid')}) is alive"
-                        if lease
-                        else "it is not being written by dataplane"
-                    )
-                )
+                if state in ("failed", "dead") and lease:
+                    what = f"its last writer (pid {lease.get('pid')}) {state}; waiting for the next"
+                elif self._stream is None:
+                    what = "no writer has created it yet"
+                elif lease:
+                    what = f"the writer (pid {lease.get('pid')}) is alive"
+                else:
+                    what = "it is not being written by dataplane"
                 raise StepTimeoutError(f"{self._t.url.url}: no new step within {timeout}s ({what})")
             if self._stream is None:
                 time.sleep(poll)

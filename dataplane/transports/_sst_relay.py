@@ -162,7 +162,7 @@ def run_reader(config: dict[str, Any]) -> int:
                 break
             if status != ab.StepStatus.OK:
                 continue
-            if io.InquireVariable(_STEP_VAR) is not None:
+            if io.InquireVariable(_STEP_VAR):
                 info = _decode_step(io, engine, None)
             else:
                 info = _foreign_meta(io, foreign_index)

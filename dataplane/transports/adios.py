@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import select
 import struct
@@ -109,6 +110,23 @@ def _params(value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         raise OptionError(f"params must be a dict of ADIOS2 engine parameters, got {value!r}")
     return {str(k): str(v) for k, v in value.items()}
+
+
+def _define_operator(ad: Any, name: str, params: dict[str, str]) -> Any:
+    """An ADIOS2 operator, or ``OptionError`` when this build lacks it.
+
+    Asked of the ADIOS object up front: a variable given an unknown operator by name aborts
+    the whole process at its first Put (a C++ exception no binding catches).
+    """
+    try:
+        return ad.DefineOperator(_io_name("op"), name, params)
+    except ValueError as exc:
+        why = re.sub(r"\x1b\[[0-9;]*m|\[[^]]*\]\s*", "", str(exc)).strip()
+        why = why.rsplit(" : ", 1)[-1]
+        raise OptionError(
+            f"operator={name!r} is not available in this adios2 build ({why}); "
+            f"build adios2 with it, or leave operator unset"
+        ) from None
 
 
 def _stored(arr: np.ndarray) -> np.ndarray:
@@ -199,6 +217,8 @@ class BP5Transport(_ADIOSTransport):
             raise OptionError(f"threads must be at least 1, got {threads}")
         self.operator = operator
         self.operator_params = _params(operator_params)
+        if operator:
+            _define_operator(self._adios(), operator, self.operator_params)  # fail at open
 
     def lease_io(self) -> LeaseIO:
         return LeaseIO(self.path.rstrip("/") + ".lease")
@@ -232,9 +252,11 @@ class SSTTransport(_ADIOSTransport):
     receive steps from about the time they join. A stale contact file left by a crashed writer
     is ignored by readers (its lease is dead) and removed by the next writer.
 
-    Options: ``verify``, ``heartbeat``, ``data_transport`` (``"WAN"``; ``"RDMA"`` or ``"UCX"``
-    where the adios2 build has them), ``rendezvous`` (readers the writer waits for at open),
-    ``rendezvous_timeout``, ``params`` (more SST engine parameters), ``threads``.
+    Options: ``verify``, ``heartbeat``, ``data_transport`` (``"WAN"``; ``"RDMA"``, ``"UCX"`` or
+    ``"MPI"`` where the adios2 build has them, else SST falls back to WAN), ``rendezvous``
+    (readers the writer waits for at open), ``rendezvous_timeout``, ``params`` (more SST
+    engine parameters), ``threads``. A reader that finds only a dead writer's lease waits for
+    the next writer (a restarted simulation) until its timeout.
     """
 
     scheme = "sst"
@@ -274,7 +296,13 @@ class SSTTransport(_ADIOSTransport):
         )
         self._init_common(verify, heartbeat)
         self.path = os.path.abspath(os.path.expanduser(url.path))
-        self.data_transport = str(data_transport)
+        known = {"wan": "WAN", "rdma": "RDMA", "ucx": "UCX", "mpi": "MPI"}
+        if str(data_transport).lower() not in known:
+            raise OptionError(
+                f"data_transport must be one of {', '.join(known.values())}, got {data_transport!r}"
+            )
+        # SST itself falls back to WAN when the build lacks the one asked for.
+        self.data_transport = known[str(data_transport).lower()]
         if int(rendezvous) < 0:
             raise OptionError(f"rendezvous must be >= 0, got {rendezvous}")
         self.rendezvous = int(rendezvous)
@@ -516,12 +544,21 @@ class _SSTRelayStream(StepStream):
 class _StepEncoder:
     """Puts one dataplane step into an open ADIOS2 step (shared by BP5 and SST writers)."""
 
-    def __init__(self, t: FileTransport, io: Any, engine: Any, *, stream: bool = False) -> None:
+    def __init__(
+        self,
+        t: FileTransport,
+        io: Any,
+        engine: Any,
+        *,
+        stream: bool = False,
+        operator: Any = None,
+    ) -> None:
         # NOTE: over SST, redefining an attribute breaks readers (adios2 reports a null pointer
         # in DataStrings) and string lists arrive empty. A stream therefore defines each plain
         # attribute once and carries the channel attributes in every step's JSON ("ca"), which
         # also gives late joiners the current ones.
         self._stream = stream
+        self._operator = operator
         self._ca: dict[str, AttrValue] = {}
         self._t = t
         self._io = io
@@ -544,11 +581,13 @@ class _StepEncoder:
         for name, arr in pending["arrays"]:
             info["v"][name] = [arr.dtype.str, list(arr.shape)]
             if arr.size:
-                eng.Put(
-                    self._variable(name, arr),
-                    _stored(arr).reshape(-1) if arr.ndim == 0 else _stored(arr),
-                    ab.Mode.Deferred,
-                )
+                data: Any = _stored(arr).reshape(-1) if arr.ndim == 0 else _stored(arr)
+                if not data.flags.writeable:
+                    # The bindings refuse read-only integer arrays (a subscriber's zero-copy
+                    # view, say); the address overload takes them without a copy. ``pending``
+                    # keeps the memory alive until EndStep.
+                    data = data.ctypes.data
+                eng.Put(self._variable(name, arr), data, ab.Mode.Deferred)
         if not self._stream:
             for name in self._step_attrs - set(pending["attrs"]):
                 io.RemoveAttribute(_STEP_ATTR + name)
@@ -579,14 +618,8 @@ class _StepEncoder:
                 var = self._io.DefineVariable(name, template, shape, [0] * arr.ndim, shape, False)
             self._vars[name] = var
             self._ndim[name] = arr.ndim
-            op = getattr(self._t, "operator", None)
-            if op and arr.ndim:
-                operator = (
-                    self._io.AdiosOperator(op) if hasattr(self._io, "AdiosOperator") else None
-                )
-                if operator is None:
-                    raise OptionError("this adios2 build cannot attach operators from Python")
-                var.AddOperation(operator, getattr(self._t, "operator_params", {}))
+            if self._operator is not None and arr.ndim:
+                var.AddOperation(self._operator, {})
             return var
         if self._ndim[name] != arr.ndim:
             raise SchemaError(
@@ -602,7 +635,7 @@ class _StepEncoder:
         if self._stream:
             self._ca = dict(attrs)
             for name, value in attrs.items():
-                if self._io.InquireAttribute(name) is None:
+                if not self._io.InquireAttribute(name):
                     _adios_attr(self._io, name, value)
             return
         for name in previous:
@@ -630,8 +663,9 @@ class _BP5Writer(FormatWriter):
             source.close()
             adios_mode = ab.Mode.Append
         os.makedirs(os.path.dirname(t.path) or ".", exist_ok=True)
+        operator = _define_operator(self._ad, t.operator, t.operator_params) if t.operator else None
         self._engine = self._io.Open(t.path, adios_mode)
-        self._enc = _StepEncoder(t, self._io, self._engine)
+        self._enc = _StepEncoder(t, self._io, self._engine, operator=operator)
         self._pending: dict[str, Any] | None = None
         self._attrs: dict[str, AttrValue] = {}
 
@@ -667,7 +701,7 @@ class _BP5Writer(FormatWriter):
 def _decode_step(io: Any, engine: Any, step_in_file: int | None) -> dict[str, Any] | None:
     """The ``__dp_step`` JSON of the current (or ``step_in_file``) step; None if absent."""
     var = io.InquireVariable(_STEP_VAR)
-    if var is None:
+    if not var:
         return None
     if step_in_file is not None:
         # Every step dataplane writes holds this variable, so file and variable steps agree.
@@ -689,7 +723,7 @@ def _read_var(
     if spec.size == 0 or 0 in count:
         return np.empty(count, spec.dtype)
     var = io.InquireVariable(name)
-    if var is None:
+    if not var:
         raise DataplaneError(f"{t.url.url}: variable {name!r} is missing from the file")
     stored: np.dtype = _STORED_AS.get(spec.dtype, spec.dtype)
     if step_in_file is not None:
@@ -797,14 +831,14 @@ def _meta_from(info: dict[str, Any]) -> tuple[StepMeta, dict[str, str]]:
 
 def _channel_attrs(io: Any) -> dict[str, AttrValue]:
     exact = io.InquireAttribute(_CHANNEL_ATTR)
-    if exact is not None:
+    if exact:
         return json.loads(exact.DataString()[0])
     out: dict[str, AttrValue] = {}  # a file dataplane did not write: its attributes as they are
     for name in io.AvailableAttributes():
         if name.startswith((_STEP_ATTR, "__dp")) or "/" in name:
             continue
         a = io.InquireAttribute(name)
-        if a is not None:
+        if a:
             out[name] = _read_attr(a)
     return out
 
@@ -826,7 +860,7 @@ class _BP5Source(StepSource):
         if self._steps:
             return len(self._steps)
         nsteps = self._engine.Steps()
-        ours = self._ours = self._io.InquireVariable(_STEP_VAR) is not None
+        ours = self._ours = bool(self._io.InquireVariable(_STEP_VAR))
         for s in range(nsteps):
             info = _decode_step(self._io, self._engine, s) if ours else _foreign_meta(self._io, s)
             if info is not None:
@@ -912,7 +946,7 @@ class _BP5Stream(StepStream):
                 continue
             self._in_step = True
             self._file_step += 1
-            if self._io.InquireVariable(_STEP_VAR) is not None:
+            if self._io.InquireVariable(_STEP_VAR):
                 info = _decode_step(self._io, self._engine, None)
             else:
                 info = _foreign_meta(self._io, self._foreign_index)

@@ -52,6 +52,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
+import zarr.registry
 from zarr.storage import FsspecStore, LocalStore
 
 from dataplane.errors import DataplaneError, OptionError, SchemaError
@@ -115,14 +116,34 @@ class _FsspecLeaseIO(LeaseIO):
 
 
 def _codecs(value: Any) -> Any:
+    """Codec specs as zarr takes them; names and dicts are checked now, not at the first step."""
     if value is None:
         return None
     if isinstance(value, str):
         value = value.strip()
         if value.startswith(("{", "[")):
-            return json.loads(value)
-        return {"name": value}
-    return value
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise OptionError(f"compressors: {value!r} is not valid JSON ({exc})") from None
+        else:
+            value = {"name": value}
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            item = {"name": item}
+        if isinstance(item, dict):
+            item = {"configuration": {}, **item}
+            try:
+                zarr.registry.get_codec_class(item["name"]).from_dict(item)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise OptionError(
+                    f"compressors: {item!r} is not a zarr v3 codec this build knows "
+                    f"(try 'zstd', 'blosc' or 'gzip'): {exc}"
+                ) from None
+        out.append(item)
+    return out if isinstance(value, (list, tuple)) else out[0]
 
 
 class ZarrTransport(FileTransport):
@@ -260,6 +281,9 @@ class _ZarrWriter(FormatWriter):
 
     def begin(self, index: int, specs: dict[str, VarSpec], attrs: dict[str, AttrValue]) -> None:
         if not self._specs and self._n == 0:
+            # A writer killed while creating the first step's arrays leaves some behind.
+            for stale in [k for k in self._g.keys() if k != _META]:
+                del self._g[stale]
             for name, spec in specs.items():
                 self._arrays[name] = self._g.create_array(
                     name,
