@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_shm.py
 	$(PY) bench/bench_files.py
+	$(PY) bench/bench_mpi.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dataplane tests bench examples

@@ -7,7 +7,16 @@ Importing this package imports no optional dependency (adios2, h5py, zarr, torch
 
 from __future__ import annotations
 
-from dataplane.api import Archive, Publisher, Subscriber, SubscriberStats, open, publish, subscribe
+from dataplane.api import (
+    Archive,
+    ParallelPublisher,
+    Publisher,
+    Subscriber,
+    SubscriberStats,
+    open,
+    publish,
+    subscribe,
+)
 from dataplane.errors import (
     ChannelBroken,
     ChannelBusyError,
@@ -23,6 +32,7 @@ from dataplane.errors import (
     VariableNotFoundError,
 )
 from dataplane.model import Block, Selection, Step, VarSpec
+from dataplane.parallel import split
 from dataplane.registry import known_schemes, register_transport
 
 __version__ = "0.1.0"
@@ -36,6 +46,7 @@ __all__ = [
     "IntegrityError",
     "MissingDependencyError",
     "OptionError",
+    "ParallelPublisher",
     "Publisher",
     "ReadOnlyError",
     "SchemaError",
@@ -53,5 +64,6 @@ __all__ = [
     "open",
     "publish",
     "register_transport",
+    "split",
     "subscribe",
 ]

@@ -71,6 +71,7 @@ def publish_main(args: argparse.Namespace) -> int:
             data = make_step(i, args.size)
             if args.kill_in_step is not None and i == args.kill_in_step:
                 # Die in the middle of writing step i: after the step began, before it ended.
+                assert isinstance(pub, dp.Publisher)  # no comm= here
                 writer = pub._writer
                 specs = {k: dp.VarSpec(np.asarray(v).dtype, np.shape(v)) for k, v in data.items()}
                 writer.begin_step(i, specs, {})

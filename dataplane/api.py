@@ -27,6 +27,14 @@ from dataplane.model import (
     check_attrs,
     check_name,
 )
+from dataplane.parallel import (
+    Collective,
+    aligned_chunks,
+    decode_error,
+    describe_local,
+    plan_step,
+    split,
+)
 from dataplane.registry import resolve
 from dataplane.transports.base import POLICIES, Reader, Transport, Writer
 from dataplane.transports.base import Archive as _ArchiveImpl
@@ -43,17 +51,6 @@ _UNSET: Any = object()
 def _transport(url: str, options: dict[str, Any]) -> Transport:
     parsed, cls = resolve(url)
     return cls.from_url(parsed, options)
-
-
-def _check_comm(comm: Any, transport: Transport) -> None:
-    if comm is None:
-        return
-    size = comm.Get_size()
-    if size > 1 and not transport.supports_parallel_write:
-        raise OptionError(
-            f"{transport.scheme}:// cannot take comm= with {size} ranks: this transport does not "
-            f"support parallel writes yet. Publish from one rank, or use a transport that does."
-        )
 
 
 def _check_timeout(timeout: float | None, what: str = "timeout") -> float | None:
@@ -76,7 +73,7 @@ def publish(
     asynchronous: bool = False,
     mode: str = "w",
     **opts: Any,
-) -> Publisher:
+) -> Publisher | ParallelPublisher:
     """Open ``url`` for writing steps.
 
     Parameters
@@ -84,7 +81,9 @@ def publish(
     url
         ``scheme://path`` with optional ``?key=value`` transport options.
     comm
-        An mpi4py communicator; open, write and close become collective.
+        An mpi4py communicator; open, write and close become collective. Each rank writes
+        ``Block(local, start, shape)`` values, or plain arrays that join along axis 0 in rank
+        order (a rank may have zero rows). See :mod:`dataplane.parallel`.
     policy
         ``"block"``: lossless, ``write`` waits while ``queue_limit`` steps are unconsumed.
         ``"drop-oldest"``: ``write`` never waits; slow subscribers miss the oldest steps.
@@ -106,8 +105,21 @@ def publish(
         raise OptionError(f"queue_limit must be between 1 and {MAX_QUEUE_LIMIT}, got {queue_limit}")
     if mode not in ("w", "a"):
         raise OptionError(f"mode must be 'w' (new channel) or 'a' (append), got {mode!r}")
+    if comm is not None and comm.Get_size() > 1:
+        transport = _transport(url, dict(opts))  # checks the URL and options on every rank
+        return ParallelPublisher(
+            comm,
+            lambda: publish(
+                url,
+                policy=policy,
+                queue_limit=queue_limit,
+                asynchronous=asynchronous,
+                mode=mode,
+                **opts,
+            ),
+            transport,
+        )
     transport = _transport(url, opts)
-    _check_comm(comm, transport)
     if policy == "drop-oldest" and not transport.supports_drop_policy:
         raise OptionError(
             f"{transport.scheme}:// stores every step, so policy='drop-oldest' does not apply; "
@@ -137,19 +149,44 @@ def subscribe(
     start
         ``"first"``: from the oldest step still available (streams replay what their ring
         holds). ``"latest"``: only steps published from now on.
+    comm
+        An mpi4py communicator of reader ranks: opening is collective (all fail if one does)
+        and :meth:`Subscriber.part` reads this rank's even share of a variable. Each rank
+        follows the channel itself; use ``policy="block"`` on the writer so that every rank
+        sees every step.
     """
     if start not in ("first", "latest"):
         raise OptionError(f"start must be 'first' or 'latest', got {start!r}")
     names = None if vars is None else _var_filter(vars)
     timeout = _check_timeout(timeout)
     transport = _transport(url, opts)
-    if comm is not None and comm.Get_size() > 1:
+    if comm is not None and comm.Get_size() > 1 and transport.scope == "process":
         raise OptionError(
-            f"{transport.scheme}:// cannot take comm= with {comm.Get_size()} ranks yet; "
-            f"subscribe on each rank without comm"
+            f"{transport.scheme}:// lives inside one process; reader ranks in other processes "
+            f"cannot reach it. Use shm:// (one node) or sst:// / a file transport"
         )
-    reader = transport.open_reader(start=start, vars=names)
-    return Subscriber(transport, reader, vars=names, timeout=timeout)
+    if comm is None:
+        reader = transport.open_reader(start=start, vars=names)
+        return Subscriber(transport, reader, vars=names, timeout=timeout)
+    # Collective: every rank opens its own reader, and all fail if one does.
+    coll = Collective(comm)
+    sub: Subscriber | None = None
+    error: BaseException | None = None
+    try:
+        sub = Subscriber(
+            transport, transport.open_reader(start=start, vars=names), vars=names, timeout=timeout
+        )
+    except DataplaneError as exc:
+        error = exc
+    try:
+        coll.agree({}, error)
+    except BaseException:
+        if sub is not None:
+            sub.close()
+        raise
+    assert sub is not None
+    sub.comm = comm
+    return sub
 
 
 def open(url: str, **opts: Any) -> Archive:  # noqa: A001 - mirrors the contract's dp.open
@@ -300,17 +337,65 @@ class Publisher:
                     )
             else:
                 arr = as_array(value, name)
-            seen = self._first_seen.get(name)
-            if seen is not None and seen[0] != arr.dtype:
-                where = "earlier in this channel" if seen[1] < 0 else f"in step {seen[1]}"
-                raise SchemaError(
-                    f"variable {name!r} has dtype {seen[0]} {where} but {arr.dtype} in step "
-                    f"{self._index}; a variable keeps one dtype for the life of a channel "
-                    f"(convert with .astype({seen[0].name!r}))"
-                )
+            self._check_dtype(name, arr.dtype)
             specs[name] = VarSpec(arr.dtype, arr.shape)
             arrays.append((name, arr))
         return specs, arrays, check_attrs(attrs)
+
+    def _check_dtype(self, name: str, dtype: np.dtype) -> None:
+        seen = self._first_seen.get(name)
+        if seen is not None and seen[0] != dtype:
+            where = "earlier in this channel" if seen[1] < 0 else f"in step {seen[1]}"
+            raise SchemaError(
+                f"variable {name!r} has dtype {seen[0]} {where} but {dtype} in step "
+                f"{self._index}; a variable keeps one dtype for the life of a channel "
+                f"(convert with .astype({seen[0].name!r}))"
+            )
+
+    # Steps whose arrays MPI ranks write themselves (ParallelPublisher, rank-writing stores).
+    def _begin_ranked(
+        self,
+        specs: dict[str, VarSpec],
+        attrs: Mapping | None,
+        chunks: dict[str, tuple[int, ...]],
+        arrays: dict[str, np.ndarray],
+    ) -> int:
+        """Begin a step that ranks write into; this process writes ``arrays`` itself."""
+        if self._closed:
+            raise DataplaneError(f"publisher of {self.url} is closed")
+        self.flush()  # an asynchronous publisher finishes the steps before this one first
+        for name, spec in specs.items():
+            self._check_dtype(name, spec.dtype)
+        step_attrs = check_attrs(attrs)
+        writer: Any = self._writer  # a file transport's writer (supports_rank_writes)
+        channel_attrs = self._channel_attrs()
+        if channel_attrs is not None:
+            writer.set_attrs(channel_attrs)
+        row = writer.begin_ranked(self._index, specs, step_attrs, chunks)
+        try:
+            for name, arr in arrays.items():
+                writer.put(name, arr)
+        except BaseException:
+            writer.abort_step()
+            raise
+        return int(row)
+
+    def _end_ranked(self, specs: dict[str, VarSpec], blocks: dict[str, list] | None) -> int:
+        """Commit the ranked step (``blocks``: checksums per block), or abort it (None)."""
+        writer: Any = self._writer
+        if blocks is None:
+            writer.abort_step()
+            return -1
+        try:
+            writer.end_ranked(blocks)
+        except BaseException:
+            writer.abort_step()
+            raise
+        index = self._index
+        self._index += 1
+        for name, spec in specs.items():
+            self._first_seen.setdefault(name, (spec.dtype, index))
+        return index
 
     def flush(self) -> None:
         """Wait until every step written so far has been handed to the transport."""
@@ -352,6 +437,202 @@ class Publisher:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"next step {self._index}"
         return f"<Publisher {self.url} {state}>"
+
+
+class ParallelPublisher:
+    """``publish(url, comm=comm)`` with more than one rank: every rank writes its blocks of
+    each step, rank 0 writes the global step (see :mod:`dataplane.parallel` for why).
+
+    ``write``, ``flush`` and ``close`` are collective: call them on every rank, in the same
+    order. Channel attributes set on rank 0 are published; single values are rank 0's.
+    """
+
+    def __init__(self, comm: Any, open_root: Any, transport: Transport) -> None:
+        self.comm = comm
+        self._transport = transport  # every rank's, for writing its own blocks
+        self._coll = Collective(comm)
+        self.rank = self._coll.rank
+        self._inner: Publisher | None = None
+        self._closed = False
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                self._inner = open_root()
+            except Exception as exc:
+                error = exc
+        self._coll.outcome(error)
+        info = comm.bcast(
+            None if self._inner is None else [self._inner.url, self._inner.next_index], root=0
+        )
+        self.url, self._index = info
+        self.attrs: ChannelAttrs = self._inner.attrs if self._inner is not None else ChannelAttrs()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def next_index(self) -> int:
+        return self._index
+
+    def write(
+        self, data: Mapping[str, Any] | Iterable[tuple[str, Any]], attrs: Mapping | None = None
+    ) -> int:
+        """Collective: publish this rank's blocks of one global step; returns its index."""
+        if self._closed:
+            raise DataplaneError(f"publisher of {self.url} is closed")
+        desc: dict | None = None
+        arrays: dict[str, np.ndarray] = {}
+        error: BaseException | None = None
+        try:
+            if isinstance(data, (str, bytes)) or not isinstance(data, (Mapping, Iterable)):
+                raise SchemaError(
+                    f"write() takes a mapping of variable name to array, got {type(data).__name__}"
+                )
+            desc, arrays = describe_local(data)
+            check_attrs(attrs)
+        except Exception as exc:  # every rank must hear of it, or the others wait forever
+            error = exc
+        descs = self._coll.agree(desc, error)
+        plan = plan_step(descs)  # the same on every rank: all raise, or none
+        chunks = self._rank_chunks(plan)
+        if chunks is not None:
+            return self._write_ranked(plan, chunks, arrays, attrs)
+        out: dict[str, np.ndarray] = {}
+        for name in sorted(plan):
+            entry = plan[name]
+            if entry["kind"] == "scalar":
+                if self.rank == 0:
+                    out[name] = arrays[name]
+                continue
+            got = self._coll.gather_array(name, entry, arrays[name])
+            if got is not None:
+                out[name] = got
+        error = None
+        if self._inner is not None:
+            try:
+                ordered = {name: out[name] for name in descs[0]}  # the writer's order
+                self._inner.write(ordered, attrs)
+            except Exception as exc:
+                error = exc
+        self._coll.outcome(error)
+        index = self._index
+        self._index += 1
+        return index
+
+    def _rank_chunks(self, plan: dict[str, dict[str, Any]]) -> dict[str, tuple[int, ...]] | None:
+        """Rank 0 decides, for all: the chunks of the arrays whose blocks every rank can write
+        into the store itself (blocks aligned with chunks); None if there are none."""
+        chunks: dict[str, tuple[int, ...]] | None = None
+        inner = self._inner
+        if inner is not None and getattr(inner.transport, "supports_rank_writes", False):
+            writer: Any = inner._writer
+            chunks = {}
+            for name, entry in plan.items():
+                if entry["kind"] == "scalar":
+                    continue
+                chunk = aligned_chunks(entry["shape"], entry["parts"], writer.chunks_of(name))
+                if chunk is not None:
+                    chunks[name] = chunk
+        return self.comm.bcast(chunks or None, root=0)
+
+    def _write_ranked(
+        self,
+        plan: dict[str, dict[str, Any]],
+        chunks: dict[str, tuple[int, ...]],
+        arrays: dict[str, np.ndarray],
+        attrs: Mapping | None,
+    ) -> int:
+        """Rank 0 begins the step, every rank writes its blocks, rank 0 commits: a step is
+        visible only once every rank's blocks are in (a rank that dies leaves it invisible)."""
+        specs = {n: VarSpec(np.dtype(e["dtype"]), tuple(e["shape"])) for n, e in plan.items()}
+        # Arrays whose blocks are not aligned with chunks, and single values: rank 0 writes.
+        by_root: dict[str, np.ndarray] = {}
+        for name in sorted(plan):
+            entry = plan[name]
+            if entry["kind"] == "scalar":
+                if self.rank == 0:
+                    by_root[name] = arrays[name]
+            elif name not in chunks:
+                got = self._coll.gather_array(name, entry, arrays[name])
+                if got is not None:
+                    by_root[name] = got
+        row = None
+        error: BaseException | None = None
+        if self._inner is not None:
+            try:
+                row = self._inner._begin_ranked(specs, attrs, chunks, by_root)
+            except Exception as exc:
+                error = exc
+        self._coll.outcome(error)
+        row = self.comm.bcast(row, root=0)
+        sums: dict[str, list] = {}
+        error = None
+        transport: Any = self._transport  # a FileTransport with supports_rank_writes
+        try:
+            for name in sorted(chunks):
+                start, count = plan[name]["parts"][self.rank]
+                if all(count):
+                    sums[name] = [
+                        start,
+                        count,
+                        transport.put_block(row, name, tuple(start), arrays[name]),
+                    ]
+        except Exception as exc:
+            error = exc
+        reports = self._coll.gather_reports(sums, error)
+        error = None
+        if self._inner is not None:
+            assert reports is not None
+            failed = next(((r, e) for r, (_, e) in enumerate(reports) if e), None)
+            blocks: dict[str, list] = {name: [] for name in chunks}
+            for rank_sums, _ in reports:
+                for name, entry in rank_sums.items():
+                    blocks[name].append(entry)
+            try:
+                self._inner._end_ranked(specs, None if failed else blocks)
+                if failed is not None:
+                    error = decode_error(failed[1], f"rank {failed[0]}: ")
+            except Exception as exc:
+                error = exc
+        self._coll.outcome(error)
+        index = self._index
+        self._index += 1
+        return index
+
+    def flush(self) -> None:
+        """Collective: wait until rank 0 handed every step to the transport."""
+        error: BaseException | None = None
+        if self._inner is not None:
+            try:
+                self._inner.flush()
+            except Exception as exc:
+                error = exc
+        self._coll.outcome(error)
+
+    def close(self, failed: bool = False) -> None:
+        """Collective. The channel ends as failed if any rank says so."""
+        if self._closed:
+            return
+        self._closed = True
+        failed = self._coll.any(failed)
+        error: BaseException | None = None
+        if self._inner is not None:
+            try:
+                self._inner.close(failed=failed)
+            except Exception as exc:
+                error = exc
+        self._coll.outcome(error)
+
+    def __enter__(self) -> ParallelPublisher:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"next step {self._index}"
+        return f"<ParallelPublisher {self.url} rank {self.rank} {state}>"
 
 
 def _write_step(
@@ -517,6 +798,8 @@ class Subscriber:
         self._ended = False
         self._closed = False
         self._finalizer = weakref.finalize(self, reader.close)
+        #: The mpi4py communicator of ``subscribe(comm=...)``, which :meth:`part` splits over.
+        self.comm: Any = None
 
     @property
     def stats(self) -> SubscriberStats:
@@ -562,6 +845,15 @@ class Subscriber:
             self._ended = True
             return None
         return self._deliver(meta)
+
+    def part(self, step: Step, name: str, axes: int | Iterable[int] = 0) -> np.ndarray:
+        """This rank's part of ``step[name]``: an even split of the global array over the
+        ranks of ``comm`` (rows by default; several ``axes`` cut a grid), read as a hyperslab,
+        however the writer's ranks decomposed it. See :func:`dataplane.split`."""
+        rank, size = (0, 1) if self.comm is None else (self.comm.Get_rank(), self.comm.Get_size())
+        if name not in step.vars:
+            return step[name]  # raises VariableNotFoundError, listing the variables
+        return step.read(name, *split(step.vars[name].shape, size, rank, axes))
 
     def poll(self, timeout: float = 0.0) -> Step | None:
         """The next step if one arrives within ``timeout`` (default: only if one is ready),

@@ -15,9 +15,12 @@ ALLOWED = {
     "dataplane.model": ["dataplane.errors"],
     "dataplane.transports": ["dataplane.errors", "dataplane.model", "dataplane.transports"],
     "dataplane.registry": ["dataplane.errors", "dataplane.model", "dataplane.transports.base"],
+    # MPI collectives: plain data in, plain data out; mpi4py only through the user's comm.
+    "dataplane.parallel": ["dataplane.errors", "dataplane.model"],
     "dataplane.api": [
         "dataplane.errors",
         "dataplane.model",
+        "dataplane.parallel",
         "dataplane.registry",
         "dataplane.transports.base",
     ],

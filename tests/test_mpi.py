@@ -1,7 +1,5 @@
-"""Real MPI processes (the mpich wheel's mpiexec in the virtualenv).
+"""Real MPI processes (the mpich wheel's mpiexec in the virtualenv): M writer ranks, N readers.
 
-Parallel publishing is not implemented yet; until it is, a communicator of more than one rank
-must be refused with a clear error on every rank, and a one-rank communicator must just work.
 Each rank reports through its own file: mpiexec may interleave the ranks' stdout mid-line.
 """
 
@@ -13,13 +11,37 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+import dataplane as dp
+from dataplane.parallel import grid_dims, plan_step, split
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import mpi_roundtrip as rt  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
 
 
-def mpirun(n: int, code: str, out, timeout: float = 120) -> dict[int, object]:
-    """Run ``code`` on ``n`` ranks; each rank calls ``report(value)``. Returns rank -> value."""
+def mpiexec(n: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     assert MPIEXEC, "mpiexec not found: `pip install mpich` (the dev extra) provides one"
+    return subprocess.run(
+        [MPIEXEC, "-n", str(n), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def mpirun(n: int, code: str, out: Path, timeout: float = 120) -> dict[int, object]:
+    """Run ``code`` on ``n`` ranks; each rank calls ``report(value)``. Returns rank -> value."""
     prelude = textwrap.dedent(
         f"""
         import json
@@ -29,36 +51,175 @@ def mpirun(n: int, code: str, out, timeout: float = 120) -> dict[int, object]:
                 json.dump(value, f)
         """
     )
-    result = subprocess.run(
-        [MPIEXEC, "-n", str(n), sys.executable, "-c", prelude + textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    result = mpiexec(n, sys.executable, "-c", prelude + textwrap.dedent(code), timeout=timeout)
     assert result.returncode == 0, result.stderr
     return {r: json.loads((out / f"{r}.json").read_text()) for r in range(n)}
 
 
-def test_multi_rank_comm_is_refused_on_every_rank(tmp_path) -> None:
+def url_for(scheme: str, tmp_path: Path) -> str:
+    return {
+        "mem": "mem://mpi",
+        "shm": f"shm://mpi-{os.getpid()}-{tmp_path.name}",
+        "sst": f"sst://{tmp_path}/stream",
+        "h5": f"h5://{tmp_path}/run.h5",
+        "zarr": f"zarr://{tmp_path}/run.zarr",
+        "bp5": f"bp5://{tmp_path}/run.bp",
+    }[scheme]
+
+
+SCHEMES = ["mem", "shm", "sst", "h5", "zarr", "bp5"]
+LAYOUTS = [(1, 2), (2, 3), (4, 2)]  # (writer ranks M, reader ranks N), M != N
+
+
+@pytest.mark.parametrize("m,n", LAYOUTS, ids=[f"{m}x{n}" for m, n in LAYOUTS])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_global_arrays_round_trip_m_by_n(tmp_path, scheme, m, n):
+    """Every transport: 2-D rows and a 3-D grid, uneven and empty blocks, M writers to N
+    readers, every reader part and a hyperslab exact."""
+    url = url_for(scheme, tmp_path)
+    ranks = m if scheme == "mem" else m + n
+    result = mpiexec(
+        ranks, sys.executable, str(HERE / "mpi_roundtrip.py"), url, str(m), str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    reports = {r: json.loads((tmp_path / f"{r}.json").read_text()) for r in range(ranks)}
+    for r, rep in reports.items():
+        assert "error" not in rep, f"rank {r}:\n{rep['error']}"
+    for r in range(m):
+        assert reports[r]["wrote"] == [0, 1, 2]
+    readers = [0] if scheme == "mem" else range(m, m + n)
+    for r in readers:
+        assert reports[r]["steps"] == [0, 1, 2], (r, reports[r])
+        assert reports[r]["bad"] == [], reports[r]["bad"]
+        assert reports[r]["attrs"] == {"units": "K"}
+    if scheme in ("h5", "zarr", "bp5"):
+        with dp.open(url) as a:
+            assert len(a) == 3
+            for t in range(3):
+                np.testing.assert_array_equal(a[t]["field2d"], rt.global2d(t))
+                np.testing.assert_array_equal(a[t]["field3d"], rt.global3d(t))
+                assert a[t].attrs == {"t": t}
+    if scheme == "zarr" and m > 1:
+        # Blocks aligned with chunks were written by their own ranks, with a checksum each;
+        # the unaligned rows of 4 writers (5, 0, 6, 2) went through rank 0.
+        steps = zarr.open_array(str(tmp_path / "run.zarr" / "__dataplane" / "steps"), mode="r")
+        sums = json.loads(steps[:][0])["c"]
+        assert isinstance(sums["field3d"], list) and len(sums["field3d"]) == 2
+        assert isinstance(sums["field2d"], str if m == 4 else list)
+        chunk = json.loads((tmp_path / "run.zarr" / "field3d" / "zarr.json").read_text())
+        assert chunk["chunk_grid"]["configuration"]["chunk_shape"] == [1, 4 if m == 2 else 3, 6, 4]
+    if scheme == "h5":  # one global dataset, as plain h5py sees it
+        with h5py.File(tmp_path / "run.h5", "r") as f:
+            np.testing.assert_array_equal(f["field3d"][2], rt.global3d(2))
+            assert f["field2d"].shape == (3, *rt.SHAPE2)
+
+
+@pytest.mark.parametrize("scheme", ["h5", "bp5", "shm"])
+def test_a_bad_block_on_one_rank_raises_on_every_rank_and_writes_nothing(tmp_path, scheme):
+    url = url_for(scheme, tmp_path)
     got = mpirun(
         2,
-        """
-        import dataplane as dp
+        f"""
+        import numpy as np, dataplane as dp
         comm = MPI.COMM_WORLD
-        messages = []
-        for url in ("mem://m", f"shm://m{comm.rank}"):
-            try:
-                dp.publish(url, comm=comm)
-                messages.append("accepted")
-            except dp.OptionError as exc:
-                messages.append(str(exc))
-        report(messages)
+        r = comm.rank
+        out = []
+        with dp.publish({url!r}, comm=comm) as pub:
+            pub.write({{"x": dp.Block(np.full((2, 3), r), (2 * r, 0), (4, 3))}})
+            bad = [
+                {{"x": dp.Block(np.full((2, 3), r), (r, 0), (4, 3))}},   # overlap, and a hole
+                {{"x": dp.Block(np.full((2, 3), r, dtype=np.int32 if r else np.int64),
+                                (2 * r, 0), (4, 3))}},                   # dtypes disagree
+                {{"x": dp.Block(np.full((2, 3), r), (2 * r, 0), (4, 3 + r))}},  # shapes disagree
+                {{"x": np.zeros((2, 3))}} if r == 0 else {{"y": np.zeros((2, 3))}},  # names
+                {{"x": dp.Block(np.full((2, 3), r), (2 * r, 0), (4, 3))}} if r == 0
+                else {{"x": "not numbers"}},                             # one rank's bad data
+            ]
+            for data in bad:
+                try:
+                    pub.write(data)
+                    out.append("accepted")
+                except dp.SchemaError as exc:
+                    out.append(str(exc))
+            pub.write({{"x": dp.Block(np.full((2, 3), 10 + r), (2 * r, 0), (4, 3))}})
+            out.append(pub.next_index)
+        report(out)
         """,
         tmp_path,
     )
-    for messages in got.values():
-        assert len(messages) == 2
-        assert all("comm= with 2 ranks" in m for m in messages), messages
+    for r, out in got.items():
+        *messages, next_index = out
+        assert next_index == 2, out
+        assert len(messages) == 5 and "accepted" not in messages, (r, messages)
+        assert "overlap" in messages[0]
+        assert "dtype" in messages[1] and "shape" in messages[2] and "rank 1" in messages[3]
+        assert messages[4].startswith("rank 1:") or r == 1
+    if scheme != "shm":
+        with dp.open(url) as a:
+            assert len(a) == 2  # the refused steps left nothing
+            np.testing.assert_array_equal(a[1]["x"], np.repeat([10, 11], 6).reshape(4, 3))
+
+
+KILLS = {
+    "h5": "rank 1 before its block left",
+    "bp5": "rank 0 while writing",
+    "zarr": "rank 1 while writing its own chunk",
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(KILLS))
+def test_a_rank_killed_inside_a_step_leaves_only_complete_steps(tmp_path, scheme):
+    url = url_for(scheme, tmp_path)
+    code = textwrap.dedent(
+        f"""
+        import os, signal, numpy as np, dataplane as dp
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        def die(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        with dp.publish({url!r}, comm=comm) as pub:
+            for t in range(5):
+                if t == 2:
+                    if {scheme!r} == "h5" and comm.rank == 1:
+                        die()
+                    if {scheme!r} == "bp5" and comm.rank == 0:
+                        pub._inner._writer._fw.commit = die  # inside the step, data written
+                    if {scheme!r} == "zarr" and comm.rank == 1:
+                        pub._transport.put_block = die  # after rank 0 began the step
+                pub.write({{"x": np.full((1000, 10), t + comm.rank, dtype=np.float64)}})
+        """
+    )
+    result = mpiexec(2, sys.executable, "-c", code, timeout=120)
+    assert result.returncode != 0  # the job died with its rank
+    with dp.open(url) as a:
+        assert len(a) == 2
+        for t in range(2):
+            want = np.concatenate([np.full((1000, 10), t), np.full((1000, 10), t + 1)])
+            np.testing.assert_array_equal(a[t]["x"], want)
+    with dp.subscribe(url, timeout=20) as sub:
+        with pytest.raises(dp.ChannelBroken):
+            for _ in sub:
+                pass
+
+
+def test_corrupt_rank_written_chunk_is_caught(tmp_path):
+    url = url_for("zarr", tmp_path)
+    result = mpiexec(
+        3, sys.executable, str(HERE / "mpi_roundtrip.py"), url, "2", str(tmp_path), timeout=180
+    )
+    assert result.returncode == 0, result.stderr
+    # Step 2, the block of rank 1 (rows 4..5 of field3d): its own chunk, uncompressed.
+    chunk = tmp_path / "run.zarr" / "field3d" / "c" / "2" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[5] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with dp.open(url) as a:
+        np.testing.assert_array_equal(a[1]["field3d"], rt.global3d(1))
+        with pytest.raises(dp.IntegrityError, match=r"'field3d' of step 2.*block at \[4, 0, 0\]"):
+            a[2]["field3d"]
+        np.testing.assert_array_equal(
+            a[2].read("field3d", (0, 0, 0), (4, 6, 4)), rt.global3d(2)[:4]
+        )
 
 
 def test_single_rank_comm_works(tmp_path) -> None:
@@ -76,3 +237,96 @@ def test_single_rank_comm_works(tmp_path) -> None:
         tmp_path,
     )
     assert got == {0: [[0, 0, 0]], 1: [[1, 1, 1]]}
+
+
+def test_mem_subscribers_cannot_span_processes(tmp_path) -> None:
+    got = mpirun(
+        2,
+        """
+        import dataplane as dp
+        try:
+            dp.subscribe("mem://x", comm=MPI.COMM_WORLD)
+            report("accepted")
+        except dp.OptionError as exc:
+            report(str(exc))
+        """,
+        tmp_path,
+    )
+    assert all("one process" in m for m in got.values()), got
+
+
+# -- the decomposition helpers (no MPI needed) ------------------------------------------------
+
+
+def test_split_covers_every_element_once():
+    for shape, axes in [((13, 7), 0), ((5, 6, 4), (0, 1)), ((3,), 0), ((2, 9), (1, 0))]:
+        for parts in (1, 2, 3, 4, 5, 7):
+            seen = np.zeros(shape, int)
+            for i in range(parts):
+                start, count = split(shape, parts, i, axes)
+                seen[tuple(slice(s, s + c) for s, c in zip(start, count))] += 1
+            assert (seen == 1).all(), (shape, parts, axes)
+
+
+def test_split_is_even_and_grids_are_balanced():
+    assert [split((10,), 3, i)[1][0] for i in range(3)] == [4, 3, 3]
+    assert [split((2,), 4, i)[1][0] for i in range(4)] == [1, 1, 0, 0]  # empty parts
+    assert grid_dims(4, 2) == (2, 2) and grid_dims(6, 2) == (3, 2) and grid_dims(7, 2) == (7, 1)
+    assert grid_dims(12, 3) == (3, 2, 2)
+    assert split((8, 8), 4, 3, (0, 1)) == ((4, 4), (4, 4))
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (((), 2, 0), "0-d"),
+        (((4,), 2, 2), "part index"),
+        (((4, 4), 2, 0, (0, 0)), "distinct"),
+        (((4, 4), 2, 0, 2), "distinct"),
+    ],
+)
+def test_split_refuses_bad_requests(args, match):
+    with pytest.raises(dp.SchemaError, match=match):
+        split(*args)
+
+
+def _desc(kind, local, start=None, shape=None, dtype="<f8"):
+    d = {"kind": kind, "dtype": dtype, "local": list(local)}
+    if kind == "block":
+        d.update(start=list(start), shape=list(shape))
+    return d
+
+
+def test_plan_joins_rows_in_rank_order_with_empty_ranks():
+    plan = plan_step(
+        [{"u": _desc("join", (3, 2))}, {"u": _desc("join", (0, 2))}, {"u": _desc("join", (4, 2))}]
+    )
+    assert plan["u"]["shape"] == [7, 2]
+    assert plan["u"]["parts"] == [([0, 0], [3, 2]), ([3, 0], [0, 2]), ([3, 0], [4, 2])]
+
+
+@pytest.mark.parametrize(
+    "descs,match",
+    [
+        (
+            [
+                {"u": _desc("block", (2, 2), (0, 0), (4, 2))},
+                {"u": _desc("block", (1, 2), (2, 0), (4, 2))},
+            ],
+            "cover 6 of the 8",
+        ),
+        (
+            [
+                {"u": _desc("block", (2, 2), (0, 0), (3, 2))},
+                {"u": _desc("block", (2, 2), (1, 0), (3, 2))},
+            ],
+            "overlap",
+        ),
+        ([{"u": _desc("join", (2, 2))}, {"u": _desc("join", (2, 3))}], "other dimensions"),
+        ([{"u": _desc("join", (2,))}, {"u": _desc("block", (2,), (2,), (4,))}], "kind"),
+        ([{"u": _desc("join", (2,))}, {"v": _desc("join", (2,))}], "rank 1 wrote"),
+    ],
+)
+def test_plan_refuses_holes_overlaps_and_disagreement(descs, match):
+    with pytest.raises(dp.SchemaError, match=match):
+        plan_step(descs)

@@ -59,6 +59,15 @@ END: Any = object()
 _HOST = socket.gethostname()
 
 
+def _block_digests(arr: np.ndarray, blocks: list) -> tuple[str, str]:
+    """The first block whose checksum differs, as (got, stored); equal strings if none."""
+    for start, count, stored in blocks:
+        got = digest(arr[tuple(slice(a, a + n) for a, n in zip(start, count))])
+        if got != stored:
+            return f"{got} (block at {list(start)})", str(stored)
+    return "", ""
+
+
 def digest(arr: np.ndarray) -> str:
     """xxh3-64 of an array's bytes in C order, as 16 hex digits (tens of GB/s)."""
     if arr.size == 0:
@@ -186,7 +195,7 @@ class FormatWriter(ABC):
     def put(self, name: str, array: np.ndarray) -> None: ...
 
     @abstractmethod
-    def commit(self, checksums: Callable[[], dict[str, str]]) -> None:
+    def commit(self, checksums: Callable[[], dict[str, Any]]) -> None:
         """Store the arrays' checksums and make the step visible: the last thing written.
 
         ``checksums()`` waits for them (they are computed beside the write): call it as late
@@ -194,6 +203,18 @@ class FormatWriter(ABC):
 
     @abstractmethod
     def abort(self) -> None: ...
+
+    def begin_ranked(
+        self,
+        index: int,
+        specs: dict[str, VarSpec],
+        attrs: dict[str, AttrValue],
+        chunks: dict[str, tuple[int, ...]],
+    ) -> int:
+        raise NotImplementedError
+
+    def chunks_of(self, name: str) -> tuple[int, ...] | None:
+        return None
 
     @abstractmethod
     def set_attrs(self, attrs: dict[str, AttrValue]) -> None: ...
@@ -314,8 +335,17 @@ class FileTransport(Transport):
     #: streams): the lease is consulted at that end, not while steps may still be in flight.
     stream_tells_end: ClassVar[bool] = False
 
+    #: MPI ranks may write their blocks of a step straight into the store (``put_block``)
+    #: between the root's ``begin_ranked`` and ``end_ranked``; see ``dataplane.parallel``.
+    supports_rank_writes: bool = False
+
     verify: bool
     heartbeat: float
+
+    def put_block(self, row: int, name: str, start: tuple[int, ...], block: np.ndarray) -> str:
+        """Write ``block`` at ``start`` of variable ``name`` in the step at ``row`` of the
+        file, from any rank, after the root began that step; returns its checksum."""
+        raise NotImplementedError(f"{self.scheme}:// does not take blocks from several ranks")
 
     def _init_common(self, verify: bool, heartbeat: float) -> None:
         if not heartbeat > 0:
@@ -365,13 +395,17 @@ class FileTransport(Transport):
         name: str,
         selection: Selection,
         spec: VarSpec,
-        stored: str | None,
+        stored: str | list | None,
         read: Callable[[], np.ndarray],
     ) -> np.ndarray:
-        """Run ``read`` and verify a whole-variable read against its stored checksum."""
+        """Run ``read`` and verify a whole-variable read against its stored checksum: one
+        string, or ``[start, count, checksum]`` per block for blocks that MPI ranks wrote."""
         arr = guard(self.url.url, f"variable {name!r} of step {index}", read)
         if self.verify and stored is not None and selection.covers(spec.shape):
-            got = digest(arr)
+            if isinstance(stored, list):
+                got, stored = _block_digests(arr, stored)
+            else:
+                got = digest(arr)
             if got != stored:
                 raise IntegrityError(
                     f"{self.url.url}: variable {name!r} of step {index} is corrupt: checksum "
@@ -392,7 +426,7 @@ class _FileWriter(Writer):
         self._closed = False
         self.next_index = fw.next_index
         self._holding: list[np.ndarray] = []
-        self._sums: dict[str, Future[str] | str] = {}
+        self._sums: dict[str, Future[str] | str | list] = {}
         self._pool: ThreadPoolExecutor | None = None
 
     def known_vars(self) -> dict[str, VarSpec]:
@@ -420,11 +454,35 @@ class _FileWriter(Writer):
             self._sums[name] = digest(arr)
         self._fw.put(name, arr)
 
+    def begin_ranked(
+        self,
+        index: int,
+        specs: dict[str, VarSpec],
+        attrs: dict[str, AttrValue],
+        chunks: dict[str, tuple[int, ...]],
+    ) -> int:
+        """Begin a step whose arrays the ranks write with ``put_block`` (``chunks`` fixes the
+        chunking of arrays created now); returns the step's row in the file."""
+        if self._closed:
+            raise DataplaneError(f"writer of {self._t.url.url} is closed")
+        return self._fw.begin_ranked(index, specs, attrs, chunks)
+
+    def chunks_of(self, name: str) -> tuple[int, ...] | None:
+        """The chunk shape of a variable's array (without the step axis), if it has one."""
+        return self._fw.chunks_of(name)
+
+    def end_ranked(self, blocks: dict[str, list]) -> None:
+        """Commit a ranked step: ``blocks`` holds each variable's block checksums."""
+        self._sums.update(blocks)
+        self.end_step()
+
     def end_step(self) -> None:
         pending = self._sums
         try:
             self._fw.commit(
-                lambda: {n: s if isinstance(s, str) else s.result() for n, s in pending.items()}
+                lambda: {
+                    n: s if isinstance(s, (str, list)) else s.result() for n, s in pending.items()
+                }
             )
         finally:
             self._holding = []
@@ -432,7 +490,7 @@ class _FileWriter(Writer):
 
     def abort_step(self) -> None:
         for s in self._sums.values():
-            if not isinstance(s, str):
+            if isinstance(s, Future):
                 s.result()  # let the hash finish before the array is let go
         self._holding = []
         self._sums = {}

@@ -445,7 +445,7 @@ class _SSTRelayWriter(FormatWriter):
         assert self._pending is not None
         self._pending["arrays"].append((name, array))
 
-    def commit(self, checksums: Callable[[], dict[str, str]]) -> None:
+    def commit(self, checksums: Callable[[], dict[str, Any]]) -> None:
         p = self._pending
         assert p is not None
         self._pending = None
@@ -680,7 +680,7 @@ class _BP5Writer(FormatWriter):
         assert self._pending is not None
         self._pending["arrays"].append((name, array))
 
-    def commit(self, checksums: Callable[[], dict[str, str]]) -> None:
+    def commit(self, checksums: Callable[[], dict[str, Any]]) -> None:
         p = self._pending
         assert p is not None
         self._pending = None

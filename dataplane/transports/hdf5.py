@@ -374,7 +374,7 @@ class _H5Writer(FormatWriter):
             else:
                 dset[n] = array
 
-    def commit(self, checksums: Callable[[], dict[str, str]]) -> None:
+    def commit(self, checksums: Callable[[], dict[str, Any]]) -> None:
         p = self._pending
         assert p is not None
         self._pending = None

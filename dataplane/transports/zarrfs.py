@@ -62,6 +62,7 @@ from dataplane.transports._files import (
     FormatWriter,
     LeaseIO,
     StepSource,
+    digest,
     read_lease,
     writer_state,
 )
@@ -188,6 +189,9 @@ class ZarrTransport(FileTransport):
             raise OptionError(f"{url.url}: fsspec cannot open {target!r}: {exc}") from exc
         self.local = self.protocol == "file"
         self.atomic = self.protocol in _ATOMIC_PROTOCOLS
+        # Ranks write their own chunks where every rank sees the same store and a chunk
+        # write replaces the object whole (not fsspec's memory, which is one process's).
+        self.supports_rank_writes = self.atomic
         if self.protocol == "memory":
             self.scope = "process"  # fsspec's memory filesystem lives in one process
 
@@ -202,6 +206,14 @@ class ZarrTransport(FileTransport):
                 storage_options=self.storage_options or None,
                 read_only=read_only,
             )
+
+    def put_block(self, row: int, name: str, start: tuple[int, ...], block: np.ndarray) -> str:
+        # Opened afresh: the root resized the array for this step after we last looked.
+        a: Any = zarr.open_array(store=self.store(read_only=False), path=name, mode="r+")
+        block = np.ascontiguousarray(block)
+        where = [slice(s, s + n) for s, n in zip(start, block.shape)]
+        a[tuple([row, *where])] = block
+        return digest(block)
 
     def lease_io(self) -> LeaseIO:
         path = self.root.rstrip("/") + ".lease"
@@ -242,6 +254,7 @@ class _ZarrWriter(FormatWriter):
         self._specs: dict[str, VarSpec] = {}
         self._arrays: dict[str, Any] = {}
         self._pending: dict[str, Any] | None = None
+        self._chunk_hint: dict[str, tuple[int, ...]] = {}
         store = t.store(read_only=False)
         self._g: Any = None
         if mode == "a":
@@ -279,6 +292,24 @@ class _ZarrWriter(FormatWriter):
     def known_vars(self) -> dict[str, VarSpec]:
         return dict(self._specs)
 
+    def chunks_of(self, name: str) -> tuple[int, ...] | None:
+        a = self._arrays.get(name)
+        return None if a is None else tuple(a.chunks[1:])
+
+    def begin_ranked(
+        self,
+        index: int,
+        specs: dict[str, VarSpec],
+        attrs: dict[str, AttrValue],
+        chunks: dict[str, tuple[int, ...]],
+    ) -> int:
+        self._chunk_hint = chunks
+        try:
+            self.begin(index, specs, attrs)
+        finally:
+            self._chunk_hint = {}
+        return self._n
+
     def begin(self, index: int, specs: dict[str, VarSpec], attrs: dict[str, AttrValue]) -> None:
         if not self._specs and self._n == 0:
             # A writer killed while creating the first step's arrays leaves some behind.
@@ -288,7 +319,9 @@ class _ZarrWriter(FormatWriter):
                 self._arrays[name] = self._g.create_array(
                     name,
                     shape=(0, *spec.shape),
-                    chunks=_chunks(spec.shape, spec.dtype.itemsize, self._t.atomic),
+                    chunks=(1, *self._chunk_hint[name])
+                    if name in self._chunk_hint
+                    else _chunks(spec.shape, spec.dtype.itemsize, self._t.atomic),
                     dtype=spec.dtype,
                     compressors=self._t.compressors,
                     fill_value=np.zeros((), spec.dtype)[()],
@@ -313,7 +346,7 @@ class _ZarrWriter(FormatWriter):
         if array.size:
             self._arrays[name][self._n] = array
 
-    def commit(self, checksums: Callable[[], dict[str, str]]) -> None:
+    def commit(self, checksums: Callable[[], dict[str, Any]]) -> None:
         p = self._pending
         assert p is not None
         self._pending = None
