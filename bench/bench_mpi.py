@@ -11,6 +11,10 @@ The plain baseline is the fastest thing MPI codes do without coordination: each 
 ``rank<r>.h5`` with one dataset per step. It is an upper bound, not a like-for-like channel:
 there is no global array, no checksums, and nobody can follow it live.
 
+Files go to ``--dir``; the default is ``/dev/shm`` (memory) where it exists, because on a
+disk the kernel's write-back throttling dominates and varies tenfold between runs. Point it
+at your parallel filesystem to measure that.
+
     python bench/bench_mpi.py [--ranks 1,2,4] [--schemes h5,bp5,zarr,shm,sst] [--mib 64]
 """
 
@@ -31,6 +35,14 @@ import numpy as np
 HERE = os.path.abspath(__file__)
 
 
+def polite_barrier(comm) -> None:
+    """A barrier that sleeps while it waits: MPI spins, and with more ranks than cores the
+    spinning ranks would take the cores from the ones still working (the reader, rank 0)."""
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(1e-4)
+
+
 def worker(args: argparse.Namespace) -> int:
     from mpi4py import MPI
 
@@ -44,6 +56,7 @@ def worker(args: argparse.Namespace) -> int:
     rows = args.mib * 2**20 // 8 // 1024
     mine = rows // writers + (1 if comm.Get_rank() < rows % writers else 0)
     block = np.random.default_rng(comm.Get_rank()).standard_normal((mine, 1024))
+    steps = [block + i for i in range(args.steps)] if is_writer else []
     url = {
         "h5": f"h5://{args.dir}/run.h5",
         "bp5": f"bp5://{args.dir}/run.bp",
@@ -53,24 +66,25 @@ def worker(args: argparse.Namespace) -> int:
     }.get(args.scheme)
     if url is not None:
         url = world.bcast(url, root=0)
-    world.Barrier()
+        dp.registry.resolve(url)  # imports the transport (adios2, h5py, ...) before the clock
+    import h5py  # noqa: F401  (the baseline's, also before the clock)
+
+    polite_barrier(world)
     t0 = time.perf_counter()
     if not is_writer:
         with dp.subscribe(url, timeout=120) as sub:
             for step in sub:
                 np.asarray(step["u"]).sum()
     elif args.scheme == "plain-h5":
-        import h5py
-
         with h5py.File(f"{args.dir}/rank{comm.Get_rank()}.h5", "w") as f:
-            for i in range(args.steps):
-                f.create_dataset(f"u{i}", data=block + i)
+            for i, data in enumerate(steps):
+                f.create_dataset(f"u{i}", data=data)
     else:
         opts = {"rendezvous": 1} if streams else {}
         with dp.publish(url, comm=comm, **opts) as pub:
-            for i in range(args.steps):
-                pub.write({"u": block + i if i else block})
-    world.Barrier()
+            for data in steps:
+                pub.write({"u": data})
+    polite_barrier(world)
     seconds = time.perf_counter() - t0
     if world.Get_rank() == 0:
         print(json.dumps({"seconds": seconds, "bytes": rows * 1024 * 8 * args.steps}))
@@ -83,7 +97,7 @@ def run_one(mpiexec: str, scheme: str, ranks: int, args: argparse.Namespace) -> 
         n = ranks + (1 if scheme in ("shm", "sst") else 0)
         cmd = [mpiexec, "-n", str(n), sys.executable, HERE, "--worker", scheme, "--dir", directory]
         cmd += ["--steps", str(args.steps), "--mib", str(args.mib)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         if out.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
         line = [x for x in out.stdout.splitlines() if x.startswith("{")][-1]
@@ -100,8 +114,9 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=64, help="global MiB per step")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dir", help="where files go (default: a temporary directory)")
+    ap.add_argument("--dir", help="where files go (default: /dev/shm, else a temporary dir)")
     ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per mpiexec run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -115,18 +130,33 @@ def main() -> int:
         return 1
     ranks = [int(r) for r in args.ranks.split(",")]
     schemes = ["plain-h5", *args.schemes.split(",")]
-    rows = []
-    print(f"{args.steps} steps of {args.mib} MiB (global), {os.cpu_count()} cores; GB/s, median")
+    if args.dir is None and os.access("/dev/shm", os.W_OK):
+        # Memory-backed: the page cache of a disk throttles writers whenever the kernel
+        # flushes dirty pages, which made repeated runs here differ tenfold.
+        args.dir = "/dev/shm"
+    where = args.dir or tempfile.gettempdir()
     print(
-        f"{'transport':<10}" + "".join(f"{f'{r} rank' + ('s' if r > 1 else ''):>12}" for r in ranks)
+        f"{args.steps} steps of {args.mib} MiB (global) into {where}, {os.cpu_count()} cores; "
+        f"GB/s, median of {args.repeat}",
+        flush=True,
     )
+    # Interleaved, so that a slow spell of the machine spreads over every cell.
+    samples: dict[tuple[str, int], list[float]] = {(s, r): [] for s in schemes for r in ranks}
+    for _ in range(args.repeat):
+        for scheme in schemes:
+            for r in ranks:
+                samples[scheme, r].append(run_one(mpiexec, scheme, r, args))
+    rows = []
+    header = "".join(f"{f'{r} rank' + ('s' if r > 1 else ''):>12}" for r in ranks)
+    print(f"{'transport':<10}{header}")
     for scheme in schemes:
         cells = []
         for r in ranks:
-            samples = [run_one(mpiexec, scheme, r, args) for _ in range(args.repeat)]
-            gbps = statistics.median(samples)
+            gbps = statistics.median(samples[scheme, r])
             cells.append(gbps)
-            rows.append({"transport": scheme, "ranks": r, "gb_per_s": gbps, "samples": samples})
+            rows.append(
+                {"transport": scheme, "ranks": r, "gb_per_s": gbps, "samples": samples[scheme, r]}
+            )
         print(f"{scheme:<10}" + "".join(f"{c:>12.2f}" for c in cells), flush=True)
     if args.json:
         with open(args.json, "w") as f:

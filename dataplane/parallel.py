@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -246,8 +247,22 @@ class Collective:
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
 
+    def arrive(self) -> None:
+        """Wait, sleeping, until every rank got here.
+
+        MPI implementations spin while they wait in a collective. Ranks that wait for rank 0
+        to finish writing would take the cores it needs where ranks outnumber cores (a
+        laptop, a shared node, CI); a non-blocking barrier polled with short sleeps first
+        makes the blocking collective after it quick. It costs a barrier per collective."""
+        req = self.comm.Ibarrier()
+        delay = 50e-6
+        while not req.Test():
+            time.sleep(delay)
+            delay = min(delay * 2, 2e-3)
+
     def agree(self, local: dict | None, error: BaseException | None) -> list[dict]:
         """Everyone's description; raises the first rank's error on every rank."""
+        self.arrive()
         mine = {"error": encode_error(error) if error else None, "desc": local}
         everyone = [json.loads(s) for s in self.comm.allgather(json.dumps(mine))]
         for rank, theirs in enumerate(everyone):
@@ -259,6 +274,7 @@ class Collective:
 
     def outcome(self, error: BaseException | None, root: int = 0) -> Any:
         """Root's success or error, on every rank (root re-raises its own)."""
+        self.arrive()
         msg = self.comm.bcast(encode_error(error) if error else None, root=root)
         if msg is None:
             return
@@ -271,10 +287,12 @@ class Collective:
     ) -> list[tuple[Any, str | None]] | None:
         """Rank 0 gets every rank's (JSON-able value, encoded error or None)."""
         mine = json.dumps([value, encode_error(error) if error else None])
+        self.arrive()
         got = self.comm.gather(mine, root=0)
         return None if got is None else [tuple(json.loads(g)) for g in got]
 
     def any(self, flag: bool) -> bool:
+        self.arrive()
         return bool(self.comm.allreduce(1 if flag else 0, op=_mpi().MAX))
 
     def gather_array(

@@ -49,3 +49,23 @@ def test_stale_contact_file_of_a_killed_writer_never_blocks_the_next_run(tmp_pat
 def test_unknown_data_transport_is_refused(tmp_path):
     with pytest.raises(dp.OptionError, match="data_transport"):
         dp.publish(f"sst://{tmp_path}/x", data_transport="carrier-pigeon")
+
+
+@pytest.mark.timeout(120)
+def test_a_crashed_reader_relay_is_reported_not_waited_for(tmp_path):
+    """adios2 can crash inside SST (a segfault in the relay that runs the engine): the
+    subscriber gets ChannelBroken naming the signal and where it happened, never a hang."""
+    url = f"sst://{tmp_path}/crash"
+    writer = run_proc("publish", url, "--steps", "2", "--hang", "--opt", "rendezvous=1")
+    try:
+        with dp.subscribe(url, timeout=60) as sub:
+            assert sub.next().index == 0
+            relay = sub._reader._stream._proc  # the process that runs the SST reader engine
+            os.kill(relay.pid, signal.SIGSEGV)
+            relay.wait(30)
+            with pytest.raises(dp.ChannelBroken, match="SIGSEGV.*Segmentation fault.*_sst_relay"):
+                for _ in range(3):
+                    sub.next(timeout=30)
+    finally:
+        writer.kill()
+        writer.wait(10)

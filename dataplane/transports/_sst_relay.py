@@ -156,12 +156,19 @@ def run_reader(config: dict[str, Any]) -> int:
     try:
         seen: dict[str, Any] | None = None
         foreign_index = 0
+        idle = 0.0
         while not _stop:
-            status = engine.BeginStep(ab.StepMode.Read, 0.5)
+            # NOTE: SST's BeginStep with a timeout other than 0 or -1 crashes or hangs now
+            # and then (ornladios/ADIOS2#1862; here: SIGSEGV in about 1 of 20 runs with 64 MiB
+            # steps). Poll without waiting, and sleep in Python, briefly.
+            status = engine.BeginStep(ab.StepMode.Read, 0.0)
             if status == ab.StepStatus.EndOfStream:
                 break
             if status != ab.StepStatus.OK:
+                idle = min(idle * 2 or 1e-4, 5e-3)
+                time.sleep(idle)
                 continue
+            idle = 0.0
             if io.InquireVariable(_STEP_VAR):
                 info = _decode_step(io, engine, None)
             else:

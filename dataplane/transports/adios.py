@@ -363,8 +363,23 @@ def _relay_failure(proc: Any) -> str:
     if err is None:
         return ""
     err.seek(0)
-    lines = err.read().decode(errors="replace").strip().splitlines()
-    return "; ".join(lines[-3:])
+    lines = [x.strip() for x in err.read().decode(errors="replace").strip().splitlines()]
+    code = proc.poll()
+    died = f"exit status {code}" if code is None or code >= 0 else _signal_name(-code)
+    fatal = [i for i, x in enumerate(lines) if x.startswith("Fatal Python error")]
+    if fatal:  # a crash inside adios2: the error and where the relay was in Python
+        where = [x for x in lines[fatal[0] :] if x.startswith("File ")][:3]
+        return f"{died}: {lines[fatal[0]]}; " + "; ".join(where)
+    return f"{died}: " + "; ".join(x for x in lines[-3:] if x)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        import signal
+
+        return f"killed by {signal.Signals(number).name}"
+    except ValueError:
+        return f"killed by signal {number}"
 
 
 def _private_shm_url(kind: str) -> tuple[str, str]:
