@@ -112,7 +112,7 @@ def main() -> int:
     ap.add_argument("--ranks", default="1,2,4")
     ap.add_argument("--schemes", default="h5,bp5,zarr,shm,sst")
     ap.add_argument("--mib", type=int, default=64, help="global MiB per step")
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", help="where files go (default: /dev/shm, else a temporary dir)")
     ap.add_argument("--json", help="also write the rows as JSON here")
