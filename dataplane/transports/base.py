@@ -77,8 +77,6 @@ class Transport:
     supports_random_access: ClassVar[bool] = False
     #: A subscriber can follow steps while the writer is still writing.
     supports_live_read: ClassVar[bool] = True
-    #: Several MPI ranks can write blocks of one step (``publish(comm=...)``).
-    supports_parallel_write: ClassVar[bool] = False
     #: ``policy="drop-oldest"`` is meaningful (streams); files are always lossless.
     supports_drop_policy: ClassVar[bool] = False
     #: Readers get views of shared memory instead of copies.
