@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from dataplane.cli import parse_options
+
 
 def make_step(index: int, size: int = 1000) -> dict[str, np.ndarray]:
     """The deterministic content of step ``index``: a float field, an int field, a scalar."""
@@ -48,21 +50,10 @@ def _emit(obj: dict) -> None:
     sys.stdout.flush()
 
 
-def _options(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
-
-
 def publish_main(args: argparse.Namespace) -> int:
     import dataplane as dp
 
-    opts = _options(args.opt)
+    opts = parse_options(args.opt, "--opt")
     with dp.publish(
         args.url, policy=args.policy, queue_limit=args.queue_limit, mode=args.mode, **opts
     ) as pub:
@@ -91,7 +82,7 @@ def publish_main(args: argparse.Namespace) -> int:
 def subscribe_main(args: argparse.Namespace) -> int:
     import dataplane as dp
 
-    opts = _options(args.opt)
+    opts = parse_options(args.opt, "--opt")
     try:
         with dp.subscribe(args.url, timeout=args.timeout, start=args.start, **opts) as sub:
             _emit({"subscribed": True})
@@ -161,7 +152,7 @@ def verify_main(args: argparse.Namespace) -> int:
     """Read every step of stored data; print digests or the error. Run with a timeout."""
     import dataplane as dp
 
-    opts = _options(args.opt)
+    opts = parse_options(args.opt, "--opt")
     out: dict[str, Any] = {"steps": {}}
     try:
         with dp.open(args.url, **opts) as arc:

@@ -498,16 +498,7 @@ class ParallelPublisher:
         chunks = self._rank_chunks(plan)
         if chunks is not None:
             return self._write_ranked(plan, chunks, arrays, attrs)
-        out: dict[str, np.ndarray] = {}
-        for name in sorted(plan):
-            entry = plan[name]
-            if entry["kind"] == "scalar":
-                if self.rank == 0:
-                    out[name] = arrays[name]
-                continue
-            got = self._coll.gather_array(name, entry, arrays[name])
-            if got is not None:
-                out[name] = got
+        out = self._to_root(plan, arrays, skip={})
         error = None
         if self._inner is not None:
             try:
@@ -519,6 +510,23 @@ class ParallelPublisher:
         index = self._index
         self._index += 1
         return index
+
+    def _to_root(
+        self, plan: dict[str, dict[str, Any]], arrays: dict[str, np.ndarray], skip: Mapping
+    ) -> dict[str, np.ndarray]:
+        """On rank 0, the global arrays of the variables not in ``skip`` (single values are
+        rank 0's own); empty elsewhere. Collective: every rank gathers in the same order."""
+        out: dict[str, np.ndarray] = {}
+        for name in sorted(plan):
+            entry = plan[name]
+            if entry["kind"] == "scalar":
+                if self.rank == 0:
+                    out[name] = arrays[name]
+            elif name not in skip:
+                got = self._coll.gather_array(name, entry, arrays[name])
+                if got is not None:
+                    out[name] = got
+        return out
 
     def _rank_chunks(self, plan: dict[str, dict[str, Any]]) -> dict[str, tuple[int, ...]] | None:
         """Rank 0 decides, for all: the chunks of the arrays whose blocks every rank can write
@@ -547,16 +555,7 @@ class ParallelPublisher:
         visible only once every rank's blocks are in (a rank that dies leaves it invisible)."""
         specs = {n: VarSpec(np.dtype(e["dtype"]), tuple(e["shape"])) for n, e in plan.items()}
         # Arrays whose blocks are not aligned with chunks, and single values: rank 0 writes.
-        by_root: dict[str, np.ndarray] = {}
-        for name in sorted(plan):
-            entry = plan[name]
-            if entry["kind"] == "scalar":
-                if self.rank == 0:
-                    by_root[name] = arrays[name]
-            elif name not in chunks:
-                got = self._coll.gather_array(name, entry, arrays[name])
-                if got is not None:
-                    by_root[name] = got
+        by_root = self._to_root(plan, arrays, skip=chunks)
         row = None
         error: BaseException | None = None
         if self._inner is not None:

@@ -16,7 +16,7 @@ from dataplane.registry import resolve
 __all__ = ["main"]
 
 
-def _options(pairs: Iterable[str] | None, flag: str) -> dict[str, Any]:
+def parse_options(pairs: Iterable[str] | None, flag: str) -> dict[str, Any]:
     """``key=value`` pairs; values are JSON where they parse (numbers, dicts), else strings."""
     out: dict[str, Any] = {}
     for pair in pairs or ():
@@ -66,7 +66,7 @@ def _describe(steps: Iterable[dp.Step], limit: int | None) -> dict[str, Any]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    opts = _options(args.opt, "--opt")
+    opts = parse_options(args.opt, "--opt")
     random_access = resolve(args.url)[1].supports_random_access
     if random_access:
         with dp.open(args.url, **opts) as archive:
@@ -145,8 +145,8 @@ class _Progress:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    src_opts = _options(args.src_opt, "--src-opt")
-    dst_opts = _options(args.dst_opt, "--dst-opt")
+    src_opts = parse_options(args.src_opt, "--src-opt")
+    dst_opts = parse_options(args.dst_opt, "--dst-opt")
     total = None
     if resolve(args.src)[1].supports_random_access:
         try:

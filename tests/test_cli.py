@@ -14,6 +14,7 @@ import zarr
 import dataplane as dp
 from dataplane._testprocs import digest, make_step
 from dataplane.cli import main
+from dataplane.testing import read_events, run_proc
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -147,15 +148,6 @@ def test_inspect_missing_file_is_an_error(tmp_path, capsys):
     assert "dataplane: error:" in capsys.readouterr().err
 
 
-def _testproc(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dataplane._testprocs", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def _cli(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "dataplane.cli", *args],
@@ -164,17 +156,6 @@ def _cli(*args: str) -> subprocess.Popen:
         text=True,
         stdin=subprocess.DEVNULL,
     )
-
-
-def _verify(url: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "dataplane._testprocs", "verify", url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return json.loads(out.stdout)
 
 
 @pytest.mark.parametrize(
@@ -187,7 +168,7 @@ def test_convert_records_a_live_stream(tmp_path, stream, extra):
     src = f"shm://rec-{tmp_path.name}" if stream == "shm" else f"sst://{tmp_path}/live"
     dst = FILES["h5" if stream == "shm" else "bp5"](tmp_path, "rec")
     rec = _cli("convert", src, dst, "--timeout", "60")
-    writer = _testproc("publish", src, "--steps", "6", "--size", "256", "--sleep", "0.05", *extra)
+    writer = run_proc("publish", src, "--steps", "6", "--size", "256", "--sleep", "0.05", *extra)
     try:
         w_out, w_err = writer.communicate(timeout=90)
         r_out, r_err = rec.communicate(timeout=90)
@@ -198,7 +179,7 @@ def test_convert_records_a_live_stream(tmp_path, stream, extra):
     assert rec.returncode == 0, r_err
     assert "6 steps" in r_err
     wrote = [json.loads(line) for line in w_out.splitlines() if '"wrote"' in line]
-    got = _verify(dst)
+    (got,) = read_events(run_proc("verify", dst), 60)
     assert got["error"] is None and got["count"] == 6
     for w in wrote:
         assert got["steps"][str(w["wrote"])] == dict(sorted(w["digests"].items()))
@@ -210,7 +191,7 @@ def test_convert_records_a_live_stream(tmp_path, stream, extra):
 def test_inspect_a_stream_shows_what_arrives(tmp_path):
     src = f"shm://insp-{tmp_path.name}"
     insp = _cli("inspect", src, "--steps", "3", "--timeout", "60")
-    writer = _testproc("publish", src, "--steps", "3", "--size", "64", "--hang")
+    writer = run_proc("publish", src, "--steps", "3", "--size", "64", "--hang")
     try:
         out, err = insp.communicate(timeout=90)
     finally:

@@ -30,6 +30,7 @@ import os
 import re
 import secrets
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -375,8 +376,6 @@ def _relay_failure(proc: Any) -> str:
 
 def _signal_name(number: int) -> str:
     try:
-        import signal
-
         return f"killed by {signal.Signals(number).name}"
     except ValueError:
         return f"killed by signal {number}"
