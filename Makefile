@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_shm.py
 	$(PY) bench/bench_files.py
 	$(PY) bench/bench_mpi.py
+	$(PY) bench/bench_loaders.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dataplane tests bench examples

@@ -1,9 +1,11 @@
 """The coupled simulation-to-training demo behind ``dataplane demo``.
 
-A 2-D Gray-Scott reaction-diffusion simulation (numpy) publishes its two fields to ``shm://``
-every few iterations. A separate trainer process subscribes and trains a small convolutional
-network online to predict the next published step from the current one. No files, no server:
-the simulation only calls ``publish``/``write``; the trainer only ``subscribe``.
+A 2-D Gray-Scott reaction-diffusion simulation (numpy) publishes training pairs (the state and
+the state a few iterations later) to ``shm://`` every few iterations, and the same steps to an
+HDF5 file. A separate trainer process trains a small convolutional network online through a
+``StreamDataset`` (a replay buffer over the live stream), then runs one offline epoch over the
+stored file through ``SampleDataset`` + ``ShuffleSampler``. No server: the simulation only calls
+``publish``/``write``; the trainer only uses ``dataplane.loaders``.
 
 Run ``dataplane demo --help`` for the knobs; ``python -m dataplane.demo train ...`` is the
 trainer's entry point (the demo starts it for you).
@@ -66,18 +68,32 @@ class GrayScott:
         self.iteration += iterations
 
 
-def simulate(url: str, steps: int, size: int, every: int, policy: str, progress: bool) -> dict:
-    """Run the simulation, publishing ``steps`` steps; returns timing figures."""
+def simulate(
+    url: str, steps: int, size: int, every: int, policy: str, progress: bool, stored: str
+) -> dict:
+    """Run the simulation, publishing ``steps`` steps live to ``url`` and to the file
+    ``stored``; returns timing figures.
+
+    Each step holds a training pair: ``x``, the state (u and v stacked), and ``y``, the state
+    ``every`` iterations later, as a surrogate's training data would.
+    """
     sim = GrayScott(size)
     t0 = time.perf_counter()
     waited = 0.0
-    with dp.publish(url, policy=policy, queue_limit=4, rendezvous=1, rendezvous_timeout=120) as pub:
+    with (
+        dp.publish(url, policy=policy, queue_limit=4, rendezvous=1, rendezvous_timeout=120) as pub,
+        dp.publish(stored, asynchronous=True) as store,
+    ):
         pub.attrs.update(model="gray-scott", du=sim.du, dv=sim.dv, f=sim.f, k=sim.k, every=every)
+        store.attrs.update(pub.attrs)
         t_start = time.perf_counter()
         for i in range(steps):
+            x = np.stack([sim.u, sim.v])
             sim.advance(every)
+            step = {"x": x, "y": np.stack([sim.u, sim.v])}
             tw = time.perf_counter()
-            pub.write({"u": sim.u, "v": sim.v}, attrs={"iteration": sim.iteration})
+            pub.write(step, attrs={"iteration": sim.iteration})
+            store.write(step, attrs={"iteration": sim.iteration})
             waited += time.perf_counter() - tw
             if progress and (i + 1) % max(1, steps // 5) == 0:
                 print(
@@ -91,15 +107,22 @@ def simulate(url: str, steps: int, size: int, every: int, policy: str, progress:
     }
 
 
-def train(url: str, out: Path, *, lr: float = 1e-3, progress: bool = True) -> dict:
-    """Subscribe to ``url`` and train a small CNN online; writes summary.json and loss.png.
+def train(
+    url: str, out: Path, stored: str | None = None, *, lr: float = 1e-3, progress: bool = True
+) -> dict:
+    """Train a small CNN online from ``url``, then one offline epoch over ``stored``; writes
+    summary.json and loss.png.
 
-    The network predicts the change from one published step to the next. Its error is
-    reported relative to the change itself: 1.0 is what "copy the last step" scores, and lower
-    means the network has learnt some of the dynamics.
+    Online, a ``StreamDataset`` keeps a replay buffer of the latest steps and draws 8 samples
+    per published step. Offline, a ``SampleDataset`` over the stored file is read in shuffled
+    order by ``ShuffleSampler`` with two DataLoader workers. The network predicts the change
+    over one published step; its error is reported relative to the change itself: 1.0 is what
+    "copy the last step" scores, and lower means it has learnt some of the dynamics.
     """
     import torch
     from torch import nn
+
+    from dataplane.loaders import SampleDataset, ShuffleSampler, StreamDataset
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # leave the other core to the simulation
@@ -109,45 +132,68 @@ def train(url: str, out: Path, *, lr: float = 1e-3, progress: bool = True) -> di
 
     net = nn.Sequential(conv(2, 16), nn.GELU(), conv(16, 16), nn.GELU(), conv(16, 2))
     opt = torch.optim.Adam(net.parameters(), lr=lr)
+    scale: list[float] = []
+
+    def fit(x: torch.Tensor, y: torch.Tensor, learn: bool = True) -> float:
+        change = y - x
+        if not scale:
+            scale.append(float(change.std()) or 1.0)
+        target = change / scale[0]
+        loss = nn.functional.mse_loss(net(x), target)
+        if learn:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return loss.item() / max(float(target.pow(2).mean()), 1e-30)
+
     errors: list[float] = []
-    prev = None
-    scale = None
+    live = StreamDataset(
+        url,
+        vars=("x", "y"),
+        sample="step",
+        buffer=32,
+        replacement=True,
+        samples_per_step=8,
+        timeout=120,
+    )
     t_first = None
-    with dp.subscribe(url, vars=("u", "v"), timeout=120) as sub:
-        for step in sub:
-            if t_first is None:
-                t_first = time.perf_counter()
-            # Zero-copy views of shared memory, valid until the next step: stack copies them.
-            cur = torch.from_numpy(np.stack([step["u"], step["v"]]))[None]
-            if prev is not None:
-                change = cur - prev
-                if scale is None:
-                    scale = float(change.std()) or 1.0
-                target = change / scale
-                for _ in range(3):
-                    loss = nn.functional.mse_loss(net(prev), target)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                errors.append(loss.item() / max(float(target.pow(2).mean()), 1e-30))
-                if progress and len(errors) % 50 == 0:
-                    print(
-                        f"[train] step {step.index:4d}  error {np.mean(errors[-10:]):.3f} "
-                        f"of copying the last step",
-                        flush=True,
-                    )
-            prev = cur
-        stats = sub.stats
+    for x, y in torch.utils.data.DataLoader(live, batch_size=4, num_workers=0):
+        t_first = t_first or time.perf_counter()
+        errors.append(fit(x, y))
+        if progress and len(errors) % 100 == 0:
+            print(
+                f"[train] batch {len(errors):4d}  error {np.mean(errors[-20:]):.3f} "
+                f"of copying the last step",
+                flush=True,
+            )
     elapsed = time.perf_counter() - (t_first or time.perf_counter())
-    summary = {
-        "steps": stats.steps,
-        "dropped": stats.dropped,
-        "bytes": stats.bytes,
+    stats = live.stats
+    summary: dict = {
+        "steps": stats["steps"],
+        "dropped": stats["dropped"],
+        "bytes": stats["bytes"],
         "train_seconds": elapsed,
         "first_error": float(np.mean(errors[:10])) if errors else float("nan"),
         "final_error": float(np.mean(errors[-10:])) if errors else float("nan"),
         "errors": errors,
     }
+    if stored is not None:
+        ds = SampleDataset(stored, vars=("x", "y"), sample="step")
+        sampler = ShuffleSampler(ds, seed=0, block=None)
+        t0 = time.perf_counter()
+        offline = [
+            fit(x, y)
+            for x, y in torch.utils.data.DataLoader(
+                ds, batch_size=8, sampler=sampler, num_workers=2
+            )
+        ]
+        summary["offline"] = {
+            "url": stored,
+            "samples": len(sampler),
+            "batches": len(offline),
+            "seconds": time.perf_counter() - t0,
+            "error": float(np.mean(offline)) if offline else float("nan"),
+        }
     out.mkdir(parents=True, exist_ok=True)
     summary["plot"] = _plot(errors, out / "loss.png")
     (out / "summary.json").write_text(json.dumps(summary))
@@ -166,7 +212,7 @@ def _plot(errors: list[float], path: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.semilogy(errors, label="online CNN")
     ax.axhline(1.0, linestyle="--", color="gray", label="copy the last step")
-    ax.set_xlabel("step received from shm://")
+    ax.set_xlabel("batch drawn from the replay buffer of the shm:// stream")
     ax.set_ylabel("error / error of copying")
     ax.set_title("Gray-Scott surrogate trained online through dataplane")
     ax.legend()
@@ -182,18 +228,29 @@ def run_demo(
     """Start the trainer process, run the simulation, print the table; returns the summary."""
     url = url or f"shm://demo-{uuid.uuid4().hex[:8]}"
     out.mkdir(parents=True, exist_ok=True)
-    mb = 2 * size * size * 4 / 2**20
+    stored = f"h5://{(out / 'gray-scott.h5').resolve()}"
+    mb = 2 * 2 * size * size * 4 / 2**20
     print(
         f"dataplane demo: Gray-Scott {size}x{size}, {steps} steps of {mb:.2f} MiB over {url}, "
-        f"a trainer in a separate process",
+        f"a trainer in a separate process; the same steps stored in {stored}",
         flush=True,
     )
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "dataplane.demo", "train", url, "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "dataplane.demo",
+            "train",
+            url,
+            "--out",
+            str(out),
+            "--stored",
+            stored,
+        ],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        sim = simulate(url, steps, size, every, policy, progress=True)
+        sim = simulate(url, steps, size, every, policy, progress=True, stored=stored)
         code = trainer.wait(timeout=600)
     except BaseException:
         trainer.kill()
@@ -218,8 +275,14 @@ def run_demo(
         ),
         (
             "final loss",
-            f"{summary['final_error']:.3f} x the error of copying the last step "
+            f"{summary['final_error']:.3f} x the error of copying the last step online "
             f"(first steps: {summary['first_error']:.3f})",
+        ),
+        (
+            "offline epoch",
+            f"{summary['offline']['samples']} stored steps in shuffled order (SampleDataset + "
+            f"ShuffleSampler, 2 workers) in {summary['offline']['seconds']:.1f} s, error "
+            f"{summary['offline']['error']:.3f}",
         ),
         ("loss curve", summary.get("plot") or "(no plot)"),
     ]
@@ -236,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="the trainer process (started by `dataplane demo`)")
     t.add_argument("url")
     t.add_argument("--out", type=Path, default=Path("demo_out"))
+    t.add_argument("--stored", help="the file the simulation also writes (offline epoch)")
     args = ap.parse_args(argv)
-    train(args.url, args.out)
+    train(args.url, args.out, args.stored)
     return 0
 
 

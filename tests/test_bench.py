@@ -10,59 +10,53 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def test_bench_shm_reports_all_methods(tmp_path) -> None:
-    out = tmp_path / "rows.json"
+def run_bench(script: str, out: Path, *args: str) -> tuple[str, object]:
+    """Run ``bench/SCRIPT ARGS --json OUT``; returns its stdout and the JSON it wrote."""
     result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "bench_shm.py"),
-            "--sizes",
-            "4KiB,64KiB",
-            "--seconds",
-            "0.01",
-            "--json",
-            str(out),
-        ],
+        [sys.executable, str(BENCH / script), *args, "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())
+    return result.stdout, json.loads(out.read_text())
+
+
+def test_bench_shm_reports_all_methods(tmp_path) -> None:
+    stdout, rows = run_bench(
+        "bench_shm.py", tmp_path / "rows.json", "--sizes", "4KiB,64KiB", "--seconds", "0.01"
+    )
     assert {(r["size"], r["method"]) for r in rows} == {
         (s, m) for s in (4096, 65536) for m in ("raw copy", "shm://", "mp.Queue")
     }
     for r in rows:
         assert r["gbps"] > 0 and 0 < r["median_us"] <= r["p99_us"]
-    assert "vs Queue" in result.stdout
+    assert "vs Queue" in stdout
 
 
 def test_bench_mpi_reports_every_transport_and_rank_count(tmp_path) -> None:
-    out = tmp_path / "rows.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "bench_mpi.py"),
-            "--ranks",
-            "1,2",
-            "--schemes",
-            "h5,zarr,shm",
-            "--mib",
-            "1",
-            "--steps",
-            "2",
-            "--repeat",
-            "1",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    _, rows = run_bench(
+        "bench_mpi.py",
+        tmp_path / "rows.json",
+        *("--ranks", "1,2", "--schemes", "h5,zarr,shm", "--mib", "1", "--steps", "2"),
+        *("--repeat", "1"),
     )
-    assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())
     assert {(r["transport"], r["ranks"]) for r in rows} == {
         (t, n) for t in ("plain-h5", "h5", "zarr", "shm") for n in (1, 2)
     }
     assert all(r["gb_per_s"] > 0 for r in rows)
+
+
+def test_bench_loaders_compares_with_the_naive_reader(tmp_path) -> None:
+    stdout, report = run_bench(
+        "bench_loaders.py",
+        tmp_path / "report.json",
+        *("--samples", "256", "--sample-kib", "4", "--steps", "2", "--repeat", "1"),
+    )
+    assert report["samples"] == 256 and report["sample_bytes"] == 4096
+    assert {(r["file"], r["workers"]) for r in report["results"]} == {
+        (f, w) for f in ("dataplane.h5", "plain.h5") for w in (0, 2)
+    }
+    for r in report["results"]:
+        assert r["naive_s"] > 0 and r["dataplane_blockNone_s"] > 0 and r["dataplane_block64_s"] > 0
+    assert "x naive" in stdout

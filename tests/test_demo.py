@@ -44,8 +44,13 @@ def test_demo_command_end_to_end(tmp_path) -> None:
     assert "steps received               30 (dropped 0)" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["dropped"] == 0
-    assert summary["bytes"] == 30 * 2 * 32 * 32 * 4
-    assert len(summary["errors"]) == 29 and np.isfinite(summary["errors"]).all()
+    # Steps hold (x, y) pairs of the two fields; 8 replay draws per step in batches of 4.
+    assert summary["bytes"] == 30 * 2 * 2 * 32 * 32 * 4
+    assert len(summary["errors"]) == 30 * 8 // 4 and np.isfinite(summary["errors"]).all()
+    # The offline epoch read every stored step once, in shuffled order, with 2 workers.
+    assert summary["offline"]["samples"] == 30 and summary["offline"]["batches"] == 4
+    assert np.isfinite(summary["offline"]["error"])
+    assert (out / "gray-scott.h5").exists()
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

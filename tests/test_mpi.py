@@ -330,3 +330,19 @@ def test_plan_joins_rows_in_rank_order_with_empty_ranks():
 def test_plan_refuses_holes_overlaps_and_disagreement(descs, match):
     with pytest.raises(dp.SchemaError, match=match):
         plan_step(descs)
+
+
+def test_shuffle_sampler_takes_rank_and_world_from_mpi(tmp_path) -> None:
+    got = mpirun(
+        2,
+        """
+        from dataplane.loaders import ShuffleSampler
+        s = ShuffleSampler(101, seed=7, block=None)
+        report({"rank": s.rank, "world": s.world, "order": list(s)})
+        """,
+        tmp_path,
+    )
+    assert [(got[r]["rank"], got[r]["world"]) for r in (0, 1)] == [(0, 2), (1, 2)]
+    a, b = got[0]["order"], got[1]["order"]
+    assert len(a) == len(b) == 51
+    assert set(a) | set(b) == set(range(101)) and len(set(a) & set(b)) == 1  # one padded

@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -644,16 +645,27 @@ class _FileReader(Reader):
 
 
 class _FileArchive(Archive):
+    #: Steps whose metadata an archive keeps decoded (random reads ask for it per read).
+    META_CACHE = 4096
+
     def __init__(self, t: FileTransport, source: StepSource) -> None:
         self._t = t
         self._source = source
         self._count = guard(t.url.url, "the number of steps", source.refresh)
+        self._metas: OrderedDict[int, tuple[StepMeta, dict[str, str]]] = OrderedDict()
 
     def __len__(self) -> int:
         return self._count
 
     def _meta(self, index: int) -> tuple[StepMeta, dict[str, str]]:
-        return guard(self._t.url.url, f"step {index}", lambda: self._source.meta(index))
+        # A committed step never changes, so its decoded metadata can be kept.
+        got = self._metas.get(index)
+        if got is None:
+            got = guard(self._t.url.url, f"step {index}", lambda: self._source.meta(index))
+            self._metas[index] = got
+            if len(self._metas) > self.META_CACHE:
+                self._metas.popitem(last=False)
+        return got
 
     def meta(self, index: int) -> StepMeta:
         return self._meta(index)[0]

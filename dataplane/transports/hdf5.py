@@ -482,6 +482,7 @@ class _H5Source(StepSource):
         self._attrs_offsets = g["attrs_offsets"]
         self._names: list[str] = json.loads(g.attrs["vars"]) if "vars" in g.attrs else []
         self._specs: dict[str, VarSpec] = {}
+        self._datasets: dict[str, h5py.Dataset] = {}
         self._count = 0
         self._seen: dict[str, int] = {}  # rows of each dataset known to this reader
 
@@ -515,7 +516,9 @@ class _H5Source(StepSource):
         return StepMeta(index, info["a"], specs), info["c"]
 
     def get(self, index: int, name: str, selection: Selection) -> np.ndarray:
-        d = self._f[name]
+        d = self._datasets.get(name)
+        if d is None:
+            d = self._datasets[name] = self._f[name]
         if self._seen.get(name, -1) <= index:
             d.refresh()
             self._seen[name] = d.shape[0]

@@ -1,0 +1,314 @@
+"""``SampleDataset``: stored steps as a map-style torch ``Dataset``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+import dataplane.api as api
+from dataplane.errors import OptionError, SchemaError, VariableNotFoundError
+from dataplane.loaders._common import (
+    as_tensor,
+    check_sample,
+    check_transform,
+    parse_dtypes,
+    parse_vars,
+    shape_sample,
+    vars_config,
+)
+from dataplane.model import Step
+
+__all__ = ["SampleDataset"]
+
+#: Rows between two wanted rows are read along (one call instead of two) while the gap is
+#: smaller than this: a second call costs more than reading this many bytes on any filesystem.
+GAP_BYTES = 256 << 10
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Samples of the stored steps at ``url``, in a fixed order, for ``DataLoader``.
+
+    ``sample="row"``: the samples are the axis-0 rows of each step's arrays, over all steps
+    (every variable has the same number of rows in a step, and one row shape and dtype for
+    the life of the channel). ``sample="step"``: each step is one sample.
+
+    Batches (``__getitems__``) are read with as few calls as possible: the wanted rows of a
+    step are grouped into runs and each run is one hyperslab read per variable. The dataset
+    pickles as "how to reopen" (URL, options, its snapshot of the step sizes); each process
+    (each DataLoader worker) opens its own handle on first use.
+
+    Over a channel a writer is still appending to, the dataset is a snapshot: ``len()`` stays
+    fixed until :meth:`refresh` (``ShuffleSampler`` calls it at each new epoch), and only
+    committed steps are ever read.
+
+    Parameters
+    ----------
+    url
+        Stored data: ``h5://``, ``bp5://``, ``zarr://`` (files dataplane or plain libraries wrote).
+    vars
+        A name (samples are tensors), a tuple of names (tuples) or ``{key: name}`` (dicts).
+    sample
+        ``"row"`` or ``"step"``.
+    dtype
+        Cast samples to this dtype (numpy or torch; one, or ``{name: dtype}``); None keeps it.
+    transform
+        Called on each sample (after conversion to tensors).
+    shard_bytes
+        Target size of a shard, the contiguous run of samples a sampler and a cache treat as
+        one read (never across steps for rows).
+    **opts
+        Transport options, as for :func:`dataplane.open`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        vars: Any,
+        sample: str = "row",
+        dtype: Any = None,
+        transform: Callable[[Any], Any] | None = None,
+        *,
+        shard_bytes: int = 4 << 20,
+        **opts: Any,
+    ) -> None:
+        self.url = url
+        self.opts = dict(opts)
+        self.names, self._keys, self._single = parse_vars(vars)
+        self.sample = check_sample(sample)
+        self._dtypes = parse_dtypes(dtype, self.names)
+        self.transform = check_transform(transform)
+        if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, (int, np.integer)):
+            raise OptionError(f"shard_bytes must be an integer, got {shard_bytes!r}")
+        if shard_bytes < 1:
+            raise OptionError(f"shard_bytes must be at least 1, got {shard_bytes}")
+        self.shard_bytes = int(shard_bytes)
+        # The snapshot: per step, its samples (rows, or 1) and bytes.
+        self._counts: list[int] = []
+        self._step_bytes: list[int] = []
+        self._offsets = np.zeros(1, np.int64)
+        self._rows: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}  # row dtype and shape
+        self._arc: api.Archive | None = None
+        self._pid = -1
+        #: I/O calls and bytes this process read (for benchmarks and tests).
+        self.reads = 0
+        self.bytes_read = 0
+        self.refresh()
+
+    # -- the snapshot ------------------------------------------------------------------------
+    def refresh(self) -> int:
+        """Take in steps committed since the last look; returns the new ``len()``."""
+        # Our own read handle may show the file as it was when opened (HDF5 shares one view
+        # of a file per process): close it so that the look below is a fresh one.
+        self.close()
+        with api.open(self.url, **self.opts) as arc:
+            for i in range(len(self._counts), len(arc)):
+                self._take(i, arc[i])
+        self._offsets = np.concatenate(([0], np.cumsum(self._counts, dtype=np.int64)))
+        return len(self)
+
+    def _take(self, i: int, step: Step) -> None:
+        missing = [n for n in self.names if n not in step.vars]
+        if missing:
+            raise VariableNotFoundError(
+                f"step {i} of {self.url} has no variable {missing[0]!r} (it has: "
+                f"{', '.join(sorted(step.vars)) or 'none'}); every step must hold every "
+                f"variable the dataset reads"
+            )
+        nbytes = 0
+        rows = None
+        for name in self.names:
+            spec = step.vars[name]
+            nbytes += spec.nbytes
+            if self.sample == "step":
+                continue
+            if not spec.shape:
+                raise SchemaError(
+                    f"variable {name!r} is a scalar in step {i} of {self.url}; sample='row' "
+                    f"needs arrays with rows (axis 0): use sample='step'"
+                )
+            row = (spec.dtype, spec.shape[1:])
+            known = self._rows.setdefault(name, row)
+            if known != row:
+                raise SchemaError(
+                    f"rows of {name!r} are {known[1]} {known[0]} before step {i} of {self.url} "
+                    f"but {row[1]} {row[0]} in it; samples of a dataset need one shape and dtype"
+                )
+            if rows is None:
+                rows = spec.shape[0]
+            elif spec.shape[0] != rows:
+                raise SchemaError(
+                    f"step {i} of {self.url} has {rows} rows of {self.names[0]!r} but "
+                    f"{spec.shape[0]} of {name!r}; with sample='row' the variables of a step "
+                    f"must have the same number of rows"
+                )
+        self._counts.append(1 if self.sample == "step" else int(rows or 0))
+        self._step_bytes.append(nbytes)
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def steps(self) -> int:
+        """Steps in the snapshot."""
+        return len(self._counts)
+
+    def shard_bounds(self) -> np.ndarray:
+        """Boundaries of the shards (see :mod:`dataplane.loaders.order`)."""
+        return self._shards()[0]
+
+    def shard_nbytes(self) -> np.ndarray:
+        """Bytes of each shard."""
+        return self._shards()[1]
+
+    def _shards(self) -> tuple[np.ndarray, np.ndarray]:
+        starts: list[np.ndarray] = []
+        sizes: list[np.ndarray] = []
+        if self.sample == "row":
+            for off, count, nbytes in zip(self._offsets[:-1], self._counts, self._step_bytes):
+                if not count:
+                    continue
+                row = nbytes // count
+                per = max(1, self.shard_bytes // max(row, 1))
+                s = np.arange(0, count, per, dtype=np.int64)
+                starts.append(off + s)
+                sizes.append((np.minimum(s + per, count) - s) * row)
+        else:  # consecutive steps up to shard_bytes
+            begin, acc = 0, 0
+            for i, nbytes in enumerate(self._step_bytes):
+                if i > begin and acc + nbytes > self.shard_bytes:
+                    starts.append(np.array([begin]))
+                    sizes.append(np.array([acc]))
+                    begin, acc = i, 0
+                acc += nbytes
+            if self._step_bytes:
+                starts.append(np.array([begin]))
+                sizes.append(np.array([acc]))
+        bounds = np.concatenate([*starts, [len(self)]]).astype(np.int64)
+        nbytes_arr = np.concatenate(sizes).astype(np.int64) if sizes else np.zeros(0, np.int64)
+        return bounds, nbytes_arr
+
+    def sample_nbytes(self) -> float:
+        """Mean bytes of one sample (as stored)."""
+        return sum(self._step_bytes) / max(len(self), 1)
+
+    # -- reading -----------------------------------------------------------------------------
+    def _archive(self) -> api.Archive:
+        if self._arc is None or self._pid != os.getpid():
+            # A handle inherited through fork belongs to the parent: open our own.
+            self._arc = api.open(self.url, **self.opts)
+            self._pid = os.getpid()
+        return self._arc
+
+    def _indices(self, indices: Sequence[int]) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.max() >= n or idx.min() < -n):
+            # A worker's snapshot can be older than the sampler's (persistent workers): steps
+            # only ever get appended, so catching up is safe.
+            n = self.refresh()
+            if idx.max() >= n or idx.min() < -n:
+                bad = int(idx[(idx >= n) | (idx < -n)][0])
+                raise IndexError(f"sample {bad} is out of range: {self.url} has {n} samples")
+        return np.where(idx < 0, idx + n, idx)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """The samples at ``indices``, read with as few calls as the layout allows."""
+        idx = self._indices(indices)
+        tensors: list[Any]
+        if self.sample == "step":
+            tensors = self._read_steps(idx)
+        else:
+            tensors = [as_tensor(c) for c in self._read_rows(idx)]
+        out = []
+        for j in range(len(idx)):
+            parts = [t[j] for t in tensors]
+            s = shape_sample(parts, self._keys, self._single)
+            out.append(self.transform(s) if self.transform is not None else s)
+        return out
+
+    def _read_steps(self, idx: np.ndarray) -> list[list[torch.Tensor]]:
+        arc = self._archive()
+        columns: list[list[torch.Tensor]] = [[] for _ in self.names]
+        for i in idx:
+            step = arc[int(i)]
+            for k, name in enumerate(self.names):
+                arr = step[name]
+                self.reads += 1
+                self.bytes_read += arr.nbytes
+                d = self._dtypes[name]
+                if d is not None and arr.dtype != d:
+                    arr = arr.astype(d)
+                columns[k].append(as_tensor(arr))
+        return columns
+
+    def _read_rows(self, idx: np.ndarray) -> list[np.ndarray]:
+        arc = self._archive()
+        outs = []
+        for name in self.names:
+            dtype, shape = self._rows[name]
+            outs.append(np.empty((len(idx), *shape), dtype=self._dtypes[name] or dtype))
+        row_bytes = sum(
+            int(np.prod(self._rows[n][1], dtype=np.int64)) * self._rows[n][0].itemsize
+            for n in self.names
+        )
+        gap = max(1, GAP_BYTES // max(row_bytes, 1))
+        steps = np.searchsorted(self._offsets, idx, side="right") - 1
+        local = idx - self._offsets[steps]
+        order = np.lexsort((local, steps))
+        steps, local = steps[order], local[order]
+        # Runs: same step, and the next wanted row is within `gap` rows of the last one.
+        cut = np.flatnonzero((np.diff(steps) != 0) | (np.diff(local) > gap)) + 1
+        for run in np.split(np.arange(len(idx)), cut):
+            if not len(run):
+                continue
+            s = int(steps[run[0]])
+            first, last = int(local[run[0]]), int(local[run[-1]])
+            step = arc[s]
+            where = order[run]
+            pick = local[run] - first
+            for out, name in zip(outs, self.names):
+                shape = self._rows[name][1]
+                block = step.read(name, (first, *(0,) * len(shape)), (last - first + 1, *shape))
+                self.reads += 1
+                self.bytes_read += block.nbytes
+                out[where] = block[pick]
+        return outs
+
+    def close(self) -> None:
+        """Close this process's handle (it reopens on the next read)."""
+        if self._arc is not None and self._pid == os.getpid():
+            self._arc.close()
+        self._arc = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arc"] = None
+        state["_pid"] = -1
+        state["reads"] = state["bytes_read"] = 0
+        return state
+
+    def get_config(self) -> dict[str, Any]:
+        """JSON-safe description, for logs and benchmarks."""
+        return {
+            "class": type(self).__name__,
+            "url": self.url,
+            "vars": vars_config(self.names, self._keys),
+            "sample": self.sample,
+            "dtype": {n: None if d is None else d.name for n, d in self._dtypes.items()},
+            "shard_bytes": self.shard_bytes,
+            "options": {k: v for k, v in self.opts.items() if isinstance(v, (str, int, float))},
+            "samples": len(self),
+            "steps": self.steps,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"SampleDataset({self.url!r}, vars={self.names}, sample={self.sample!r}, n={len(self)})"
+        )
