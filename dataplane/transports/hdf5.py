@@ -44,6 +44,7 @@ import errno
 import json
 import math
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,24 @@ from dataplane.transports._files import (
 __all__ = ["HDF5Transport"]
 
 _META = "__dataplane"
+
+# NOTE: HDF5 keeps one open file per process however many handles open it. A SWMR refresh
+# through one handle while another handle of the file looks up or reads a dataset makes that
+# read return rows of the wrong step (reproduced with plain h5py: two threads, one refreshing).
+# So every SWMR source of one file in a process reads and refreshes under one lock.
+_FILE_LOCKS: dict[str, threading.RLock] = {}
+_FILE_LOCKS_GUARD = threading.Lock()
+
+
+def _file_lock(path: str) -> threading.RLock:
+    key = os.path.realpath(path)
+    with _FILE_LOCKS_GUARD:
+        lock = _FILE_LOCKS.get(key)
+        if lock is None:
+            lock = _FILE_LOCKS[key] = threading.RLock()
+        return lock
+
+
 _CHUNK_TARGET = 1 << 20  # small variables: pack steps until a chunk holds about 1 MiB
 _MAX_CHUNK = 1 << 30  # HDF5 limits a chunk to 4 GiB; stay well below
 
@@ -235,15 +254,16 @@ class HDF5Transport(FileTransport):
             if lease == "none":
                 raise DataplaneError(self._refusal())
             return None  # our writer died before its first step: nothing was committed
-        try:
-            f = h5py.File(self.path, "r", swmr=True)
-        except OSError as exc:
-            if exc.errno == errno.EAGAIN or "already open for write" in str(exc):
-                raise DataplaneError(self._refusal()) from exc
-            raise
-        if _META in f:
-            return _H5Source(self, f)
-        return _ForeignH5Source(self, f)
+        with _file_lock(self.path):  # opening touches the file other handles are reading
+            try:
+                f = h5py.File(self.path, "r", swmr=True)
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN or "already open for write" in str(exc):
+                    raise DataplaneError(self._refusal()) from exc
+                raise
+            if _META in f:
+                return _H5Source(self, f)
+            return _ForeignH5Source(self, f)
 
     def _refusal(self) -> str:
         return (
@@ -482,11 +502,15 @@ class _H5Source(StepSource):
         self._attrs_offsets = g["attrs_offsets"]
         self._names: list[str] = json.loads(g.attrs["vars"]) if "vars" in g.attrs else []
         self._specs: dict[str, VarSpec] = {}
-        self._datasets: dict[str, h5py.Dataset] = {}
         self._count = 0
         self._seen: dict[str, int] = {}  # rows of each dataset known to this reader
+        self._lock = _file_lock(t.path)
 
     def refresh(self) -> int:
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> int:
         self._committed.refresh()
         count = int(self._committed[0])
         if count != self._count:
@@ -505,37 +529,42 @@ class _H5Source(StepSource):
     def _spec(self, name: str) -> VarSpec:
         spec = self._specs.get(name)
         if spec is None:
-            d = self._f[name]
-            spec = self._specs[name] = VarSpec(np.dtype(d.dtype), tuple(d.shape[1:]))
+            with self._lock:
+                d = self._f[name]
+                spec = self._specs[name] = VarSpec(np.dtype(d.dtype), tuple(d.shape[1:]))
         return spec
 
     def meta(self, index: int) -> tuple[StepMeta, dict[str, str]]:
-        a, b = (int(x) for x in self._offsets[index : index + 2])
-        info = json.loads(self._meta[a:b].tobytes())
+        with self._lock:
+            a, b = (int(x) for x in self._offsets[index : index + 2])
+            info = json.loads(self._meta[a:b].tobytes())
         specs = {name: self._spec(name) for name in self._names}
         return StepMeta(index, info["a"], specs), info["c"]
 
     def get(self, index: int, name: str, selection: Selection) -> np.ndarray:
-        d = self._datasets.get(name)
-        if d is None:
-            d = self._datasets[name] = self._f[name]
-        if self._seen.get(name, -1) <= index:
-            d.refresh()
-            self._seen[name] = d.shape[0]
-        key = (index, *selection.slices)
-        return np.asarray(d[key])
+        with self._lock:
+            # Looked up on every read: a Dataset object kept across reads returns rows of the
+            # wrong step after another handle of the file refreshed (see _FILE_LOCKS).
+            d = self._f[name]
+            if self._seen.get(name, -1) <= index:
+                d.refresh()
+                self._seen[name] = d.shape[0]
+            key = (index, *selection.slices)
+            return np.asarray(d[key])
 
     def attrs(self) -> dict[str, AttrValue]:
-        self._attrs_offsets.refresh()
-        k = self._attrs_offsets.shape[0] - 1
-        if k == 0:
-            return {key: _from_h5_attr(v) for key, v in self._f.attrs.items()}
-        self._attrs_log.refresh()
-        a, b = (int(x) for x in self._attrs_offsets[k - 1 : k + 1])
-        return json.loads(self._attrs_log[a:b].tobytes())
+        with self._lock:
+            self._attrs_offsets.refresh()
+            k = self._attrs_offsets.shape[0] - 1
+            if k == 0:
+                return {key: _from_h5_attr(v) for key, v in self._f.attrs.items()}
+            self._attrs_log.refresh()
+            a, b = (int(x) for x in self._attrs_offsets[k - 1 : k + 1])
+            return json.loads(self._attrs_log[a:b].tobytes())
 
     def close(self) -> None:
-        self._f.close()
+        with self._lock:
+            self._f.close()
 
 
 class _ForeignH5Source(StepSource):
