@@ -944,6 +944,12 @@ class Archive:
         """Read a hyperslab of variable ``name`` in step ``step``."""
         return self[step].read(name, start, count)
 
+    def version(self, step: int) -> str | None:
+        """A string that changes whenever step ``step``'s content does (its checksums, or the
+        file's size and modification time for files dataplane did not write); None when
+        nothing tells. Caches key on it."""
+        return self._impl.version(self._index(step))
+
     def close(self) -> None:
         self._impl.close()
 

@@ -202,6 +202,36 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from dataplane.cache import cache_stats, clear_cache
+
+    if args.action == "clear":
+        clear_cache(args.path)
+        print(f"cleared {args.path}")
+        return 0
+    stats = cache_stats(args.path)
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    lookups = stats["hits"] + stats["misses"]
+    rows = [
+        ("entries", f"{stats['entries']} ({stats['bytes'] / 1e6:.1f} MB)"),
+        ("hits", f"{stats['hits']:.0f} of {lookups:.0f} lookups"),
+        (
+            "misses",
+            f"{stats['misses']:.0f} ({stats['bytes_from_source'] / 1e6:.1f} MB from the source)",
+        ),
+        ("served from cache", f"{stats['bytes_from_cache'] / 1e6:.1f} MB of entries"),
+        ("evictions", f"{stats['evictions']:.0f} (and {stats['bypassed']:.0f} not kept)"),
+        ("fetch wait", f"{stats['fetch_wait_s']:.2f} s waiting for other processes' fetches"),
+        ("degraded", f"{stats['degraded']:.0f} writes failed (read from the source instead)"),
+        ("corrupt", f"{stats['corrupt']:.0f} entries failed their checksum (fetched again)"),
+    ]
+    for k, v in rows:
+        print(f"{k:<18} {v}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="dataplane", description="Move data between HPC simulations and AI training."
@@ -279,6 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     conv.add_argument("--quiet", action="store_true", help="no progress on stderr")
     conv.set_defaults(func=_convert)
+
+    cache = sub.add_parser(
+        "cache",
+        help="figures of a node-local cache directory, or empty it",
+        description="stats: entries, bytes and the counters of every process that used the "
+        "cache (hits, misses, bytes from the source, evictions, fetch waits). clear: remove "
+        "every entry.",
+    )
+    cache.add_argument("action", choices=("stats", "clear"))
+    cache.add_argument("path")
+    cache.add_argument("--json", action="store_true", help="machine-readable output")
+    cache.set_defaults(func=_cache)
     args = ap.parse_args(argv)
     for name in ("steps", "size", "every"):
         value = getattr(args, name, None)

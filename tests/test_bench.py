@@ -60,3 +60,28 @@ def test_bench_loaders_compares_with_the_naive_reader(tmp_path) -> None:
     for r in report["results"]:
         assert r["naive_s"] > 0 and r["dataplane_blockNone_s"] > 0 and r["dataplane_block64_s"] > 0
     assert "x naive" in stdout
+
+
+def test_bench_cache_reports_limits_readers_and_belady(tmp_path) -> None:
+    out = tmp_path / "rows.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "bench_cache.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    what = {r["what"] for r in rows}
+    assert {"memcpy", "64KiB sequential read cold", "4KiB sequential read warm"} <= what
+    for kib in (64, 4):
+        for fmt in ("h5", "bp5", "zarr"):
+            for kind in ("cold w=0", "warm w=0", "warm w=2"):
+                assert f"{kib}KiB dataplane {fmt} {kind}" in what
+        assert f"{kib}KiB naive h5py chunked warm w=2" in what
+        assert f"{kib}KiB naive h5py contiguous cold w=0" in what
+        assert f"{kib}KiB DataLoader ceiling w=2" in what
+    for r in rows:
+        assert r.get("gbps", 1) > 0 and r.get("sps", 1) > 0
+    half = next(r for r in rows if r["what"] == "half-size cache: shard reads")
+    assert half["reads"] >= half["belady_min"] > 0

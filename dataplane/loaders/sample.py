@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,6 +12,7 @@ import numpy as np
 import torch
 
 import dataplane.api as api
+from dataplane.cache import NodeCache, Prefetcher
 from dataplane.errors import OptionError, SchemaError, VariableNotFoundError
 from dataplane.loaders._common import (
     as_tensor,
@@ -20,6 +23,7 @@ from dataplane.loaders._common import (
     shape_sample,
     vars_config,
 )
+from dataplane.loaders._shards import ShardSource, read_shard, step_runs
 from dataplane.model import Step
 
 __all__ = ["SampleDataset"]
@@ -27,6 +31,9 @@ __all__ = ["SampleDataset"]
 #: Rows between two wanted rows are read along (one call instead of two) while the gap is
 #: smaller than this: a second call costs more than reading this many bytes on any filesystem.
 GAP_BYTES = 256 << 10
+#: Rows at least this big are gathered one by one (a copy each); smaller ones with one fancy
+#: index (a gather and a scatter, but no per-row Python).
+ROW_BY_ROW = 16 << 10
 
 
 class SampleDataset(torch.utils.data.Dataset):
@@ -59,7 +66,15 @@ class SampleDataset(torch.utils.data.Dataset):
         Called on each sample (after conversion to tensors).
     shard_bytes
         Target size of a shard, the contiguous run of samples a sampler and a cache treat as
-        one read (never across steps for rows).
+        one unit: a run of one step's rows, several small steps whole, or several steps for
+        ``sample="step"``.
+    cache
+        A :class:`~dataplane.cache.NodeCache`: samples are read from shards cached on the node
+        (each fetched once per node, by whichever process needs it first).
+    prefetch
+        With a cache and ``ShuffleSampler``: a background process fetches the shards of each
+        epoch in order of first use, ahead of the readers. ``prefetch_window`` is its initial
+        window in bytes (it grows while readers catch up with it, up to half the cache).
     **opts
         Transport options, as for :func:`dataplane.open`.
     """
@@ -73,6 +88,9 @@ class SampleDataset(torch.utils.data.Dataset):
         transform: Callable[[Any], Any] | None = None,
         *,
         shard_bytes: int = 4 << 20,
+        cache: NodeCache | None = None,
+        prefetch: bool = True,
+        prefetch_window: int = 64 << 20,
         **opts: Any,
     ) -> None:
         self.url = url
@@ -86,6 +104,14 @@ class SampleDataset(torch.utils.data.Dataset):
         if shard_bytes < 1:
             raise OptionError(f"shard_bytes must be at least 1, got {shard_bytes}")
         self.shard_bytes = int(shard_bytes)
+        if cache is not None and not isinstance(cache, NodeCache):
+            raise OptionError(f"cache must be a dataplane.cache.NodeCache, got {cache!r}")
+        self.cache = cache
+        self.prefetch = bool(prefetch)
+        self.prefetch_window = int(prefetch_window)
+        self._prefetcher: Prefetcher | None = None
+        self._table: tuple[np.ndarray, np.ndarray, list[str]] | None = None
+        self._versions: list[str | None] = []
         # The snapshot: per step, its samples (rows, or 1) and bytes.
         self._counts: list[int] = []
         self._step_bytes: list[int] = []
@@ -107,7 +133,13 @@ class SampleDataset(torch.utils.data.Dataset):
         with api.open(self.url, **self.opts) as arc:
             for i in range(len(self._counts), len(arc)):
                 self._take(i, arc[i])
+                if self.cache is not None:
+                    self._versions.append(arc.version(i))
         self._offsets = np.concatenate(([0], np.cumsum(self._counts, dtype=np.int64)))
+        self._table = None
+        if self.cache is not None and self._counts:
+            # An entry is a shard plus a header and per-array alignment.
+            self.cache.require(int(self.shard_nbytes().max()) + 4096 + 64 * len(self.names))
         return len(self)
 
     def _take(self, i: int, step: Step) -> None:
@@ -156,38 +188,88 @@ class SampleDataset(torch.utils.data.Dataset):
         """Steps in the snapshot."""
         return len(self._counts)
 
-    def shard_bounds(self) -> np.ndarray:
-        """Boundaries of the shards (see :mod:`dataplane.loaders.order`)."""
-        return self._shards()[0]
+    def shard_bounds(self, samples: int | None = None) -> np.ndarray:
+        """Boundaries of the shards (see :mod:`dataplane.loaders.order`); with ``samples``, of
+        the snapshot that had that many samples (to resume an order taken before growth)."""
+        if samples is None or samples == len(self):
+            return self._shard_table()[0]
+        steps = int(np.searchsorted(self._offsets, samples))
+        if steps >= len(self._offsets) or int(self._offsets[steps]) != samples:
+            raise OptionError(
+                f"{self.url} never had exactly {samples} samples (step sizes differ from when "
+                f"the order was taken): was it rewritten?"
+            )
+        return self._shards(steps)[0]
 
     def shard_nbytes(self) -> np.ndarray:
         """Bytes of each shard."""
-        return self._shards()[1]
+        return self._shard_table()[1]
 
-    def _shards(self) -> tuple[np.ndarray, np.ndarray]:
+    def _shard_table(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        if self._table is None:
+            bounds, nbytes = self._shards()
+            keys = [self._shard_key(bounds, s) for s in range(len(bounds) - 1)]
+            self._table = bounds, nbytes, keys
+        return self._table
+
+    def _shard_key(self, bounds: np.ndarray, s: int) -> str:
+        """What identifies shard ``s``: the source, what it holds, and its steps' versions."""
+        if self.cache is None:
+            return ""
+        a, b = int(bounds[s]), int(bounds[s + 1])
+        if self.sample == "step":
+            what: list = ["step", a, b, self._versions[a:b]]
+        else:
+            what = ["row"] + [
+                [i, r0, r1, self._versions[i]] for i, r0, r1 in step_runs(self._offsets, a, b)
+            ]
+        return NodeCache.key(self.url, self.names, what)
+
+    def _shards(self, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Shard boundaries and bytes over the first ``steps`` steps (default all), a pure
+        function of the step sizes. Growth can extend the last pack of small steps, so a
+        resumed order asks for its old snapshot's layout (``shard_bounds(samples=)``)."""
+        n = len(self._counts) if steps is None else steps
+        counts, step_bytes = self._counts[:n], self._step_bytes[:n]
+        total = int(self._offsets[n])
         starts: list[np.ndarray] = []
         sizes: list[np.ndarray] = []
         if self.sample == "row":
-            for off, count, nbytes in zip(self._offsets[:-1], self._counts, self._step_bytes):
+            # Small steps are packed whole into a shard; big ones are cut into runs of rows.
+            pack_start, pack_bytes = -1, 0
+            for off, count, nbytes in zip(self._offsets[:n], counts, step_bytes):
                 if not count:
+                    continue
+                big = nbytes >= self.shard_bytes
+                if pack_start >= 0 and (big or pack_bytes + nbytes > self.shard_bytes):
+                    starts.append(np.array([pack_start]))
+                    sizes.append(np.array([pack_bytes]))
+                    pack_start, pack_bytes = -1, 0
+                if not big:
+                    if pack_start < 0:
+                        pack_start = int(off)
+                    pack_bytes += nbytes
                     continue
                 row = nbytes // count
                 per = max(1, self.shard_bytes // max(row, 1))
                 s = np.arange(0, count, per, dtype=np.int64)
                 starts.append(off + s)
                 sizes.append((np.minimum(s + per, count) - s) * row)
+            if pack_start >= 0:
+                starts.append(np.array([pack_start]))
+                sizes.append(np.array([pack_bytes]))
         else:  # consecutive steps up to shard_bytes
             begin, acc = 0, 0
-            for i, nbytes in enumerate(self._step_bytes):
+            for i, nbytes in enumerate(step_bytes):
                 if i > begin and acc + nbytes > self.shard_bytes:
                     starts.append(np.array([begin]))
                     sizes.append(np.array([acc]))
                     begin, acc = i, 0
                 acc += nbytes
-            if self._step_bytes:
+            if step_bytes:
                 starts.append(np.array([begin]))
                 sizes.append(np.array([acc]))
-        bounds = np.concatenate([*starts, [len(self)]]).astype(np.int64)
+        bounds = np.concatenate([*starts, [total]]).astype(np.int64)
         nbytes_arr = np.concatenate(sizes).astype(np.int64) if sizes else np.zeros(0, np.int64)
         return bounds, nbytes_arr
 
@@ -222,14 +304,17 @@ class SampleDataset(torch.utils.data.Dataset):
         """The samples at ``indices``, read with as few calls as the layout allows."""
         idx = self._indices(indices)
         tensors: list[Any]
-        if self.sample == "step":
+        if self.cache is not None:
+            tensors = self._read_cached(idx)
+        elif self.sample == "step":
             tensors = self._read_steps(idx)
         else:
             tensors = [as_tensor(c) for c in self._read_rows(idx)]
+        # Views of each column, one per sample (unbind: one call, not one index per sample).
+        columns = [t.unbind(0) if isinstance(t, torch.Tensor) else t for t in tensors]
         out = []
-        for j in range(len(idx)):
-            parts = [t[j] for t in tensors]
-            s = shape_sample(parts, self._keys, self._single)
+        for parts in zip(*columns):
+            s = shape_sample(list(parts), self._keys, self._single)
             out.append(self.transform(s) if self.transform is not None else s)
         return out
 
@@ -281,6 +366,95 @@ class SampleDataset(torch.utils.data.Dataset):
                 out[where] = block[pick]
         return outs
 
+    # -- through the cache --------------------------------------------------------------------
+    def _read_shard(self, s: int) -> dict[str, np.ndarray]:
+        """Shard ``s`` from the source: rows ``a:b`` of one step, or whole steps."""
+        bounds = self._shard_table()[0]
+        out = read_shard(
+            self._archive(),
+            self.sample,
+            self.names,
+            self._rows,
+            self._offsets,
+            int(bounds[s]),
+            int(bounds[s + 1]),
+        )
+        self.reads += len(out)
+        self.bytes_read += sum(x.nbytes for x in out.values())
+        return out
+
+    def prefetch_shard(self, shard: int, key: str) -> None:
+        """Make sure shard ``shard`` is in the cache (what the prefetcher calls)."""
+        assert self.cache is not None
+        self.cache.fetch(key, lambda: self._read_shard(shard))
+
+    def _shard_source(self) -> ShardSource:
+        """What the prefetch process needs to read this snapshot's shards (no torch)."""
+        assert self.cache is not None
+        bounds, nbytes, _ = self._shard_table()
+        return ShardSource(
+            self.url,
+            self.opts,
+            self.sample,
+            self.names,
+            self._rows,
+            self._offsets,
+            bounds,
+            nbytes,
+            self.cache,
+        )
+
+    def _read_cached(self, idx: np.ndarray) -> list[Any]:
+        assert self.cache is not None
+        bounds, _, keys = self._shard_table()
+        shard = np.searchsorted(bounds, idx, side="right") - 1
+        if self.sample == "step":
+            columns: list[list[torch.Tensor]] = [[None] * len(idx) for _ in self.names]  # type: ignore[list-item]
+        else:
+            outs = [
+                np.empty((len(idx), *self._rows[n][1]), dtype=self._dtypes[n] or self._rows[n][0])
+                for n in self.names
+            ]
+        for s in np.unique(shard).tolist():
+            where = np.flatnonzero(shard == s)
+            arrays = self.cache.fetch(keys[s], functools.partial(self._read_shard, s))
+            if self.sample == "step":
+                for j in where.tolist():
+                    for k, name in enumerate(self.names):
+                        arr = arrays[f"{int(idx[j])}/{name}"]
+                        d = self._dtypes[name]
+                        columns[k][j] = as_tensor(arr.astype(d) if d is not None else arr)
+            else:
+                local = idx[where] - bounds[s]
+                for out, name in zip(outs, self.names):
+                    src = arrays[name]
+                    if out[0:1].nbytes >= ROW_BY_ROW:
+                        for w, r in zip(where.tolist(), local.tolist()):
+                            out[w] = src[r]  # one copy (fancy indexing would make two)
+                    else:
+                        out[where] = src[local]
+        if self.sample == "step":
+            return columns
+        return [as_tensor(o) for o in outs]
+
+    def plan_epoch(self, order: np.ndarray, tag: str) -> Callable[[int], None] | None:
+        """Publish the epoch's ``order`` to the cache (for eviction by future use) and have
+        the prefetcher follow it. Returns the function that reports the reader's position."""
+        if self.cache is None:
+            return None
+        bounds, _, keys = self._shard_table()
+        uses = np.searchsorted(bounds, order, side="right") - 1
+        plan = self.cache.set_plan(f"{id(self):x}-{tag}", keys, uses)
+        if self.prefetch:
+            if self._prefetcher is None or not self._prefetcher.alive:
+                self._prefetcher = Prefetcher(self._shard_source(), self.prefetch_window)
+                weakref.finalize(self, self._prefetcher.close)
+            else:
+                self._prefetcher.update(self._shard_source())
+            self._prefetcher.follow(plan)
+        cache = self.cache
+        return lambda position: cache.advance(plan, position)
+
     def close(self) -> None:
         """Close this process's handle (it reopens on the next read)."""
         if self._arc is not None and self._pid == os.getpid():
@@ -291,6 +465,7 @@ class SampleDataset(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_arc"] = None
         state["_pid"] = -1
+        state["_prefetcher"] = None
         state["reads"] = state["bytes_read"] = 0
         return state
 
@@ -303,6 +478,8 @@ class SampleDataset(torch.utils.data.Dataset):
             "sample": self.sample,
             "dtype": {n: None if d is None else d.name for n, d in self._dtypes.items()},
             "shard_bytes": self.shard_bytes,
+            "cache": None if self.cache is None else self.cache.get_config(),
+            "prefetch": self.prefetch,
             "options": {k: v for k, v in self.opts.items() if isinstance(v, (str, int, float))},
             "samples": len(self),
             "steps": self.steps,

@@ -14,6 +14,9 @@ from dataplane.loaders.order import check_bounds, epoch_order, order_cost, unifo
 
 __all__ = ["ShuffleSampler"]
 
+#: Samples between two reports of the position to a dataset's cache.
+ADVANCE_EVERY = 16
+
 
 class ShuffleSampler(torch.utils.data.Sampler[int]):
     """The order in which one rank reads a dataset's samples, epoch by epoch.
@@ -113,9 +116,16 @@ class ShuffleSampler(torch.utils.data.Sampler[int]):
         order = self.order()
         start, self._resume = self._resume, 0
         self._yielded = start
+        # A dataset with a cache learns the future: eviction by next use, prefetching.
+        plan = getattr(self.data, "plan_epoch", None)
+        advance = plan(order, f"r{self.rank}-e{self.epoch}") if plan is not None else None
         for i in order[start:].tolist():
+            if advance is not None and self._yielded % ADVANCE_EVERY == 0:
+                advance(self._yielded)
             self._yielded += 1
             yield i
+        if advance is not None:
+            advance(len(order))
         self._bounds = None  # the next epoch (or pass) looks for new data again
 
     def __len__(self) -> int:
@@ -162,15 +172,18 @@ class ShuffleSampler(torch.utils.data.Sampler[int]):
                     f"cannot resume: the state has {key}={state.get(key)!r} but this sampler "
                     f"{key}={getattr(self, key)!r}; a resumed order needs the same {key}"
                 )
-        bounds = self._layout(refresh=True)
         n = int(state["samples"])
-        if n > bounds[-1] or (n not in bounds):
-            raise OptionError(
-                f"cannot resume: the state was taken over {n} samples but the data now has "
-                f"{int(bounds[-1])} with no shard ending there (was it rewritten?)"
-            )
+        if isinstance(self.data, (int, np.integer)):
+            if n != int(self.data):
+                raise OptionError(f"cannot resume: the state is over {n} samples, not {self.data}")
+            bounds = uniform_bounds(n)
+        else:
+            if hasattr(self.data, "refresh"):
+                self.data.refresh()
+            # The layout of the snapshot the order was taken over, however the data grew since.
+            bounds = check_bounds(self.data.shard_bounds(samples=n))
         self.epoch = int(state["epoch"])
-        self._bounds = bounds[: int(np.searchsorted(bounds, n)) + 1]
+        self._bounds = bounds
         self._resume = self._yielded = int(state["position"])
 
     def get_config(self) -> dict[str, Any]:

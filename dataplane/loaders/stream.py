@@ -104,8 +104,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
 
     Every consumer (each DataLoader worker of each rank) subscribes on its own and uses the
     steps whose index modulo the number of consumers is its own number, so each step feeds
-    exactly one consumer. Iteration ends when the writer closes the channel and raises
-    ``ChannelBroken`` when it dies.
+    exactly one consumer (every rank must use the same ``num_workers``). Iteration ends when
+    the writer closes the channel and raises ``ChannelBroken`` when it dies.
 
     Two ways to use the bounded buffer of ``buffer`` samples (memory never grows past it):
 

@@ -670,6 +670,16 @@ class _FileArchive(Archive):
     def meta(self, index: int) -> StepMeta:
         return self._meta(index)[0]
 
+    def version(self, index: int) -> str | None:
+        sums = self._meta(index)[1]
+        if sums:  # the step's own checksums: content-addressed
+            return xxhash.xxh3_64_hexdigest(json.dumps(sums, sort_keys=True).encode())
+        try:  # a file dataplane did not write: its size and modification time
+            st = os.stat(self._t.url.path)
+        except OSError:
+            return None
+        return f"{st.st_size}-{st.st_mtime_ns}"
+
     def get(self, index: int, name: str, selection: Selection) -> np.ndarray:
         meta, sums = self._meta(index)
         return self._t.checked(

@@ -241,6 +241,11 @@ class Archive(ABC):
     def attrs(self) -> dict[str, AttrValue]:
         return {}
 
+    def version(self, index: int) -> str | None:
+        """A string that changes whenever the content of step ``index`` does (e.g. its
+        checksums), or None when the format records nothing of the kind. Caches key on it."""
+        return None
+
     def vars(self) -> dict[str, VarSpec]:
         """Every variable with its spec in the last step that holds it."""
         out: dict[str, VarSpec] = {}

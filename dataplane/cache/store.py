@@ -1,0 +1,619 @@
+"""``NodeCache``: a directory of shard files shared by every process on a node.
+
+Layout of ``PATH``::
+
+    entries/<key>           one shard: header, JSON table of arrays, 64-byte aligned payload
+    tmp/<key>.<pid>.<rand>  an entry being written (space reserved up front), renamed when done
+    plans/<id>.npz, .pos    a consumer's future order of shards and its position (for eviction)
+    stats/<pid>.json        each process's counters (``dataplane cache stats`` adds them up)
+    lock                    flock: space accounting and eviction
+    keys.lock               byte-range locks, one slot per key hash: one fetch per shard per node
+
+Entries are read through ``mmap`` (the page cache is the memory tier) and checked against their
+checksum the first time a process maps them. A write that fails (full disk, quota, I/O error)
+degrades to handing out what the source returned, with a warning and a counter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import mmap
+import multiprocessing.util
+import os
+import re
+import secrets
+import struct
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from dataplane.cache.policy import NEVER, Plan
+from dataplane.errors import DataplaneError, OptionError
+
+__all__ = ["CacheWarning", "NodeCache", "cache_stats", "clear_cache", "parse_size"]
+
+_MAGIC = b"DPCACHE1"
+_HEADER = struct.Struct("<8sQQQ")  # magic, table length, payload length, xxh3-64 of payload
+_ALIGN = 64
+_KEY_SLOTS = 1 << 20  # byte-range lock slots in keys.lock
+_KEY_RE = re.compile(r"^[0-9a-f]{40}$")
+_STATS_EVERY = 0.5  # seconds between writes of a process's counters
+#: Read positions a consumer may have in flight beyond the position it reported (a batch or
+#: two): a shard fetched now serves those without being kept.
+IN_FLIGHT = 64
+_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+_UNITS.update({"KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40})
+COUNTERS = (
+    "hits",
+    "misses",
+    "bytes_from_source",
+    "bytes_from_cache",
+    "evictions",
+    "bypassed",
+    "fetch_wait_s",
+    "degraded",
+    "corrupt",
+)
+
+
+class CacheWarning(RuntimeWarning):
+    """The cache could not store an entry (full disk, failed write) and is being bypassed."""
+
+
+def parse_size(size: Any) -> int:
+    """Bytes from an int or a string such as ``"40GB"``, ``"512MiB"``, ``"1.5G"``."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        value = int(size)
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?)B?\s*", str(size).upper())
+        if not m:
+            raise OptionError(f"size {size!r} is not a number of bytes such as 40GB or 512MiB")
+        value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if value <= 0:
+        raise OptionError(f"a cache capacity must be positive, got {size!r}")
+    return value
+
+
+def entry_size(arrays: dict[str, np.ndarray]) -> int:
+    """Bytes an entry holding ``arrays`` takes on disk."""
+    return _layout(arrays)[0]
+
+
+def _layout(arrays: dict[str, np.ndarray]) -> tuple[int, bytes, list[int]]:
+    offsets = []
+    pos = 0
+    for a in arrays.values():
+        offsets.append(pos)
+        pos += -(-a.nbytes // _ALIGN) * _ALIGN
+    table = json.dumps(
+        [[n, a.dtype.str, list(a.shape), o] for (n, a), o in zip(arrays.items(), offsets)]
+    ).encode()
+    head = -(-(_HEADER.size + len(table)) // _ALIGN) * _ALIGN
+    return head + pos, table, offsets
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class NodeCache:
+    """Shards on node-local storage, shared by every process that names the same ``path``.
+
+    Parameters
+    ----------
+    path
+        A directory on node-local storage (created if missing).
+    capacity
+        Bytes it may hold (``"40GB"``, ``"512MiB"`` or an int). Never exceeded.
+    lock_timeout
+        Seconds to wait for another process's fetch of the same shard before fetching anyway.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, capacity: Any = "40GB", *, lock_timeout: float = 600.0
+    ):
+        self.path = os.path.abspath(os.fspath(path))
+        self.capacity = parse_size(capacity)
+        self.lock_timeout = float(lock_timeout)
+        for sub in ("entries", "tmp", "plans", "stats"):
+            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+        self._reset()
+
+    # -- per-process state -------------------------------------------------------------------
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._mutex = threading.Lock()
+        self._key_mutexes: dict[int, threading.Lock] = {}
+        self._keys_fd: int | None = None
+        # key -> (inode, generation when last seen live, mapping, arrays)
+        self._maps: OrderedDict[str, tuple[int, int, mmap.mmap, dict[str, np.ndarray]]] = (
+            OrderedDict()
+        )
+        self._gen: mmap.mmap | None = None
+        self._positions: dict[str, mmap.mmap] = {}  # plan -> its shared position
+        self._verified: set[str] = set()
+        self._plans: dict[str, tuple[float, Plan, int]] = {}
+        self._stats: dict[str, float] = dict.fromkeys(COUNTERS, 0)
+        self._stats_written = 0.0
+        self._dirty = False
+        self._warned = False
+        self._swept = False
+        multiprocessing.util.Finalize(self, self.flush_stats, exitpriority=10)
+
+    def _check_process(self) -> None:
+        if self._pid != os.getpid():  # after fork: locks, fds and maps are the parent's
+            self._reset()
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.capacity), {"lock_timeout": self.lock_timeout})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.lock_timeout = state["lock_timeout"]
+
+    def get_config(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "path": self.path, "capacity": self.capacity}
+
+    def __repr__(self) -> str:
+        return f"NodeCache({self.path!r}, capacity={self.capacity})"
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """This process's counters (``cache_stats(path)`` adds up every process's)."""
+        return dict(self._stats)
+
+    def require(self, nbytes: int, what: str = "a shard") -> None:
+        """Raise unless an entry of ``nbytes`` fits in the capacity."""
+        if nbytes > self.capacity:
+            raise OptionError(
+                f"cache capacity {self.capacity} bytes is below {what} ({nbytes} bytes); give "
+                f"the cache at least {nbytes} bytes, or use smaller shards (shard_bytes=)"
+            )
+
+    # -- keys ---------------------------------------------------------------------------------
+    @staticmethod
+    def key(*parts: Any) -> str:
+        """An entry key from JSON-able parts (source identity, version, what is in it)."""
+        return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def _entry(self, key: str) -> str:
+        if not _KEY_RE.match(key):
+            raise DataplaneError(f"cache key {key!r} is not one NodeCache.key() made")
+        return os.path.join(self.path, "entries", key)
+
+    def __contains__(self, key: str) -> bool:
+        return os.path.exists(self._entry(key))
+
+    # -- reading ------------------------------------------------------------------------------
+    def get(self, key: str) -> dict[str, np.ndarray] | None:
+        """The arrays of entry ``key`` (read-only views of its mapping), or None."""
+        self._check_process()
+        arrays = self._map(key)
+        if arrays is not None:
+            self._stats["hits"] += 1
+            self._count("bytes_from_cache", sum(a.nbytes for a in arrays.values()))
+        return arrays
+
+    def _generation(self) -> int:
+        """A node-wide counter that every removal of an entry bumps (a shared mapping)."""
+        if self._gen is None:
+            fd = os.open(os.path.join(self.path, "generation"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size < 8:
+                    os.posix_fallocate(fd, 0, 8)
+                self._gen = mmap.mmap(fd, 8)
+            finally:
+                os.close(fd)
+        return struct.unpack_from("<q", self._gen, 0)[0]
+
+    def _removed(self) -> None:
+        """Record that entries went away (call under the space lock)."""
+        self._generation()
+        assert self._gen is not None
+        struct.pack_into("<q", self._gen, 0, struct.unpack_from("<q", self._gen, 0)[0] + 1)
+
+    def _map(self, key: str) -> dict[str, np.ndarray] | None:
+        gen = self._generation()
+        with self._mutex:
+            got = self._maps.get(key)
+        if got is not None and got[1] == gen:
+            return got[3]  # nothing was removed since we last saw it live
+        path = self._entry(key)
+        try:
+            ino = os.stat(path).st_ino
+        except FileNotFoundError:
+            return None
+        if got is not None and got[0] == ino:
+            # Still the live entry. An evicted one is never served from an old mapping, so
+            # what readers hold through the cache stays within what its capacity allows.
+            with self._mutex:
+                self._maps[key] = (ino, gen, got[2], got[3])
+                self._maps.move_to_end(key)
+            return got[3]
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            size, ino = st.st_size, st.st_ino
+            if size < _HEADER.size:
+                self._corrupt(key, "it is shorter than its header")
+                return None
+            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        magic, tlen, plen, checksum = _HEADER.unpack_from(mm, 0)
+        head = -(-(_HEADER.size + tlen) // _ALIGN) * _ALIGN
+        if magic != _MAGIC or head + plen != size:
+            mm.close()
+            self._corrupt(key, "its header does not match its size")
+            return None
+        if key not in self._verified:
+            if xxhash.xxh3_64_intdigest(memoryview(mm)[head:]) != checksum:
+                mm.close()
+                self._corrupt(key, "its checksum does not match")
+                return None
+            self._verified.add(key)
+        arrays = {}
+        for name, dtype, shape, offset in json.loads(bytes(mm[_HEADER.size : _HEADER.size + tlen])):
+            count = int(np.prod(shape, dtype=np.int64))
+            arrays[name] = np.frombuffer(
+                mm, dtype=np.dtype(dtype), count=count, offset=head + offset
+            ).reshape(shape)
+        with contextlib.suppress(OSError):
+            os.utime(path)  # LRU order is the entries' modification times
+        with self._mutex:
+            self._maps[key] = (ino, gen, mm, arrays)
+            while len(self._maps) > 512:
+                self._maps.popitem(last=False)  # the arrays keep their mapping alive
+        return arrays
+
+    def _corrupt(self, key: str, why: str) -> None:
+        """Count, warn and remove a damaged entry, so it is fetched again."""
+        self._count("corrupt", 1)
+        warnings.warn(
+            f"cache entry {key} in {self.path} is corrupt ({why}); removed and fetched again",
+            CacheWarning,
+            stacklevel=4,
+        )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._entry(key))
+        with self._mutex:
+            self._maps.pop(key, None)
+
+    # -- fetching -----------------------------------------------------------------------------
+    def fetch(
+        self, key: str, produce: Callable[[], dict[str, np.ndarray]], *, plan: str | None = None
+    ) -> dict[str, np.ndarray]:
+        """The arrays of entry ``key``: from the cache, or from ``produce()`` (called once per
+        node however many processes ask at the same time) and then stored."""
+        got = self.get(key)
+        if got is not None:
+            return got
+        with self._key_lock(key):
+            got = self.get(key)  # fetched by whoever held the lock while we waited
+            if got is not None:
+                return got
+            arrays = {n: np.ascontiguousarray(a) for n, a in produce().items()}
+            self._count("misses", 1)
+            self._count("bytes_from_source", sum(a.nbytes for a in arrays.values()))
+            try:
+                self._store(key, arrays)
+            except OSError as exc:
+                self._degrade(exc)
+        return arrays
+
+    @contextlib.contextmanager
+    def _key_lock(self, key: str) -> Iterator[None]:
+        """Exclusive per key, across threads (a mutex) and processes (a byte-range lock the
+        kernel releases when its holder dies, so a waiter takes over at once)."""
+        self._check_process()
+        slot = int(key[:8], 16) % _KEY_SLOTS
+        with self._mutex:
+            mutex = self._key_mutexes.setdefault(slot, threading.Lock())
+            if self._keys_fd is None:
+                self._keys_fd = os.open(
+                    os.path.join(self.path, "keys.lock"), os.O_RDWR | os.O_CREAT, 0o600
+                )
+            fd = self._keys_fd
+        t0 = time.perf_counter()
+        with mutex:
+            deadline = time.monotonic() + self.lock_timeout
+            locked = False
+            delay = 0.001
+            while True:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+                    locked = True
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise
+                if time.monotonic() > deadline:
+                    break  # the holder is alive but stuck: fetch anyway rather than hang
+                time.sleep(delay)
+                delay = min(delay * 2, 0.02)
+            self._count("fetch_wait_s", time.perf_counter() - t0)
+            try:
+                yield
+            finally:
+                if locked:
+                    fcntl.lockf(fd, fcntl.LOCK_UN, 1, slot)
+
+    def _store(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+        size, table, offsets = _layout(arrays)
+        if size > self.capacity:
+            self._count("bypassed", 1)
+            return
+        tmp = os.path.join(self.path, "tmp", f"{key}.{os.getpid()}.{secrets.token_hex(4)}")
+        with self._space():
+            if not self._make_room(key, size):
+                self._count("bypassed", 1)
+                return
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                # Reserve every block now: a full disk fails here, not later as a SIGBUS.
+                os.posix_fallocate(fd, 0, size)
+            except BaseException:
+                os.close(fd)
+                os.unlink(tmp)
+                raise
+        try:
+            head = size - sum(-(-a.nbytes // _ALIGN) * _ALIGN for a in arrays.values())
+            h = xxhash.xxh3_64()
+            for a, o in zip(arrays.values(), offsets):
+                if a.nbytes:
+                    os.pwrite(fd, a.reshape(-1).view(np.uint8).data, head + o)
+                pad = -(-a.nbytes // _ALIGN) * _ALIGN - a.nbytes
+                h.update(a.reshape(-1).view(np.uint8).data if a.nbytes else b"")
+                h.update(b"\0" * pad)
+            os.pwrite(fd, _HEADER.pack(_MAGIC, len(table), size - head, h.intdigest()) + table, 0)
+            os.close(fd)
+            fd = -1
+            os.rename(tmp, self._entry(key))
+            self._verified.add(key)  # we computed its checksum from the bytes we wrote
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    @contextlib.contextmanager
+    def _space(self) -> Iterator[None]:
+        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not self._swept:
+                self._sweep()
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _sweep(self) -> None:
+        """Remove what killed processes left: temporary entries, plans, nothing live."""
+        self._swept = True
+        for name in os.listdir(os.path.join(self.path, "tmp")):
+            parts = name.split(".")
+            if len(parts) == 3 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, "tmp", name))
+        for name in os.listdir(os.path.join(self.path, "plans")):
+            pid = name.split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, "plans", name))
+
+    def usage(self) -> tuple[int, int]:
+        """(entries, bytes) in the cache, counting entries being written."""
+        n = used = 0
+        for sub in ("entries", "tmp"):
+            with os.scandir(os.path.join(self.path, sub)) as it:
+                for e in it:
+                    with contextlib.suppress(FileNotFoundError):
+                        used += e.stat().st_blocks * 512 if sub == "tmp" else e.stat().st_size
+                        n += sub == "entries"
+        return n, used
+
+    def _make_room(self, key: str, size: int) -> bool:
+        """Evict until ``size`` more bytes fit; False when the newcomer is the one to drop
+        (every entry it would displace is needed sooner). Called under the space lock."""
+        entries = []
+        used = 0
+        for sub in ("entries", "tmp"):
+            with os.scandir(os.path.join(self.path, sub)) as it:
+                for e in it:
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:
+                        continue
+                    if sub == "tmp":
+                        used += max(st.st_size, st.st_blocks * 512)
+                    else:
+                        used += st.st_size
+                        entries.append((e.name, st.st_size, st.st_mtime_ns))
+        if used + size <= self.capacity:
+            return True
+        plans = self._live_plans()
+
+        def future(k: str, ahead: int = 0) -> int:
+            return min((p.next_use(k, pos + ahead) for p, pos in plans), default=NEVER)
+
+        # The newcomer is being read now, for the positions in flight: what counts is its use
+        # after those. If every entry it would displace is needed before that, it is not kept.
+        mine = future(key, IN_FLIGHT) if plans else NEVER
+        # Entries nobody needs first (oldest first), then the one needed furthest ahead.
+        ranked = sorted(entries, key=lambda e: (-future(e[0]) if plans else 0, e[2]))
+        for name, nbytes, _ in ranked:
+            if used + size <= self.capacity:
+                break
+            if plans and future(name) != NEVER and future(name) < mine:
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.path, "entries", name))
+                used -= nbytes
+                self._count("evictions", 1)
+                self._removed()
+        return used + size <= self.capacity
+
+    def _degrade(self, exc: OSError) -> None:
+        self._count("degraded", 1)
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"cache {self.path} cannot store entries ({exc}); reading from the source "
+                f"directly (counted in stats['degraded'])",
+                CacheWarning,
+                stacklevel=4,
+            )
+
+    # -- plans (the future, for eviction) -----------------------------------------------------
+    def set_plan(self, plan_id: str, keys: list[str], uses: np.ndarray) -> str:
+        """Publish a consumer's future: ``uses[p]`` is the index in ``keys`` of the shard read
+        at position ``p``. Returns the plan's file id (pass it to :meth:`advance`)."""
+        self._check_process()
+        name = f"{os.getpid()}-{re.sub(r'[^A-Za-z0-9_.-]', '_', plan_id)}"
+        base = os.path.join(self.path, "plans", name)
+        tmp = f"{base}.{secrets.token_hex(4)}.tmp"
+        blob = np.frombuffer("\n".join(keys).encode(), dtype=np.uint8)
+        with open(tmp, "wb") as f:
+            np.savez(f, keys=blob, uses=np.asarray(uses, dtype=np.int64))
+        self.advance(name, 0)
+        os.replace(tmp, base + ".npz")
+        return name
+
+    def advance(self, plan: str, position: int) -> None:
+        """Tell eviction and prefetching that the consumer of ``plan`` reached ``position``."""
+        self._check_process()
+        pos = self._positions.get(plan)
+        if pos is None:
+            fd = os.open(
+                os.path.join(self.path, "plans", plan + ".pos"), os.O_RDWR | os.O_CREAT, 0o600
+            )
+            try:
+                if os.fstat(fd).st_size < 8:
+                    os.posix_fallocate(fd, 0, 8)
+                pos = self._positions[plan] = mmap.mmap(fd, 8)
+            finally:
+                os.close(fd)
+        struct.pack_into("<q", pos, 0, int(position))
+
+    def drop_plan(self, plan: str) -> None:
+        self._positions.pop(plan, None)
+        for ext in (".npz", ".pos"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.path, "plans", plan + ext))
+
+    def load_plan(self, plan: str) -> tuple[Plan, int] | None:
+        """A plan and its consumer's position (None if gone)."""
+        base = os.path.join(self.path, "plans", plan)
+        try:
+            mtime = os.stat(base + ".npz").st_mtime_ns
+            with open(base + ".pos", "rb") as f:
+                (position,) = struct.unpack("<q", f.read(8))
+        except (FileNotFoundError, struct.error):
+            return None
+        cached = self._plans.get(plan)
+        if cached is None or cached[0] != mtime:
+            try:
+                with np.load(base + ".npz", allow_pickle=False) as z:
+                    keys = bytes(z["keys"]).decode().split("\n") if len(z["keys"]) else []
+                    uses = z["uses"]
+            except (OSError, ValueError, KeyError):
+                return None
+            cached = self._plans[plan] = (mtime, Plan(keys, uses), 0)
+        return cached[1], position
+
+    def _live_plans(self) -> list[tuple[Plan, int]]:
+        out = []
+        for name in os.listdir(os.path.join(self.path, "plans")):
+            if name.endswith(".npz"):
+                got = self.load_plan(name[:-4])
+                if got is not None and got[1] < len(got[0]):
+                    out.append(got)
+        return out
+
+    # -- stats --------------------------------------------------------------------------------
+    def _count(self, name: str, value: float) -> None:
+        self._stats[name] += value
+        self._dirty = True
+        now = time.monotonic()
+        if now - self._stats_written > _STATS_EVERY:
+            self.flush_stats()
+
+    def flush_stats(self) -> None:
+        """Write this process's counters where ``dataplane cache stats`` finds them."""
+        if self._pid != os.getpid() or not self._dirty:
+            return
+        self._dirty = False
+        self._stats_written = time.monotonic()
+        path = os.path.join(self.path, "stats", f"{self._pid}.json")
+        tmp = f"{path}.tmp"
+        with contextlib.suppress(OSError):
+            with open(tmp, "w") as f:
+                json.dump(self._stats, f)
+            os.replace(tmp, path)
+
+    def close(self) -> None:
+        """Let go of this process's lock file and mappings (views already handed out keep
+        theirs); the cache reopens them on next use."""
+        self.flush_stats()
+        with self._mutex:
+            if self._keys_fd is not None and self._pid == os.getpid():
+                os.close(self._keys_fd)
+            self._keys_fd = None
+            self._maps.clear()
+
+    def clear(self) -> None:
+        """Remove every entry, plan and counter (entries mapped by running readers stay
+        readable to them until they let go)."""
+        with self._space():
+            for sub in ("entries", "tmp", "plans", "stats"):
+                for name in os.listdir(os.path.join(self.path, sub)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.path, sub, name))
+            self._removed()
+        self._stats = dict.fromkeys(COUNTERS, 0)
+
+
+def cache_stats(path: str) -> dict[str, Any]:
+    """Node-wide figures of the cache at ``path``: entries, bytes, and every counter summed
+    over the processes that used it."""
+    if not os.path.isdir(os.path.join(path, "entries")):
+        raise DataplaneError(f"{path} is not a dataplane cache directory (no entries/)")
+    cache = NodeCache.__new__(NodeCache)
+    cache.path = os.path.abspath(path)
+    entries, used = NodeCache.usage(cache)
+    totals: dict[str, Any] = dict.fromkeys(COUNTERS, 0.0)
+    sdir = os.path.join(path, "stats")
+    for name in os.listdir(sdir):
+        if name.endswith(".json"):
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(sdir, name)) as f:
+                    for k, v in json.load(f).items():
+                        if k in totals:
+                            totals[k] += v
+    return {"path": cache.path, "entries": entries, "bytes": used, **totals}
+
+
+def clear_cache(path: str) -> None:
+    """Empty the cache at ``path``."""
+    if not os.path.isdir(os.path.join(path, "entries")):
+        raise DataplaneError(f"{path} is not a dataplane cache directory (no entries/)")
+    NodeCache(path, capacity=1).clear()

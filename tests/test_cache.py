@@ -1,0 +1,388 @@
+"""NodeCache and the prefetcher: real processes sharing one cache directory."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import dataplane as dp
+from dataplane.cache import (
+    CacheWarning,
+    NodeCache,
+    Plan,
+    batched,
+    belady_reads,
+    cache_stats,
+    parse_size,
+)
+from dataplane.loaders import SampleDataset, ShuffleSampler
+
+pytestmark = pytest.mark.timeout(180)
+
+MIB = 1 << 20
+
+
+def arrays(seed: int, nbytes: int = MIB) -> dict[str, np.ndarray]:
+    return {"x": np.full(nbytes // 8, seed, np.float64), "y": np.arange(3, dtype=np.int32) + seed}
+
+
+def key(i: int) -> str:
+    return NodeCache.key("test", i)
+
+
+def test_fetch_stores_once_then_hits(tmp_path) -> None:
+    cache = NodeCache(tmp_path / "c", capacity="10MiB")
+    calls = []
+    got = cache.fetch(key(1), lambda: calls.append(1) or arrays(1))
+    again = cache.fetch(key(1), lambda: calls.append(1) or arrays(1))
+    assert calls == [1]
+    np.testing.assert_array_equal(again["x"], arrays(1)["x"])
+    assert again["y"].tolist() == [1, 2, 3] and not again["x"].flags.writeable  # a mapped view
+    assert got["x"].sum() == again["x"].sum()
+    s = cache.stats
+    assert s["misses"] == 1 and s["hits"] == 1 and s["bytes_from_source"] == MIB + 12
+    assert os.listdir(tmp_path / "c" / "tmp") == [], "written atomically: nothing left over"
+
+
+def test_capacity_is_never_exceeded_and_lru_evicts_the_oldest(tmp_path) -> None:
+    cache = NodeCache(tmp_path / "c", capacity=int(3.5 * MIB))
+    for i in range(8):
+        cache.fetch(key(i), lambda i=i: arrays(i))
+        if i == 3:
+            cache.fetch(key(1), lambda: arrays(1))  # used again: now the most recent
+        assert cache.usage()[1] <= cache.capacity
+    present = [i for i in range(8) if key(i) in cache]
+    assert present == [5, 6, 7]
+    assert cache.stats["evictions"] == 5
+
+
+def test_a_capacity_below_one_shard_is_refused_up_front(tmp_path) -> None:
+    url = f"h5://{tmp_path}/run.h5"
+    with dp.publish(url) as pub:
+        pub.write({"x": np.zeros((64, 1024))})
+    with pytest.raises(dp.OptionError, match="below a shard .* at least 52"):
+        SampleDataset(url, vars="x", cache=NodeCache(tmp_path / "c", capacity="100KB"))
+    with pytest.raises(dp.OptionError, match="not a number of bytes"):
+        NodeCache(tmp_path / "c", capacity="lots")
+    assert parse_size("40GB") == 40 * 10**9 and parse_size("512MiB") == 512 * MIB
+
+
+def test_flipped_bytes_are_detected_and_fetched_again(tmp_path) -> None:
+    NodeCache(tmp_path / "c", capacity="10MiB").fetch(key(1), lambda: arrays(1))
+    entry = tmp_path / "c" / "entries" / key(1)
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    fresh = NodeCache(tmp_path / "c", capacity="10MiB")  # as another process would
+    with pytest.warns(CacheWarning, match="corrupt .*checksum"):
+        got = fresh.fetch(key(1), lambda: arrays(1))
+    np.testing.assert_array_equal(got["x"], arrays(1)["x"])
+    assert fresh.stats["corrupt"] == 1 and fresh.stats["misses"] == 1
+    entry.write_bytes(b"junk")  # truncated
+    with pytest.warns(CacheWarning, match="shorter than its header"):
+        assert NodeCache(tmp_path / "c", capacity="10MiB").get(key(1)) is None
+
+
+def _slow_fetch(path: str, k: str, log: str, delay: float, barrier) -> None:
+    cache = NodeCache(path, capacity="10MiB")
+    barrier.wait()
+
+    def produce() -> dict[str, np.ndarray]:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(delay)
+        return arrays(7)
+
+    got = cache.fetch(k, produce)
+    assert got["y"].tolist() == [7, 8, 9]
+    cache.flush_stats()
+
+
+def test_one_fetch_per_shard_per_node(tmp_path) -> None:
+    path, log = str(tmp_path / "c"), str(tmp_path / "log")
+    NodeCache(path, capacity="10MiB")
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(4)
+    procs = [
+        ctx.Process(target=_slow_fetch, args=(path, key(1), log, 0.5, barrier)) for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(open(log).read().split()) == 1, "exactly one process read the source"
+    stats = cache_stats(path)
+    assert stats["misses"] == 1 and stats["hits"] == 3 and stats["fetch_wait_s"] > 0.5
+
+
+def test_threads_of_one_process_also_fetch_once(tmp_path) -> None:
+    cache = NodeCache(tmp_path / "c", capacity="10MiB")
+    calls = []
+
+    def produce():
+        calls.append(1)
+        time.sleep(0.2)
+        return arrays(2)
+
+    threads = [threading.Thread(target=cache.fetch, args=(key(2), produce)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert calls == [1]
+
+
+def test_a_killed_fetcher_is_taken_over_and_its_leftovers_cleaned(tmp_path) -> None:
+    path = str(tmp_path / "c")
+    NodeCache(path, capacity="10MiB")
+    # A fetcher that holds the shard's lock and dies mid-write, leaving a temporary file.
+    code = f"""
+import os, time, numpy as np
+from dataplane.cache import NodeCache
+c = NodeCache({path!r}, capacity="10MiB")
+def produce():
+    open(os.path.join({path!r}, "tmp", "{key(3)}.%d.dead" % os.getpid()), "wb").write(b"x" * 4096)
+    print("fetching", flush=True)
+    time.sleep(60)
+c.fetch("{key(3)}", produce)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "fetching"
+    waiter = NodeCache(path, capacity="10MiB")
+    done = {}
+    t = threading.Thread(target=lambda: done.update(got=waiter.fetch(key(3), lambda: arrays(3))))
+    t.start()
+    time.sleep(0.3)
+    assert "got" not in done, "waits for the live fetcher"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    t.join(30)
+    assert done["got"]["y"].tolist() == [3, 4, 5]
+    assert waiter.stats["misses"] == 1
+    assert os.listdir(os.path.join(path, "tmp")) == [], "the dead fetcher's file was swept"
+    assert key(3) in waiter
+
+
+def _tiny_fs(path) -> bool:
+    os.makedirs(path, exist_ok=True)
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
+
+
+def test_a_full_disk_degrades_to_reading_the_source(tmp_path, monkeypatch) -> None:
+    fs = tmp_path / "tiny"
+    mounted = _tiny_fs(fs)
+    try:
+        if not mounted:
+            # No privilege to mount a 2 MiB filesystem here: make reserving space fail the way
+            # a full disk does.
+            def full(fd, offset, length):
+                raise OSError(28, "No space left on device")
+
+            monkeypatch.setattr(os, "posix_fallocate", full)
+        cache = NodeCache(fs / "c", capacity="100MiB")  # more than the disk has
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(4):
+                got = cache.fetch(key(i), lambda i=i: arrays(i))
+                assert got["y"].tolist() == [i, i + 1, i + 2]
+        assert cache.stats["degraded"] >= 3 and cache.stats["misses"] == 4
+        assert sum(issubclass(w.category, CacheWarning) for w in caught) == 1, "warned once"
+        assert os.listdir(fs / "c" / "tmp") == []
+        cache.close()
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+def test_belady_keeps_what_is_needed_soonest(tmp_path) -> None:
+    cache = NodeCache(tmp_path / "c", capacity=int(2.5 * MIB))
+    keys = [key(i) for i in range(3)]
+    # Future: 0 1 2 0 0 1 3 1 0, room for two. Shard 2 is never used again: not kept. Shard 3
+    # displaces 0, which is needed after 1.
+    uses = np.array([0, 1, 2, 0, 0, 1] + [3] * 70 + [1, 0])
+    plan = cache.set_plan("p", keys + [key(3)], uses)
+    for p, s in [(0, 0), (1, 1), (2, 2)]:
+        cache.advance(plan, p)
+        cache.fetch(keys[s], lambda s=s: arrays(s))
+    assert keys[0] in cache and keys[1] in cache and keys[2] not in cache
+    assert cache.stats["bypassed"] == 1 and cache.stats["evictions"] == 0
+    cache.advance(plan, 6)
+    cache.fetch(key(3), lambda: arrays(3))
+    assert key(3) in cache and keys[1] in cache and keys[0] not in cache
+    reads, _ = belady_reads(uses, np.ones(4, np.int64), 2)
+    assert reads == 5  # 0, 1, 2 (not kept), 3 (evicting 0), 0 again
+
+
+def test_plan_next_use() -> None:
+    p = Plan(["a", "b"], np.array([1, 0, 1, 1, 0]))
+    assert [p.next_use("a", i) for i in range(6)] == [1, 1, 4, 4, 4, p.next_use("zz", 0)]
+    assert p.upcoming(0, 5) == [1, 0] and p.upcoming(2, 2) == [1]
+
+
+def write_rows(url: str, steps: int, rows: int, width: int) -> None:
+    with dp.publish(url) as pub:
+        for s in range(steps):
+            x = np.repeat((s * 10_000 + np.arange(rows, dtype=np.float32))[:, None], width, 1)
+            pub.write({"x": x})
+
+
+def ident(batch: torch.Tensor) -> list[int]:
+    v = batch[:, 0].to(torch.int64)
+    return ((v // 10_000) * 1000 + v % 10_000).tolist()
+
+
+def all_ids(steps: int, rows: int) -> list[int]:
+    return [s * 1000 + r for s in range(steps) for r in range(rows)]
+
+
+def _rank_epoch(url: str, cache_path: str, rank: int, out) -> None:
+    cache = NodeCache(cache_path, capacity="64MiB")
+    ds = SampleDataset(url, vars="x", cache=cache, shard_bytes=64 * 1024)
+    sampler = ShuffleSampler(ds, seed=1, block=4, rank=rank, world=2)
+    loader = DataLoader(ds, batch_size=16, sampler=sampler, num_workers=2)
+    out.put((rank, [i for x in loader for i in ident(x)]))
+
+
+def test_two_ranks_with_two_workers_share_one_cache(tmp_path) -> None:
+    url = f"h5://{tmp_path}/run.h5"
+    write_rows(url, steps=4, rows=200, width=256)  # 4 x 200 KiB rows of 1 KiB
+    path = str(tmp_path / "cache")
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank_epoch, args=(url, path, r, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert sorted(got[0] + got[1]) == all_ids(4, 200)
+    assert not set(got[0]) & set(got[1])
+    stats = cache_stats(path)
+    # Every shard came from the file once on this node, whoever needed it first.
+    assert stats["bytes_from_source"] == 4 * 200 * 256 * 4
+    assert stats["misses"] == stats["entries"] == 4 * 200 * 1024 // (64 * 1024) + 4 * 1
+
+
+def test_prefetcher_fills_the_cache_ahead_and_a_warm_epoch_reads_nothing(tmp_path) -> None:
+    url = f"bp5://{tmp_path}/run.bp"
+    write_rows(url, steps=4, rows=256, width=256)
+    cache = NodeCache(tmp_path / "cache", capacity="64MiB")
+    ds = SampleDataset(url, vars="x", cache=cache, shard_bytes=128 * 1024)
+    sampler = ShuffleSampler(ds, seed=0, block=2)
+    loader = DataLoader(ds, batch_size=32, sampler=sampler, num_workers=0)
+    it = iter(loader)
+    first = ident(next(it))
+    deadline = time.monotonic() + 60
+    while cache.usage()[0] < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the training loop is "slow": the prefetcher runs ahead
+    assert cache.usage()[0] == 8, "every shard prefetched"
+    rest = [i for x in it for i in ident(x)]
+    assert sorted(first + rest) == all_ids(4, 256)
+    # The reader fetched the first batch's shards (block=2) while the prefetch process
+    # started; it found every later shard already there.
+    assert cache.stats["misses"] <= 2 and ds.reads <= 2
+    time.sleep(0.6)  # the prefetcher writes its counters twice a second
+    assert cache_stats(str(tmp_path / "cache"))["misses"] == 8, "each shard fetched once"
+    sampler.set_epoch(1)
+    before = cache_stats(str(tmp_path / "cache"))["bytes_from_source"]
+    assert sorted(i for x in loader for i in ident(x)) == all_ids(4, 256)
+    assert cache_stats(str(tmp_path / "cache"))["bytes_from_source"] == before
+    assert ds._prefetcher is not None and ds._prefetcher.alive
+    ds._prefetcher.close()
+
+
+def test_readers_go_on_when_the_prefetcher_is_killed(tmp_path) -> None:
+    url = f"zarr://{tmp_path}/run.zarr"
+    write_rows(url, steps=2, rows=256, width=256)
+    cache = NodeCache(tmp_path / "cache", capacity="64MiB")
+    ds = SampleDataset(url, vars="x", cache=cache, shard_bytes=64 * 1024)
+    sampler = ShuffleSampler(ds, seed=0, block=2)
+    loader = DataLoader(ds, batch_size=32, sampler=sampler)
+    it = iter(loader)
+    got = ident(next(it))
+    assert ds._prefetcher is not None
+    os.kill(ds._prefetcher.pid, signal.SIGKILL)
+    got += [i for x in it for i in ident(x)]
+    assert sorted(got) == all_ids(2, 256)
+
+
+def test_a_dataset_twice_the_cache_reads_near_the_belady_minimum(tmp_path) -> None:
+    url = f"h5://{tmp_path}/run.h5"
+    write_rows(url, steps=4, rows=256, width=256)  # 4 MiB in 32 shards of 128 KiB
+    cache = NodeCache(tmp_path / "cache", capacity="2MiB")
+    ds = SampleDataset(url, vars="x", cache=cache, shard_bytes=128 * 1024, prefetch=False)
+    sampler = ShuffleSampler(ds, seed=3, block=None)
+    order = sampler.order()
+    ids = [i for x in DataLoader(ds, batch_size=32, sampler=sampler) for i in ident(x)]
+    assert sorted(ids) == all_ids(4, 256)
+    bounds, sizes = ds.shard_bounds(), ds.shard_nbytes()
+    uses = np.searchsorted(bounds, order, side="right") - 1
+    entry = int(sizes.max()) + 4096
+    # Samples of one shard in one batch come from one fetch: compare batch by batch.
+    minimum, _ = belady_reads(batched(uses, 32), sizes, cache.capacity // entry * int(sizes.max()))
+    reads = cache.stats["misses"]
+    assert cache.usage()[1] <= cache.capacity
+    assert minimum <= reads <= 1.3 * minimum, (reads, minimum)
+
+
+def test_keys_tell_datasets_and_rewritten_files_apart(tmp_path) -> None:
+    cache = NodeCache(tmp_path / "cache", capacity="64MiB")
+    a, b = f"h5://{tmp_path}/a.h5", f"h5://{tmp_path}/b.h5"
+    write_rows(a, steps=1, rows=8, width=4)
+    write_rows(b, steps=1, rows=8, width=4)
+    da = SampleDataset(a, vars="x", cache=cache, prefetch=False)
+    db = SampleDataset(b, vars="x", cache=cache, prefetch=False)
+    assert set(da._shard_table()[2]).isdisjoint(db._shard_table()[2])
+    assert float(da[3][0]) == 3.0
+    da.close()
+    with dp.publish(a) as pub:  # the same URL rewritten with other values
+        pub.write({"x": np.full((8, 4), 42, np.float32)})
+    again = SampleDataset(a, vars="x", cache=cache, prefetch=False)
+    assert set(again._shard_table()[2]).isdisjoint(da._shard_table()[2])
+    assert float(again[3][0]) == 42.0
+
+
+def test_cache_command_line(tmp_path) -> None:
+    path = tmp_path / "cache"
+    cache = NodeCache(path, capacity="10MiB")
+    cache.fetch(key(1), lambda: arrays(1))
+    cache.fetch(key(1), lambda: arrays(1))
+    cache.flush_stats()
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "dataplane.cli", "cache", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    out = cli("stats", str(path), "--json")
+    assert out.returncode == 0, out.stderr
+    import json
+
+    stats = json.loads(out.stdout)
+    assert stats["entries"] == 1 and stats["hits"] == 1 and stats["misses"] == 1
+    assert "hits" in cli("stats", str(path)).stdout
+    assert cli("clear", str(path)).returncode == 0
+    assert json.loads(cli("stats", str(path), "--json").stdout)["entries"] == 0
+    bad = cli("stats", str(tmp_path / "nothing"))
+    assert bad.returncode == 1 and "not a dataplane cache directory" in bad.stderr
