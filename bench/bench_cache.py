@@ -185,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mc = memcpy_gbps()
         report(what="memcpy", gbps=mc)
+        first: dict[str, str] = {}
         for kib in (args.sample_kib, args.small_kib):
             paths = write_data(root, args.samples, kib, formats)
+            first = first or paths
             n_bytes = kib * 1024
             src = paths[formats[0]]
             evict(src)
@@ -243,11 +245,12 @@ def main(argv: list[str] | None = None) -> int:
                     ds._prefetcher.close()
                 cache.close()
                 shutil.rmtree(cdir, ignore_errors=True)
-        # A dataset twice the cache: source reads in one uniformly shuffled epoch vs Belady.
-        url = f"{formats[0]}://{paths[formats[0]]}"
+        # A dataset twice the cache (the big samples): shard reads from the source in one
+        # uniformly shuffled epoch against the minimum Belady's eviction allows.
+        url = f"{formats[0]}://{first[formats[0]]}"
         probe = SampleDataset(url, vars="x")
         total = int(probe.shard_nbytes().sum())
-        shard = min(4 << 20, total // 32)  # enough shards for eviction to matter
+        shard = min(4 << 20, total // 64)  # 4 MiB shards, and enough of them when --quick
         cdir = os.path.join(root, "cache-half")
         cache = NodeCache(cdir, capacity=total // 2)
         ds = SampleDataset(url, vars="x", cache=cache, prefetch=False, shard_bytes=shard)

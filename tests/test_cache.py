@@ -309,6 +309,23 @@ def test_prefetcher_fills_the_cache_ahead_and_a_warm_epoch_reads_nothing(tmp_pat
     ds._prefetcher.close()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uniform_shuffle_fetches_every_shard_once_with_prefetch(tmp_path, workers) -> None:
+    url = f"h5://{tmp_path}/run.h5"
+    write_rows(url, steps=4, rows=256, width=256)
+    cache = NodeCache(tmp_path / "cache", capacity="64MiB")
+    ds = SampleDataset(url, vars="x", cache=cache, shard_bytes=128 * 1024)
+    sampler = ShuffleSampler(ds, seed=5, block=None)
+    loader = DataLoader(ds, batch_size=32, sampler=sampler, num_workers=workers)
+    assert sorted(i for x in loader for i in ident(x)) == all_ids(4, 256)
+    assert ds._prefetcher is not None
+    ds._prefetcher.close()  # writes its counters
+    cache.flush_stats()
+    stats = cache_stats(str(tmp_path / "cache"))
+    # The reader, its workers and the prefetcher together read each of the 8 shards once.
+    assert stats["misses"] == 8 and stats["bytes_from_source"] == 4 * 256 * 256 * 4
+
+
 def test_readers_go_on_when_the_prefetcher_is_killed(tmp_path) -> None:
     url = f"zarr://{tmp_path}/run.zarr"
     write_rows(url, steps=2, rows=256, width=256)

@@ -144,6 +144,7 @@ def epoch(loader: DataLoader) -> list[int]:
     return [ident(row) for x, _ in loader for row in x]
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
 @pytest.mark.parametrize(
     "workers,context", [(0, None), (2, "fork"), (2, "spawn"), (4, "fork"), (4, "spawn")]
 )
@@ -228,6 +229,7 @@ def test_sampler_refreshes_at_each_epoch_and_workers_catch_up(tmp_path, scheme, 
         del loader
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
 @pytest.mark.parametrize("workers_before,workers_after", [(2, 0), (0, 4), (2, 2)])
 def test_mid_epoch_resume_is_exact(tmp_path, workers_before, workers_after) -> None:
     url = f"zarr://{tmp_path}/run.zarr"

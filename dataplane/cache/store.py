@@ -31,7 +31,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import numpy as np
@@ -48,9 +48,9 @@ _ALIGN = 64
 _KEY_SLOTS = 1 << 20  # byte-range lock slots in keys.lock
 _KEY_RE = re.compile(r"^[0-9a-f]{40}$")
 _STATS_EVERY = 0.5  # seconds between writes of a process's counters
-#: Read positions a consumer may have in flight beyond the position it reported (a batch or
-#: two): a shard fetched now serves those without being kept.
-IN_FLIGHT = 64
+#: Read positions beyond the reported one that a shard fetched now is taken to serve (its
+#: readers hold it in memory) when deciding whether to keep it.
+IN_FLIGHT = 32
 _UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
 _UNITS.update({"KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40})
 COUNTERS = (
@@ -299,10 +299,15 @@ class NodeCache:
 
     # -- fetching -----------------------------------------------------------------------------
     def fetch(
-        self, key: str, produce: Callable[[], dict[str, np.ndarray]], *, plan: str | None = None
+        self,
+        key: str,
+        produce: Callable[[], dict[str, np.ndarray]],
+        *,
+        keep: Collection[str] = (),
     ) -> dict[str, np.ndarray]:
         """The arrays of entry ``key``: from the cache, or from ``produce()`` (called once per
-        node however many processes ask at the same time) and then stored."""
+        node however many processes ask at the same time) and then stored. Entries in ``keep``
+        (the rest of the caller's batch) are not evicted to make room for it."""
         got = self.get(key)
         if got is not None:
             return got
@@ -314,7 +319,7 @@ class NodeCache:
             self._count("misses", 1)
             self._count("bytes_from_source", sum(a.nbytes for a in arrays.values()))
             try:
-                self._store(key, arrays)
+                self._store(key, arrays, keep)
             except OSError as exc:
                 self._degrade(exc)
         return arrays
@@ -356,14 +361,14 @@ class NodeCache:
                 if locked:
                     fcntl.lockf(fd, fcntl.LOCK_UN, 1, slot)
 
-    def _store(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+    def _store(self, key: str, arrays: dict[str, np.ndarray], keep: Collection[str] = ()) -> None:
         size, table, offsets = _layout(arrays)
         if size > self.capacity:
             self._count("bypassed", 1)
             return
         tmp = os.path.join(self.path, "tmp", f"{key}.{os.getpid()}.{secrets.token_hex(4)}")
         with self._space():
-            if not self._make_room(key, size):
+            if not self._make_room(key, size, keep):
                 self._count("bypassed", 1)
                 return
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -431,7 +436,7 @@ class NodeCache:
                         n += sub == "entries"
         return n, used
 
-    def _make_room(self, key: str, size: int) -> bool:
+    def _make_room(self, key: str, size: int, keep: Collection[str] = ()) -> bool:
         """Evict until ``size`` more bytes fit; False when the newcomer is the one to drop
         (every entry it would displace is needed sooner). Called under the space lock."""
         entries = []
@@ -463,6 +468,8 @@ class NodeCache:
         for name, nbytes, _ in ranked:
             if used + size <= self.capacity:
                 break
+            if name in keep:
+                continue
             if plans and future(name) != NEVER and future(name) < mine:
                 return False
             with contextlib.suppress(FileNotFoundError):

@@ -415,9 +415,11 @@ class SampleDataset(torch.utils.data.Dataset):
                 np.empty((len(idx), *self._rows[n][1]), dtype=self._dtypes[n] or self._rows[n][0])
                 for n in self.names
             ]
-        for s in np.unique(shard).tolist():
+        wanted = np.unique(shard).tolist()
+        batch = {keys[s] for s in wanted}  # not evicted while this batch is gathered
+        for s in wanted:
             where = np.flatnonzero(shard == s)
-            arrays = self.cache.fetch(keys[s], functools.partial(self._read_shard, s))
+            arrays = self.cache.fetch(keys[s], functools.partial(self._read_shard, s), keep=batch)
             if self.sample == "step":
                 for j in where.tolist():
                     for k, name in enumerate(self.names):
