@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_files.py
 	$(PY) bench/bench_mpi.py
 	$(PY) bench/bench_loaders.py
+	$(PY) bench/bench_cache.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dataplane tests bench examples
