@@ -5,14 +5,21 @@ beside the training loop would also compete for its GIL. The consumer publishes 
 epoch's order as shards, see :meth:`NodeCache.set_plan`) and its position; the prefetcher keeps
 the shards needed next cached, a window of bytes ahead. The window starts at a few shards and
 doubles whenever the consumer reaches a shard that is not there yet, up to half the cache.
+
+The process runs :func:`main`, told what to read in JSON lines on its
+standard input (never pickles), and it ends when that closes or its parent dies. A
+``multiprocessing`` spawn would import the training script's own imports (torch: a second)
+before the first shard; this starts in a fraction of that.
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
+import importlib
+import json
 import os
-import queue
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -35,6 +42,10 @@ class ShardSource(Protocol):
     def shard_nbytes(self) -> np.ndarray: ...
 
     def prefetch_shard(self, shard: int, key: str) -> None: ...
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-safe ``{"factory": "module:callable", "args": {...}}`` that rebuilds it."""
+        ...
 
 
 class _Chooser:
@@ -100,69 +111,103 @@ def _fetch_loop(chooser: _Chooser, stop: threading.Event) -> None:
             chooser.done(key)
 
 
-def _run(
-    source: ShardSource, plans: Any, stop: Any, parent: int, window: int, threads: int
-) -> None:
+def _build(spec: dict[str, Any]) -> ShardSource:
+    module, _, name = spec["factory"].partition(":")
+    factory: Any = importlib.import_module(module)
+    for part in name.split("."):
+        factory = getattr(factory, part)
+    return factory(**spec["args"])
+
+
+def main() -> int:
+    """The prefetch process: the first line of stdin says what to read; later lines switch
+    plans (``{"plan": ...}``) or sources (``{"source": ...}``); end of input ends it."""
+    first = json.loads(sys.stdin.readline())
+    source = _build(first["source"])
     cache = source.cache
     assert cache is not None
-    chooser = _Chooser(source, cache, window)
+    chooser = _Chooser(source, cache, int(first["window"]))
     halt = threading.Event()
+
+    def listen() -> None:
+        for line in sys.stdin:
+            msg = json.loads(line)
+            chooser.take(msg["plan"] if "plan" in msg else _build(msg["source"]))
+        halt.set()
+
+    threading.Thread(target=listen, daemon=True).start()
     # Several fetches in flight: while one waits for the source (h5py holds its lock then),
     # another writes its shard into the cache.
     pool = [
         threading.Thread(target=_fetch_loop, args=(chooser, halt), daemon=True)
-        for _ in range(threads)
+        for _ in range(int(first["threads"]))
     ]
     for t in pool:
         t.start()
-    try:
-        while not stop.is_set() and os.getppid() == parent:
-            with contextlib.suppress(queue.Empty):
-                while True:  # the newest plan (and snapshot of the source) wins
-                    chooser.take(plans.get(timeout=_IDLE * 5))
-            cache.flush_stats()
-    finally:
-        halt.set()
-        for t in pool:
-            t.join(30)
-        cache.close()
+    parent = int(first["parent"])
+    while not halt.wait(_IDLE * 5):
+        if os.getppid() != parent:
+            halt.set()
+        cache.flush_stats()
+    for t in pool:
+        t.join(30)
+    cache.close()
+    return 0
 
 
 class Prefetcher:
     """A process that keeps the next shards of the current plan in the cache."""
 
     def __init__(self, source: ShardSource, window: int, threads: int = 2) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._plans = ctx.Queue()
-        self._stop = ctx.Event()
-        self._proc = ctx.Process(
-            target=_run,
-            args=(source, self._plans, self._stop, os.getpid(), int(window), int(threads)),
-            name="dataplane-prefetch",
-            daemon=True,
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from dataplane.cache.prefetch import main; sys.exit(main())",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
         )
-        self._proc.start()
+        self._send(
+            {
+                "source": source.spec(),
+                "window": int(window),
+                "threads": int(threads),
+                "parent": os.getpid(),
+            }
+        )
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(json.dumps(msg) + "\n")
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # it died: readers fetch for themselves, and the next epoch starts another
 
     @property
     def alive(self) -> bool:
-        return self._proc.is_alive()
+        return self._proc.poll() is None
 
     @property
-    def pid(self) -> int | None:
+    def pid(self) -> int:
         return self._proc.pid
 
     def follow(self, plan: str) -> None:
         """Prefetch for ``plan`` from now on."""
-        self._plans.put(plan)
+        self._send({"plan": plan})
 
     def update(self, source: ShardSource) -> None:
         """Read from this source from now on (a newer snapshot of growing data)."""
-        self._plans.put(source)
+        self._send({"source": source.spec()})
 
     def close(self) -> None:
-        self._stop.set()
-        self._proc.join(10)
-        if self._proc.is_alive():
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
             self._proc.kill()
-            self._proc.join()
-        self._plans.close()
+            self._proc.wait()

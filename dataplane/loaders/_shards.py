@@ -86,6 +86,49 @@ class ShardSource:
     def shard_nbytes(self) -> np.ndarray:
         return self.nbytes
 
+    def spec(self) -> dict[str, Any]:
+        """How the prefetch process rebuilds this source (JSON, never a pickle)."""
+        assert self.cache is not None
+        return {
+            "factory": "dataplane.loaders._shards:ShardSource.from_spec",
+            "args": {
+                "url": self.url,
+                "opts": self.opts,
+                "sample": self.sample,
+                "names": list(self.names),
+                "rows": {n: [d.str, list(shape)] for n, (d, shape) in self.rows.items()},
+                "offsets": self.offsets.tolist(),
+                "bounds": self.bounds.tolist(),
+                "nbytes": self.nbytes.tolist(),
+                "cache": [self.cache.path, self.cache.capacity],
+            },
+        }
+
+    @classmethod
+    def from_spec(
+        cls,
+        url: str,
+        opts: dict[str, Any],
+        sample: str,
+        names: list[str],
+        rows: dict[str, list],
+        offsets: list[int],
+        bounds: list[int],
+        nbytes: list[int],
+        cache: list,
+    ) -> ShardSource:
+        return cls(
+            url,
+            opts,
+            sample,
+            tuple(names),
+            {n: (np.dtype(d), tuple(shape)) for n, (d, shape) in rows.items()},
+            np.asarray(offsets, np.int64),
+            np.asarray(bounds, np.int64),
+            np.asarray(nbytes, np.int64),
+            NodeCache(cache[0], capacity=cache[1]),
+        )
+
     def prefetch_shard(self, shard: int, key: str) -> None:
         assert self.cache is not None
         a, b = int(self.bounds[shard]), int(self.bounds[shard + 1])

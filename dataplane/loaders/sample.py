@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -448,12 +449,22 @@ class SampleDataset(torch.utils.data.Dataset):
         uses = np.searchsorted(bounds, order, side="right") - 1
         plan = self.cache.set_plan(f"{id(self):x}-{tag}", keys, uses)
         if self.prefetch:
-            if self._prefetcher is None or not self._prefetcher.alive:
-                self._prefetcher = Prefetcher(self._shard_source(), self.prefetch_window)
-                weakref.finalize(self, self._prefetcher.close)
+            try:
+                if self._prefetcher is None or not self._prefetcher.alive:
+                    self._prefetcher = Prefetcher(self._shard_source(), self.prefetch_window)
+                    weakref.finalize(self, self._prefetcher.close)
+                else:
+                    self._prefetcher.update(self._shard_source())
+            except TypeError as exc:  # options that JSON cannot carry to the prefetch process
+                self.prefetch = False
+                warnings.warn(
+                    f"prefetch is off for {self.url}: its options cannot be passed to the "
+                    f"prefetch process ({exc}); give JSON-safe options to prefetch",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             else:
-                self._prefetcher.update(self._shard_source())
-            self._prefetcher.follow(plan)
+                self._prefetcher.follow(plan)
         cache = self.cache
         return lambda position: cache.advance(plan, position)
 
