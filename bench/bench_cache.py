@@ -35,6 +35,7 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from _naive import NaiveH5Dataset  # bench/ is the script's directory
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 import dataplane as dp
@@ -43,27 +44,6 @@ from dataplane.loaders import SampleDataset, ShuffleSampler
 
 BATCH = 32
 PER_STEP = 64
-
-
-class NaiveH5Dataset(Dataset):
-    """What most users write: open lazily, read one sample per ``__getitem__``."""
-
-    def __init__(self, path: str, name: str, step_axis: bool) -> None:
-        self.path, self.name, self.step_axis = path, name, step_axis
-        with h5py.File(path, "r") as f:
-            shape = f[name].shape
-        self.rows = shape[1] if step_axis else 1
-        self.n = shape[0] * shape[1] if step_axis else shape[0]
-        self._f: Any = None
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        if self._f is None:
-            self._f = h5py.File(self.path, "r")
-        d = self._f[self.name]
-        return d[i // self.rows, i % self.rows] if self.step_axis else d[i]
 
 
 class CeilingDataset(Dataset):

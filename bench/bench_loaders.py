@@ -26,38 +26,17 @@ import shutil
 import statistics
 import tempfile
 import time
-from typing import Any
 
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from _naive import NaiveH5Dataset  # bench/ is the script's directory
+from torch.utils.data import DataLoader, RandomSampler
 
 import dataplane as dp
 from dataplane.loaders import SampleDataset, ShuffleSampler
 
 BATCH = 32
-
-
-class NaiveH5Dataset(Dataset):
-    """The per-sample h5py Dataset users write: lazy open, one row per ``__getitem__``."""
-
-    def __init__(self, path: str, name: str, rows_per_step: int | None) -> None:
-        self.path, self.name, self.rows = path, name, rows_per_step
-        with h5py.File(path, "r") as f:
-            shape = f[name].shape
-        self.n = shape[0] * shape[1] if rows_per_step else shape[0]
-        self._f: Any = None
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if self._f is None:
-            self._f = h5py.File(self.path, "r")
-        d = self._f[self.name]
-        row = d[i // self.rows, i % self.rows] if self.rows else d[i]
-        return torch.from_numpy(row)
 
 
 def write_files(root: str, samples: int, sample_kib: int, steps: int) -> tuple[str, str, int]:
@@ -123,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             url = f"h5://{path}"
 
             def naive(workers: int, path=path, rows=rows) -> DataLoader:
-                ds = NaiveH5Dataset(path, "x", rows)
+                ds = NaiveH5Dataset(path, "x", step_axis=rows is not None)
                 sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(0))
                 return DataLoader(ds, batch_size=BATCH, sampler=sampler, num_workers=workers)
 
