@@ -29,12 +29,12 @@ import numpy as np
 
 from dataplane.cache.store import NodeCache
 
-__all__ = ["Prefetcher", "ShardSource"]
+__all__ = ["Prefetcher", "PrefetchSource"]
 
 _IDLE = 0.01  # seconds between looks at the consumer's position when nothing is to fetch
 
 
-class ShardSource(Protocol):
+class PrefetchSource(Protocol):
     """What the prefetcher fetches from (a dataset with a cache): picklable."""
 
     cache: NodeCache | None
@@ -52,7 +52,7 @@ class _Chooser:
     """Hands each fetch thread the next shard to fetch: the first in order of next use that is
     neither cached nor being fetched, within the window ahead of the consumer."""
 
-    def __init__(self, source: ShardSource, cache: NodeCache, window: int) -> None:
+    def __init__(self, source: PrefetchSource, cache: NodeCache, window: int) -> None:
         self.lock = threading.Lock()
         self.source = source
         self.cache = cache
@@ -70,7 +70,7 @@ class _Chooser:
                 self.source = item
                 self.sizes = item.shard_nbytes()
 
-    def pick(self) -> tuple[ShardSource, int, str] | None:
+    def pick(self) -> tuple[PrefetchSource, int, str] | None:
         with self.lock:
             got = self.cache.load_plan(self.plan) if self.plan else None
             if got is None or got[1] >= len(got[0]):
@@ -111,7 +111,7 @@ def _fetch_loop(chooser: _Chooser, stop: threading.Event) -> None:
             chooser.done(key)
 
 
-def _build(spec: dict[str, Any]) -> ShardSource:
+def _build(spec: dict[str, Any]) -> PrefetchSource:
     module, _, name = spec["factory"].partition(":")
     factory: Any = importlib.import_module(module)
     for part in name.split("."):
@@ -158,7 +158,7 @@ def main() -> int:
 class Prefetcher:
     """A process that keeps the next shards of the current plan in the cache."""
 
-    def __init__(self, source: ShardSource, window: int, threads: int = 2) -> None:
+    def __init__(self, source: PrefetchSource, window: int, threads: int = 2) -> None:
         self._proc = subprocess.Popen(
             [
                 sys.executable,
@@ -198,7 +198,7 @@ class Prefetcher:
         """Prefetch for ``plan`` from now on."""
         self._send({"plan": plan})
 
-    def update(self, source: ShardSource) -> None:
+    def update(self, source: PrefetchSource) -> None:
         """Read from this source from now on (a newer snapshot of growing data)."""
         self._send({"source": source.spec()})
 

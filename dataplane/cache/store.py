@@ -148,7 +148,7 @@ class NodeCache:
         self._gen: mmap.mmap | None = None
         self._positions: dict[str, mmap.mmap] = {}  # plan -> its shared position
         self._verified: set[str] = set()
-        self._plans: dict[str, tuple[float, Plan, int]] = {}
+        self._plans: dict[str, tuple[int, Plan]] = {}  # plan -> (file mtime, plan)
         self._stats: dict[str, float] = dict.fromkeys(COUNTERS, 0)
         self._stats_written = 0.0
         self._dirty = False
@@ -544,7 +544,7 @@ class NodeCache:
                     uses = z["uses"]
             except (OSError, ValueError, KeyError):
                 return None
-            cached = self._plans[plan] = (mtime, Plan(keys, uses), 0)
+            cached = self._plans[plan] = (mtime, Plan(keys, uses))
         return cached[1], position
 
     def _live_plans(self) -> list[tuple[Plan, int]]:
