@@ -305,6 +305,8 @@ def test_prefetcher_fills_the_cache_ahead_and_a_warm_epoch_reads_nothing(tmp_pat
     before = cache_stats(str(tmp_path / "cache"))["bytes_from_source"]
     assert sorted(i for x in loader for i in ident(x)) == all_ids(4, 256)
     assert cache_stats(str(tmp_path / "cache"))["bytes_from_source"] == before
+    plans = [n for n in os.listdir(tmp_path / "cache" / "plans") if n.endswith(".npz")]
+    assert len(plans) == 1, "the epoch before's plan was dropped"
     assert ds._prefetcher is not None and ds._prefetcher.alive
     ds._prefetcher.close()
 

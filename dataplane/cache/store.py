@@ -84,11 +84,6 @@ def parse_size(size: Any) -> int:
     return value
 
 
-def entry_size(arrays: dict[str, np.ndarray]) -> int:
-    """Bytes an entry holding ``arrays`` takes on disk."""
-    return _layout(arrays)[0]
-
-
 def _layout(arrays: dict[str, np.ndarray]) -> tuple[int, bytes, list[int]]:
     offsets = []
     pos = 0
@@ -522,6 +517,7 @@ class NodeCache:
         struct.pack_into("<q", pos, 0, int(position))
 
     def drop_plan(self, plan: str) -> None:
+        """Forget a plan (its consumer moved on to another)."""
         self._positions.pop(plan, None)
         for ext in (".npz", ".pos"):
             with contextlib.suppress(FileNotFoundError):

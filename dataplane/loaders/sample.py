@@ -111,6 +111,7 @@ class SampleDataset(torch.utils.data.Dataset):
         self.prefetch = bool(prefetch)
         self.prefetch_window = int(prefetch_window)
         self._prefetcher: Prefetcher | None = None
+        self._plan: str | None = None  # the plan this dataset last published to the cache
         self._table: tuple[np.ndarray, np.ndarray, list[str]] | None = None
         self._versions: list[str | None] = []
         # The snapshot: per step, its samples (rows, or 1) and bytes.
@@ -274,10 +275,6 @@ class SampleDataset(torch.utils.data.Dataset):
         nbytes_arr = np.concatenate(sizes).astype(np.int64) if sizes else np.zeros(0, np.int64)
         return bounds, nbytes_arr
 
-    def sample_nbytes(self) -> float:
-        """Mean bytes of one sample (as stored)."""
-        return sum(self._step_bytes) / max(len(self), 1)
-
     # -- reading -----------------------------------------------------------------------------
     def _archive(self) -> api.Archive:
         if self._arc is None or self._pid != os.getpid():
@@ -384,11 +381,6 @@ class SampleDataset(torch.utils.data.Dataset):
         self.bytes_read += sum(x.nbytes for x in out.values())
         return out
 
-    def prefetch_shard(self, shard: int, key: str) -> None:
-        """Make sure shard ``shard`` is in the cache (what the prefetcher calls)."""
-        assert self.cache is not None
-        self.cache.fetch(key, lambda: self._read_shard(shard))
-
     def _shard_source(self) -> ShardSource:
         """What the prefetch process needs to read this snapshot's shards (no torch)."""
         assert self.cache is not None
@@ -447,7 +439,9 @@ class SampleDataset(torch.utils.data.Dataset):
             return None
         bounds, _, keys = self._shard_table()
         uses = np.searchsorted(bounds, order, side="right") - 1
-        plan = self.cache.set_plan(f"{id(self):x}-{tag}", keys, uses)
+        if self._plan is not None:  # the previous epoch's future is the past now
+            self.cache.drop_plan(self._plan)
+        plan = self._plan = self.cache.set_plan(f"{id(self):x}-{tag}", keys, uses)
         if self.prefetch:
             try:
                 if self._prefetcher is None or not self._prefetcher.alive:
@@ -479,6 +473,7 @@ class SampleDataset(torch.utils.data.Dataset):
         state["_arc"] = None
         state["_pid"] = -1
         state["_prefetcher"] = None
+        state["_plan"] = None  # the publishing process's, not a copy's to drop
         state["reads"] = state["bytes_read"] = 0
         return state
 
