@@ -22,6 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(VENV)/bin/dataplane bench all --dir $(or $(BENCH_DIR),/tmp) --out bench_results
 	$(PY) bench/bench_shm.py
 	$(PY) bench/bench_files.py
 	$(PY) bench/bench_mpi.py

@@ -29,16 +29,16 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from typing import Any
 
 import h5py
 import numpy as np
-import torch
-from _naive import NaiveH5Dataset  # bench/ is the script's directory
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
 import dataplane as dp
+from dataplane.bench import evict as _evict
+from dataplane.bench import memcpy_gbps, seq_read
+from dataplane.bench.read import CeilingDataset, NaiveH5Dataset, loader_for, run_epoch
 from dataplane.cache import NodeCache, batched, belady_reads
 from dataplane.loaders import SampleDataset, ShuffleSampler
 
@@ -46,58 +46,9 @@ BATCH = 32
 PER_STEP = 64
 
 
-class CeilingDataset(Dataset):
-    """Samples already in memory, handed out as views: the most any dataset can get through
-    a DataLoader with this batch size and these workers (the transfer from workers to the
-    main process is the limit with workers on two cores)."""
-
-    def __init__(self, n: int, nbytes: int) -> None:
-        self.n = n
-        self.data = torch.ones(1024, nbytes // 4)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitems__(self, idx: list[int]) -> list[torch.Tensor]:
-        return [self.data[i % 1024] for i in idx]
-
-
 def evict(path: str) -> None:
     """Drop a file's (or a directory tree's) pages from the page cache."""
-    paths = [path]
-    if os.path.isdir(path):
-        paths = [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def seq_read(path: str) -> float:
-    """Seconds to read a file start to end in 8 MiB reads."""
-    fd = os.open(path, os.O_RDONLY)
-    buf = bytearray(8 << 20)
-    t0 = time.perf_counter()
-    try:
-        while os.readv(fd, [buf]) > 0:
-            pass
-    finally:
-        os.close(fd)
-    return time.perf_counter() - t0
-
-
-def memcpy_gbps() -> float:
-    a = np.ones(256 << 20, np.uint8)
-    b = np.empty_like(a)
-    best = 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        np.copyto(b, a)
-        best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
-    return best
+    _evict([path], "fadvise")
 
 
 def write_data(root: str, samples: int, kib: int, formats: list[str]) -> dict[str, str]:
@@ -118,24 +69,6 @@ def write_data(root: str, samples: int, kib: int, formats: list[str]) -> dict[st
         for s in range(steps):
             d[s * PER_STEP : (s + 1) * PER_STEP] = block + s
     return paths
-
-
-def loader_for(ds: Dataset, workers: int, **kw: Any) -> DataLoader:
-    """Batches of 32; workers persist across epochs (each epoch would start them again)."""
-    return DataLoader(
-        ds, batch_size=BATCH, num_workers=workers, persistent_workers=workers > 0, **kw
-    )
-
-
-def run_epoch(loader: DataLoader, max_seconds: float) -> tuple[float, int]:
-    """(seconds, samples) of an epoch, or of its first ``max_seconds``."""
-    t0 = time.perf_counter()
-    n = 0
-    for batch in loader:
-        n += len(batch)
-        if time.perf_counter() - t0 > max_seconds:
-            break
-    return time.perf_counter() - t0, n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,12 +112,14 @@ def main(argv: list[str] | None = None) -> int:
                 report(what=f"{kib}KiB sequential read warm", gbps=warm)
 
             def figure(what: str, loader: DataLoader, n_bytes: int = n_bytes, **kw: Any) -> float:
-                secs, n = run_epoch(loader, args.max_seconds)
+                res = run_epoch(loader, args.max_seconds)
+                secs, n = res["seconds"], res["samples"]
                 report(what=what, sps=n / secs, gbps=n * n_bytes / secs / 1e9, samples=n, **kw)
                 return n / secs
 
             for workers in (0, 2):
-                loader = loader_for(CeilingDataset(args.samples, n_bytes), workers, shuffle=True)
+                ceiling = CeilingDataset(args.samples, n_bytes)
+                loader = loader_for(ceiling, workers, BATCH, shuffle=True)
                 run_epoch(loader, args.max_seconds / 3)
                 figure(f"{kib}KiB DataLoader ceiling w={workers}", loader)
                 for layout, path, step_axis in (
@@ -199,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                         evict(path)
                         loader = DataLoader(ds, batch_size=BATCH, sampler=sampler)
                         figure(f"{kib}KiB naive h5py {layout} cold w=0", loader, evicted="fadvise")
-                    loader = loader_for(ds, workers, sampler=sampler)
+                    loader = loader_for(ds, workers, BATCH, sampler=sampler)
                     run_epoch(loader, args.max_seconds / 3)  # warm the page cache and workers
                     figure(f"{kib}KiB naive h5py {layout} warm w={workers}", loader)
             for fmt in formats:
@@ -217,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 figure(f"{kib}KiB dataplane {fmt} cold w=0", loader, evicted="fadvise+empty cache")
                 for workers in (0, 2):
                     sampler.set_epoch(1 + workers)
-                    loader = loader_for(ds, workers, sampler=sampler)
+                    loader = loader_for(ds, workers, BATCH, sampler=sampler)
                     if workers:
                         run_epoch(loader, args.max_seconds / 3)  # start the workers
                     figure(f"{kib}KiB dataplane {fmt} warm w={workers}", loader, workers=workers)

@@ -25,15 +25,14 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 
 import h5py
 import numpy as np
 import torch
-from _naive import NaiveH5Dataset  # bench/ is the script's directory
 from torch.utils.data import DataLoader, RandomSampler
 
 import dataplane as dp
+from dataplane.bench.read import NaiveH5Dataset, run_epoch
 from dataplane.loaders import SampleDataset, ShuffleSampler
 
 BATCH = 32
@@ -57,11 +56,8 @@ def write_files(root: str, samples: int, sample_kib: int, steps: int) -> tuple[s
 
 
 def epoch(loader: DataLoader) -> tuple[float, int]:
-    t0 = time.perf_counter()
-    n = 0
-    for batch in loader:
-        n += len(batch)
-    return time.perf_counter() - t0, n
+    res = run_epoch(loader, float("inf"))
+    return res["seconds"], res["samples"]
 
 
 def measure(make, workers: int, repeat: int) -> float:

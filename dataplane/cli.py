@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -232,6 +233,63 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from dataplane.bench import PHASES, Config, World, run, save
+    from dataplane.bench._common import parse_size
+
+    quick = {
+        "samples": 1024,
+        "sample_size": "16KiB",
+        "steps": 8,
+        "max_seconds": 1.0,
+        "stream_sizes": "64KiB",
+        "stream_seconds": 0.2,
+    }
+    full = {
+        "samples": 16384,
+        "sample_size": "64KiB",
+        "steps": 64,
+        "max_seconds": 10.0,
+        "stream_sizes": "4KiB,1MiB,64MiB",
+        "stream_seconds": 2.0,
+    }
+    given = {k: getattr(args, k) for k in full if getattr(args, k) is not None}
+    opts = {**(quick if args.quick else full), **given}
+    config = Config(
+        dir=args.dir,
+        transports=tuple(t.strip() for t in args.transports.split(",") if t.strip()),
+        sample_size=parse_size(opts["sample_size"]),
+        samples=int(opts["samples"]),
+        steps=int(opts["steps"]),
+        workers=args.workers,
+        compute_ms=args.compute_ms,
+        batch_size=args.batch_size,
+        max_seconds=float(opts["max_seconds"]),
+        stream_sizes=tuple(parse_size(s) for s in str(opts["stream_sizes"]).split(",")),
+        stream_seconds=float(opts["stream_seconds"]),
+        block=args.block,
+        evict=args.evict,
+        cache_dir=args.cache_dir,
+        quick=args.quick,
+    )
+    phases = PHASES if args.phase == "all" else (args.phase,)
+    world = World()
+    rows = run(
+        config, phases, world, progress=sys.stderr if not args.quiet else open(os.devnull, "w")
+    )
+    if world.rank == 0:
+        command = "dataplane " + " ".join(args.argv)
+        if world.size > 1:
+            command = f"mpiexec -n {world.size} {command}"
+        out = save(rows, str(args.out), command)
+        print(out["text"])
+        print(
+            f"figures: {out['jsonl']}; table: {out['markdown']}; plots: "
+            f"{', '.join(out['plots']) or 'none'}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="dataplane", description="Move data between HPC simulations and AI training."
@@ -321,7 +379,58 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("path")
     cache.add_argument("--json", action="store_true", help="machine-readable output")
     cache.set_defaults(func=_cache)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure writes, shuffled reads and streams on a filesystem",
+        description="Measure both sides of a coupled workflow on --dir: the simulation's "
+        "writes (each file transport, synchronous and asynchronous publish, against plain "
+        "h5py), the training side's epochs (sequential, shuffled, block-shuffled; cold and "
+        "warm; a naive per-sample Dataset against dataplane's cache and prefetch) and streams "
+        "(shm://, sst:// against multiprocessing.Queue), each next to the machine's limits "
+        "measured in the same run. Run under mpiexec -n R to use R ranks. Writes bench.jsonl "
+        "(one figure per line), bench.md and PNG plots into --out.",
+        epilog="examples:  dataplane bench all --dir /lustre/$USER/bench\n"
+        "           mpiexec -n 4 dataplane bench read --dir /gpfs/scratch/bench --workers 4 "
+        "--compute-ms 20\n"
+        "           dataplane bench all --dir /tmp --quick",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("phase", choices=("write", "read", "stream", "all"))
+    bench.add_argument("--dir", required=True, help="where data goes (your parallel filesystem)")
+    bench.add_argument(
+        "--transports", default="bp5,h5,zarr,shm,sst", help="default: bp5,h5,zarr,shm,sst"
+    )
+    bench.add_argument("--sample-size", help="bytes per sample, e.g. 64KiB (default 64KiB)")
+    bench.add_argument("--samples", type=int, help="samples in all (default 16384)")
+    bench.add_argument("--steps", type=int, help="steps the samples are written in (default 64)")
+    bench.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    bench.add_argument(
+        "--compute-ms",
+        type=float,
+        default=0.0,
+        help="model time per batch; gives the accelerator-utilisation figure (default 0)",
+    )
+    bench.add_argument("--batch-size", type=int, default=32, help="default 32")
+    bench.add_argument("--block", type=int, default=16, help="shards per shuffle window (16)")
+    bench.add_argument(
+        "--max-seconds", type=float, help="time slow epochs over at most this long (default 10)"
+    )
+    bench.add_argument("--stream-sizes", help="step sizes (default 4KiB,1MiB,64MiB)")
+    bench.add_argument("--stream-seconds", type=float, help="length of each stream run (default 2)")
+    bench.add_argument(
+        "--evict",
+        choices=("auto", "drop_caches", "fadvise"),
+        default="auto",
+        help="how cold reads are made cold (auto: drop_caches when permitted, else fadvise)",
+    )
+    bench.add_argument("--cache-dir", help="node-local cache location (default: the temp dir)")
+    bench.add_argument("--out", type=Path, default=Path("results"), help="default results/")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes, under a minute")
+    bench.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    bench.set_defaults(func=_bench)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     for name in ("steps", "size", "every"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

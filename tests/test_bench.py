@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -85,3 +89,162 @@ def test_bench_cache_reports_limits_readers_and_belady(tmp_path) -> None:
         assert r.get("gbps", 1) > 0 and r.get("sps", 1) > 0
     half = next(r for r in rows if r["what"] == "half-size cache: shard reads")
     assert half["reads"] >= half["belady_min"] > 0
+
+
+# -- dataplane bench ---------------------------------------------------------------------------
+FILES = ("bp5", "h5", "zarr")
+PATTERNS = ("sequential", "shuffled", "block")
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+
+
+def strict_json(line: str) -> dict:
+    """A JSON line without NaN or Infinity (a figure that is not a number is a bug)."""
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in {line[:200]}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def run_dataplane_bench(tmp_path: Path, *args: str, ranks: int = 1) -> list[dict]:
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "dataplane.cli", "bench", *args]
+    cmd += ["--dir", str(tmp_path / "data"), "--out", str(out), "--cache-dir", str(tmp_path)]
+    if ranks > 1:
+        assert MPIEXEC, "mpiexec not found: `pip install mpich` (the dev extra) provides one"
+        cmd = [MPIEXEC, "-n", str(ranks), *cmd]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=280, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "## Limits of this machine" in result.stdout
+    rows = [strict_json(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    assert rows and (out / "bench.md").read_text().startswith("# dataplane bench")
+    # Nothing of the run is left behind: data directory and node-local cache.
+    assert list((tmp_path / "data").iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("dp-bench-")]
+    return rows
+
+
+def figures(rows: list[dict], phase: str) -> list[dict]:
+    return [r for r in rows if r["phase"] == phase and r["rank"] is None]
+
+
+def positive(*values: float) -> bool:
+    return all(isinstance(v, (int, float)) and 0 < v < float("inf") for v in values)
+
+
+@pytest.mark.timeout(300)
+def test_dataplane_bench_all_quick_reports_every_figure(tmp_path) -> None:
+    rows = run_dataplane_bench(tmp_path, "all", "--quick")
+    sample = 16 << 10
+    for r in rows:
+        assert r["ranks"] == 1 and r["config"]["quick"] and r["config"]["sample_size"] == sample
+    limits = {r["what"]: r for r in figures(rows, "limit")}
+    assert set(limits) == {
+        "memcpy",
+        "sequential write",
+        "sequential read cold",
+        "sequential read warm",
+        "DataLoader ceiling",
+    }
+    assert limits["sequential read cold"]["evicted"] in ("drop_caches", "fadvise")
+    assert positive(*(r.get("gbps", r.get("samples_per_s")) for r in limits.values()))
+
+    writes = figures(rows, "write")
+    assert {(r["transport"], r["mode"]) for r in writes} == {("plain h5py", "sync")} | {
+        (t, m) for t in FILES for m in ("sync", "async")
+    }
+    for r in writes:
+        assert r["bytes"] == 1024 * sample
+        assert positive(r["blocked_ms_per_step"], r["vs_baseline_blocked"])
+        assert 0 < r["blocked_fraction"] <= 1
+        if r["mode"] == "sync":
+            assert positive(r["gbps"], r["vs_baseline_gbps"], r["of_limit"])
+        else:  # computing between steps twice as long as a synchronous write of a step
+            sync = next(
+                w for w in writes if w["transport"] == r["transport"] and w["mode"] == "sync"
+            )
+            assert r["compute_ms_per_step"] == pytest.approx(2 * sync["blocked_ms_per_step"])
+            assert positive(r["vs_sync_blocked"]) and r["overhead_fraction"] >= 0
+
+    reads = figures(rows, "read")
+    assert {(r["transport"], r["pattern"], r["reader"], r["cache"]) for r in reads} == {
+        (t, p, rd, c)
+        for t in FILES
+        for p in PATTERNS
+        for rd in ("naive", "dataplane")
+        for c in ("cold", "warm")
+    }
+    for r in reads:
+        assert 0 < r["samples"] <= 1024 and positive(r["samples_per_s"], r["of_limit"])
+        assert r["mb_per_s"] == pytest.approx(r["samples_per_s"] * sample / 1e6)
+        if r["cache"] == "cold":
+            assert r["evicted"] in ("drop_caches", "fadvise")
+        if r["reader"] == "dataplane":
+            assert positive(r["vs_naive"])
+            if r["cache"] == "warm":
+                # Two epochs: the cold one read every shard from the file exactly once (the
+                # cache holds the data), the warm one only hit.
+                stats = r["cache_stats"]
+                assert stats["bytes_from_source"] == 1024 * sample, stats
+                assert stats["hits"] > 0
+        assert r["au"] is None  # no --compute-ms
+
+    streams = figures(rows, "stream")
+    assert {(r["method"], r["step_bytes"]) for r in streams} == {
+        (m, 64 << 10) for m in ("raw copy", "shm://", "sst://", "mp.Queue")
+    }
+    for r in streams:
+        assert positive(r["gbps"], r["median_us"], r["of_limit"])
+        assert r["median_us"] <= r["p99_us"] and r["steps"] > 8
+    for name in ("read", "write", "stream"):
+        png = tmp_path / "results" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(300)
+def test_dataplane_bench_under_mpi_reports_aggregate_and_per_rank(tmp_path) -> None:
+    rows = run_dataplane_bench(
+        tmp_path,
+        *("all", "--quick", "--transports", "h5,shm", "--workers", "1", "--compute-ms", "2"),
+        ranks=2,
+    )
+    assert {r["ranks"] for r in rows} == {2}
+    for phase in ("write", "read", "stream"):
+        mine = [r for r in rows if r["phase"] == phase]
+        assert {r["rank"] for r in mine} == {None, 0, 1}, phase
+    # Each rank read its own half of every epoch: the aggregate counts both.
+    for r in figures(rows, "read"):
+        per_rank = [
+            x
+            for x in rows
+            if x["phase"] == "read"
+            and x["rank"] is not None
+            and (x["transport"], x["pattern"], x["reader"], x["cache"])
+            == (r["transport"], r["pattern"], r["reader"], r["cache"])
+        ]
+        assert len(per_rank) == 2 and 0 < r["samples"] <= 1024
+        assert r["samples"] == sum(x["samples"] for x in per_rank)
+        assert all(x["samples"] <= 512 for x in per_rank)  # each rank reads its half
+        assert r["seconds"] == max(x["seconds"] for x in per_rank)
+        assert 0 < r["au"] <= 1  # with --compute-ms
+    writes = figures(rows, "write")
+    assert {(r["transport"], r["mode"]) for r in writes} == {
+        ("plain h5py", "sync"),
+        ("h5", "sync"),
+        ("h5", "async"),
+    }
+
+
+def test_dataplane_bench_rejects_bad_options(tmp_path, capsys) -> None:
+    from dataplane.cli import main
+
+    for args, message in (
+        (["--transports", "h5,nfs"], "unknown transport(s) nfs; choose from bp5, h5, zarr"),
+        (["--sample-size", "10"], "multiple of 4 bytes"),
+        (["--sample-size", "lots"], "not a size: 'lots'"),
+        (["--samples", "4", "--steps", "8"], "every step holds at least one sample"),
+    ):
+        assert main(["bench", "all", "--dir", str(tmp_path), *args]) == 1
+        assert message in capsys.readouterr().err

@@ -67,6 +67,28 @@ def test_capacity_is_never_exceeded_and_lru_evicts_the_oldest(tmp_path) -> None:
     assert cache.stats["evictions"] == 5
 
 
+def test_stores_below_capacity_do_not_scan_the_cache(tmp_path, monkeypatch) -> None:
+    """Each store used to stat every entry (O(entries) per store, a crawl for a 40 GB cache of
+    4 MiB shards); the shared space bound makes stores below capacity O(1), and what other
+    processes removed is found by the scan that the next near-full store makes."""
+    cache = NodeCache(tmp_path / "c", capacity=int(4.5 * MIB))
+    cache.fetch(key(0), lambda: arrays(0))  # the first store learns the usage by a scan
+    scans = []
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p: scans.append(p) or real(p))
+    for i in (1, 2, 3):
+        cache.fetch(key(i), lambda i=i: arrays(i))
+    assert scans == []
+    # Another process empties the cache behind this one's back: the bound is now too high,
+    # which costs one scan, never an entry over capacity.
+    other = NodeCache(tmp_path / "c", capacity=int(4.5 * MIB))
+    other.clear()
+    for i in range(4, 12):
+        cache.fetch(key(i), lambda i=i: arrays(i))
+        assert cache.usage()[1] <= cache.capacity
+    assert len(scans) >= 2 and sorted(i for i in range(12) if key(i) in cache) == [8, 9, 10, 11]
+
+
 def test_a_capacity_below_one_shard_is_refused_up_front(tmp_path) -> None:
     url = f"h5://{tmp_path}/run.h5"
     with dp.publish(url) as pub:
@@ -326,6 +348,27 @@ def test_uniform_shuffle_fetches_every_shard_once_with_prefetch(tmp_path, worker
     stats = cache_stats(str(tmp_path / "cache"))
     # The reader, its workers and the prefetcher together read each of the 8 shards once.
     assert stats["misses"] == 8 and stats["bytes_from_source"] == 4 * 256 * 256 * 4
+
+
+def test_prefetch_starts_early_and_stops_cleanly_while_workers_live(tmp_path) -> None:
+    """``start_prefetch`` has the process open its source before the first epoch; ``close``
+    stops it at once, though forked DataLoader workers hold its stdin open (no EOF)."""
+    url = f"bp5://{tmp_path}/run.bp"
+    write_rows(url, steps=2, rows=256, width=256)
+    cache = NodeCache(tmp_path / "cache", capacity="64MiB")
+    ds = SampleDataset(url, vars="x", cache=cache, shard_bytes=128 * 1024)
+    assert ds.start_prefetch(wait=60), "the prefetch process opened the source"
+    prefetcher = ds._prefetcher
+    sampler = ShuffleSampler(ds, seed=0, block=None, shuffle=False)
+    loader = DataLoader(ds, batch_size=32, sampler=sampler, num_workers=2, persistent_workers=True)
+    assert [i for x in loader for i in ident(x)] == all_ids(2, 256)  # storage order
+    assert ds._prefetcher is prefetcher, "the epoch used the process started early"
+    ds.close()  # the workers are alive and hold a copy of the pipe
+    assert prefetcher is not None and prefetcher._proc.returncode == 0, "stopped, not killed"
+    assert ds._prefetcher is None
+    del loader  # the workers exit and write their counters
+    cache.flush_stats()
+    assert cache_stats(str(tmp_path / "cache"))["misses"] == 4, "each shard fetched once"
 
 
 def test_readers_go_on_when_the_prefetcher_is_killed(tmp_path) -> None:

@@ -46,15 +46,26 @@ def test_orders_reproduce(bounds, seed, epoch, block, world) -> None:
         assert np.array_equal(a, b)
 
 
-@given(layouts(), st.integers(0, 1000), blocks, st.integers(1, 7), st.booleans())
-def test_ranks_are_disjoint_and_cover_everything(bounds, seed, block, world, drop_last) -> None:
+@given(layouts(), st.integers(0, 1000), blocks, st.integers(1, 7), st.booleans(), st.booleans())
+def test_ranks_are_disjoint_and_cover_everything(
+    bounds, seed, block, world, drop_last, shuffled
+) -> None:
     n = int(bounds[-1])
     shares = [
         epoch_order(
-            bounds, seed=seed, epoch=3, block=block, rank=r, world=world, drop_last=drop_last
+            bounds,
+            seed=seed,
+            epoch=3,
+            block=block,
+            rank=r,
+            world=world,
+            drop_last=drop_last,
+            shuffled=shuffled,
         )
         for r in range(world)
     ]
+    if not shuffled and drop_last:  # each rank reads a contiguous run in storage order
+        assert all(np.array_equal(s, np.arange(s[0], s[0] + len(s))) for s in shares if len(s))
     lengths = {len(s) for s in shares}
     assert len(lengths) == 1, "every rank gets the same number of samples"
     every = np.concatenate(shares)

@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import json
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -124,6 +125,11 @@ def main() -> int:
     plans (``{"plan": ...}``) or sources (``{"source": ...}``); end of input ends it."""
     first = json.loads(sys.stdin.readline())
     source = _build(first["source"])
+    prepare = getattr(source, "prepare", None)
+    if prepare is not None:
+        prepare()  # open the source (imports its library) before saying ready
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
     cache = source.cache
     assert cache is not None
     chooser = _Chooser(source, cache, int(first["window"]))
@@ -132,6 +138,8 @@ def main() -> int:
     def listen() -> None:
         for line in sys.stdin:
             msg = json.loads(line)
+            if msg.get("stop"):
+                break  # forked processes (DataLoader workers) may hold stdin open: no EOF
             chooser.take(msg["plan"] if "plan" in msg else _build(msg["source"]))
         halt.set()
 
@@ -166,9 +174,11 @@ class Prefetcher:
                 "import sys; from dataplane.cache.prefetch import main; sys.exit(main())",
             ],
             stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             text=True,
         )
+        self._ready = False
+        self._owner = os.getpid()
         self._send(
             {
                 "source": source.spec(),
@@ -183,8 +193,16 @@ class Prefetcher:
         try:
             self._proc.stdin.write(json.dumps(msg) + "\n")
             self._proc.stdin.flush()
-        except (BrokenPipeError, OSError):
+        except (BrokenPipeError, OSError, ValueError):  # ValueError: closed already
             pass  # it died: readers fetch for themselves, and the next epoch starts another
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the process has opened its source; False if it did not in time."""
+        if not self._ready:
+            assert self._proc.stdout is not None
+            ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
+            self._ready = bool(ready) and self._proc.stdout.readline().strip() == "ready"
+        return self._ready
 
     @property
     def alive(self) -> bool:
@@ -203,6 +221,9 @@ class Prefetcher:
         self._send({"source": source.spec()})
 
     def close(self) -> None:
+        if os.getpid() != self._owner:
+            return  # a forked copy (a DataLoader worker): the process is its parent's
+        self._send({"stop": True})
         if self._proc.stdin is not None:
             with contextlib.suppress(OSError):
                 self._proc.stdin.close()

@@ -7,6 +7,7 @@ Layout of ``PATH``::
     plans/<id>.npz, .pos    a consumer's future order of shards and its position (for eviction)
     stats/<pid>.json        each process's counters (``dataplane cache stats`` adds them up)
     lock                    flock: space accounting and eviction
+    space                   an upper bound of the bytes in use (8 bytes, mapped shared)
     keys.lock               byte-range locks, one slot per key hash: one fetch per shard per node
 
 Entries are read through ``mmap`` (the page cache is the memory tier) and checked against their
@@ -51,6 +52,7 @@ _STATS_EVERY = 0.5  # seconds between writes of a process's counters
 #: Read positions beyond the reported one that a shard fetched now is taken to serve (its
 #: readers hold it in memory) when deciding whether to keep it.
 IN_FLIGHT = 32
+_UNKNOWN = -1  # the space bound before the first scan
 _UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
 _UNITS.update({"KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40})
 COUNTERS = (
@@ -141,6 +143,7 @@ class NodeCache:
             OrderedDict()
         )
         self._gen: mmap.mmap | None = None
+        self._space_map: mmap.mmap | None = None
         self._positions: dict[str, mmap.mmap] = {}  # plan -> its shared position
         self._verified: set[str] = set()
         self._plans: dict[str, tuple[int, Plan]] = {}  # plan -> (file mtime, plan)
@@ -431,9 +434,35 @@ class NodeCache:
                         n += sub == "entries"
         return n, used
 
+    def _space_bound(self) -> mmap.mmap:
+        """The node's upper bound of the bytes in use, shared through a mapped file.
+
+        NOTE: only stores add to it (under the space lock) and every scan of the directory
+        sets it to the exact figure, so removals elsewhere (eviction by another process, a
+        corrupt entry, ``clear``) leave it an upper bound. While it says an entry fits, a store
+        needs no scan: without it each store stat()ed every entry, O(entries) per store.
+        """
+        if self._space_map is None:
+            fd = os.open(os.path.join(self.path, "space"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size < 8:  # new (or from an older version): unknown
+                    os.pwrite(fd, struct.pack("<q", _UNKNOWN), 0)
+                self._space_map = mmap.mmap(fd, 8)
+            finally:
+                os.close(fd)
+        return self._space_map
+
     def _make_room(self, key: str, size: int, keep: Collection[str] = ()) -> bool:
         """Evict until ``size`` more bytes fit; False when the newcomer is the one to drop
         (every entry it would displace is needed sooner). Called under the space lock."""
+        bound = self._space_bound()
+        (upper,) = struct.unpack_from("<q", bound, 0)
+        if 0 <= upper and upper + size <= self.capacity:
+            struct.pack_into("<q", bound, 0, upper + size)
+            return True
+        return self._scan_and_evict(key, size, keep)
+
+    def _scan_and_evict(self, key: str, size: int, keep: Collection[str]) -> bool:
         entries = []
         used = 0
         for sub in ("entries", "tmp"):
@@ -448,7 +477,9 @@ class NodeCache:
                     else:
                         used += st.st_size
                         entries.append((e.name, st.st_size, st.st_mtime_ns))
+        bound = self._space_bound()
         if used + size <= self.capacity:
+            struct.pack_into("<q", bound, 0, used + size)
             return True
         plans = self._live_plans()
 
@@ -466,13 +497,15 @@ class NodeCache:
             if name in keep:
                 continue
             if plans and future(name) != NEVER and future(name) < mine:
-                return False
+                break
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.path, "entries", name))
                 used -= nbytes
                 self._count("evictions", 1)
                 self._removed()
-        return used + size <= self.capacity
+        fits = used + size <= self.capacity
+        struct.pack_into("<q", bound, 0, used + size if fits else used)
+        return fits
 
     def _degrade(self, exc: OSError) -> None:
         self._count("degraded", 1)
@@ -582,6 +615,9 @@ class NodeCache:
                 os.close(self._keys_fd)
             self._keys_fd = None
             self._maps.clear()
+            if self._space_map is not None and self._pid == os.getpid():
+                self._space_map.close()
+            self._space_map = None
 
     def clear(self) -> None:
         """Remove every entry, plan and counter (entries mapped by running readers stay
@@ -591,6 +627,7 @@ class NodeCache:
                 for name in os.listdir(os.path.join(self.path, sub)):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.path, sub, name))
+            struct.pack_into("<q", self._space_bound(), 0, _UNKNOWN)  # scan at the next store
             self._removed()
         self._stats = dict.fromkeys(COUNTERS, 0)
 

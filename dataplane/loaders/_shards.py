@@ -129,15 +129,25 @@ class ShardSource:
             NodeCache(cache[0], capacity=cache[1]),
         )
 
+    def _archive(self) -> api.Archive:
+        """This process's handle (call with the lock held)."""
+        if self._arc is None or self._pid != os.getpid():
+            self._arc, self._pid = api.open(self.url, **self.opts), os.getpid()
+        return self._arc
+
+    def prepare(self) -> None:
+        """Open the source now (the prefetch process does, before it says it is ready)."""
+        with self._lock:
+            self._archive()
+
     def prefetch_shard(self, shard: int, key: str) -> None:
         assert self.cache is not None
         a, b = int(self.bounds[shard]), int(self.bounds[shard + 1])
 
         def produce() -> dict[str, np.ndarray]:
             with self._lock:
-                if self._arc is None or self._pid != os.getpid():
-                    self._arc, self._pid = api.open(self.url, **self.opts), os.getpid()
-                return read_shard(self._arc, self.sample, self.names, self.rows, self.offsets, a, b)
+                arc = self._archive()
+                return read_shard(arc, self.sample, self.names, self.rows, self.offsets, a, b)
 
         self.cache.fetch(key, produce)
 

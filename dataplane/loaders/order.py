@@ -96,9 +96,12 @@ def epoch_order(
     rank: int = 0,
     world: int = 1,
     drop_last: bool = False,
+    shuffled: bool = True,
 ) -> np.ndarray:
-    """The sample indices rank ``rank`` reads in ``epoch``, in order."""
-    return partition(shuffle(bounds, seed, epoch, block), rank, world, drop_last)
+    """The sample indices rank ``rank`` reads in ``epoch``, in order (``shuffled=False``: the
+    rank's contiguous share in storage order)."""
+    order = shuffle(bounds, seed, epoch, block) if shuffled else np.arange(int(bounds[-1]))
+    return partition(order, rank, world, drop_last)
 
 
 def order_cost(order: np.ndarray, bounds: np.ndarray, shard_nbytes: Any = None) -> dict[str, int]:

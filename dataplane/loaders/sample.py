@@ -131,7 +131,7 @@ class SampleDataset(torch.utils.data.Dataset):
         """Take in steps committed since the last look; returns the new ``len()``."""
         # Our own read handle may show the file as it was when opened (HDF5 shares one view
         # of a file per process): close it so that the look below is a fresh one.
-        self.close()
+        self._close_archive()
         with api.open(self.url, **self.opts) as arc:
             for i in range(len(self._counts), len(arc)):
                 self._take(i, arc[i])
@@ -432,6 +432,37 @@ class SampleDataset(torch.utils.data.Dataset):
             return columns
         return [as_tensor(o) for o in outs]
 
+    def start_prefetch(self, wait: float | None = None) -> bool:
+        """Start the prefetch process now rather than at the first epoch, so that its start
+        (importing the source's library, opening the source) overlaps the job's own set-up.
+        ``wait``: seconds to wait until it has opened the source. Returns whether it runs
+        (and is ready, with ``wait``); without a cache or with ``prefetch=False`` nothing runs.
+        """
+        prefetcher = self._start_prefetch(update=False)
+        if prefetcher is None:
+            return False
+        return prefetcher.wait_ready(wait) if wait is not None else prefetcher.alive
+
+    def _start_prefetch(self, update: bool) -> Prefetcher | None:
+        if self.cache is None or not self.prefetch:
+            return None
+        try:
+            if self._prefetcher is None or not self._prefetcher.alive:
+                self._prefetcher = Prefetcher(self._shard_source(), self.prefetch_window)
+                weakref.finalize(self, self._prefetcher.close)
+            elif update:
+                self._prefetcher.update(self._shard_source())
+        except TypeError as exc:  # options that JSON cannot carry to the prefetch process
+            self.prefetch = False
+            warnings.warn(
+                f"prefetch is off for {self.url}: its options cannot be passed to the "
+                f"prefetch process ({exc}); give JSON-safe options to prefetch",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        return self._prefetcher
+
     def plan_epoch(self, order: np.ndarray, tag: str) -> Callable[[int], None] | None:
         """Publish the epoch's ``order`` to the cache (for eviction by future use) and have
         the prefetcher follow it. Returns the function that reports the reader's position."""
@@ -442,31 +473,23 @@ class SampleDataset(torch.utils.data.Dataset):
         if self._plan is not None:  # the previous epoch's future is the past now
             self.cache.drop_plan(self._plan)
         plan = self._plan = self.cache.set_plan(f"{id(self):x}-{tag}", keys, uses)
-        if self.prefetch:
-            try:
-                if self._prefetcher is None or not self._prefetcher.alive:
-                    self._prefetcher = Prefetcher(self._shard_source(), self.prefetch_window)
-                    weakref.finalize(self, self._prefetcher.close)
-                else:
-                    self._prefetcher.update(self._shard_source())
-            except TypeError as exc:  # options that JSON cannot carry to the prefetch process
-                self.prefetch = False
-                warnings.warn(
-                    f"prefetch is off for {self.url}: its options cannot be passed to the "
-                    f"prefetch process ({exc}); give JSON-safe options to prefetch",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            else:
-                self._prefetcher.follow(plan)
+        prefetcher = self._start_prefetch(update=True)
+        if prefetcher is not None:
+            prefetcher.follow(plan)
         cache = self.cache
         return lambda position: cache.advance(plan, position)
 
-    def close(self) -> None:
-        """Close this process's handle (it reopens on the next read)."""
+    def _close_archive(self) -> None:
         if self._arc is not None and self._pid == os.getpid():
             self._arc.close()
         self._arc = None
+
+    def close(self) -> None:
+        """Close this process's handle and stop its prefetcher (both start again when used)."""
+        self._close_archive()
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

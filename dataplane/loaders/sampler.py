@@ -39,6 +39,9 @@ class ShuffleSampler(torch.utils.data.Sampler[int]):
         initialised, else 0 and 1. Ranks get disjoint, equally long shares.
     drop_last
         Drop the tail that does not divide evenly among ranks instead of padding it.
+    shuffle
+        ``False`` reads each rank's contiguous share in storage order (evaluation, or a
+        sequential baseline), still with prefetch and partitioning.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class ShuffleSampler(torch.utils.data.Sampler[int]):
         rank: int | None = None,
         world: int | None = None,
         drop_last: bool = False,
+        shuffle: bool = True,
     ) -> None:
         if block is not None and (
             isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1
@@ -70,6 +74,7 @@ class ShuffleSampler(torch.utils.data.Sampler[int]):
         self.block = None if block is None else int(block)
         self.rank, self.world = world_defaults(rank, world)
         self.drop_last = bool(drop_last)
+        self.shuffle = bool(shuffle)
         self.epoch = 0
         self._bounds: np.ndarray | None = None  # this epoch's snapshot of the shard layout
         self._resume = 0  # position the next __iter__ starts from
@@ -110,6 +115,7 @@ class ShuffleSampler(torch.utils.data.Sampler[int]):
             rank=self.rank,
             world=self.world,
             drop_last=self.drop_last,
+            shuffled=self.shuffle,
         )
 
     def __iter__(self) -> Iterator[int]:
@@ -161,13 +167,15 @@ class ShuffleSampler(torch.utils.data.Sampler[int]):
             "rank": self.rank,
             "world": self.world,
             "drop_last": self.drop_last,
+            "shuffle": self.shuffle,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` was taken: the next iteration starts at its position, in
         the same order (also when the data has grown since)."""
-        for key in ("seed", "block", "rank", "world", "drop_last"):
-            if state.get(key) != getattr(self, key):
+        defaults = {"shuffle": True}  # states saved before the option existed
+        for key in ("seed", "block", "rank", "world", "drop_last", "shuffle"):
+            if state.get(key, defaults.get(key)) != getattr(self, key):
                 raise OptionError(
                     f"cannot resume: the state has {key}={state.get(key)!r} but this sampler "
                     f"{key}={getattr(self, key)!r}; a resumed order needs the same {key}"
@@ -194,6 +202,7 @@ class ShuffleSampler(torch.utils.data.Sampler[int]):
             "rank": self.rank,
             "world": self.world,
             "drop_last": self.drop_last,
+            "shuffle": self.shuffle,
         }
 
     def __repr__(self) -> str:
