@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench docs lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,8 @@ demo: $(STAMP)
 	$(VENV)/bin/dataplane demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check dataplane tests bench
+	$(VENV)/bin/ruff check dataplane tests bench examples
+	$(VENV)/bin/ruff format --check dataplane tests bench examples
 	$(VENV)/bin/mypy dataplane
 	$(PY) -m pytest -q
 
@@ -29,9 +30,12 @@ bench: $(STAMP)
 	$(PY) bench/bench_loaders.py
 	$(PY) bench/bench_cache.py
 
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dataplane tests bench examples
 	$(VENV)/bin/mypy dataplane
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache
