@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench docs lint clean
+.PHONY: demo test bench soak docs lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ bench: $(STAMP)
 	$(PY) bench/bench_mpi.py
 	$(PY) bench/bench_loaders.py
 	$(PY) bench/bench_cache.py
+
+# Not in CI: 10 minutes of streaming per transport, then 20 cached epochs (about 35 minutes).
+soak: $(STAMP)
+	$(PY) bench/soak.py --json soak.json
 
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict

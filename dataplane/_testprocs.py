@@ -54,6 +54,16 @@ def publish_main(args: argparse.Namespace) -> int:
     import dataplane as dp
 
     opts = parse_options(args.opt, "--opt")
+    try:
+        return _publish(args, opts)
+    except dp.ChannelBusyError as exc:
+        _emit({"busy": str(exc)})
+        return 3
+
+
+def _publish(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    import dataplane as dp
+
     with dp.publish(
         args.url, policy=args.policy, queue_limit=args.queue_limit, mode=args.mode, **opts
     ) as pub:
@@ -68,7 +78,7 @@ def publish_main(args: argparse.Namespace) -> int:
                 writer.begin_step(i, specs, {})
                 writer.put("u", np.asarray(data["u"]))
                 os.kill(os.getpid(), signal.SIGKILL)
-            pub.write(data, attrs={"i": i})
+            pub.write(data, attrs={"i": i} if args.tag is None else {"i": i, "tag": args.tag})
             _emit({"wrote": i, "digests": {k: digest(np.asarray(v)) for k, v in data.items()}})
             if args.sleep:
                 time.sleep(args.sleep)
@@ -179,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hang", action="store_true", help="stay open after the last step")
     p.add_argument("--kill-in-step", type=int, help="SIGKILL itself in the middle of this step")
     p.add_argument("--mode", default="w")
+    p.add_argument("--tag", help="put this in every step's attributes (who wrote it)")
     p.add_argument("--opt", action="append", default=[], help="transport option key=value")
     s = sp.add_parser("subscribe")
     s.add_argument("url")

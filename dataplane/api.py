@@ -7,7 +7,9 @@ publishing, end-of-stream and drop accounting, and statistics.
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from dataplane.errors import DataplaneError, OptionError, SchemaError, StepTimeoutError
+from dataplane.errors import DataplaneError, OptionError, SchemaError, StepTimeoutError, Terminated
 from dataplane.model import (
     AttrValue,
     Block,
@@ -96,6 +98,12 @@ def publish(
         ``"w"`` to start a channel, ``"a"`` to continue the step sequence of stored data.
     **opts
         Transport options (see each transport's documentation).
+
+    Notes
+    -----
+    Where SIGTERM has its default action, the first ``publish`` of the main thread makes it
+    raise :class:`dataplane.Terminated` in this process instead, so that ``with publish(...)``
+    ends the channel cleanly when a scheduler ends the job (exit status 143 all the same).
     """
     if policy not in POLICIES:
         raise OptionError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -120,6 +128,7 @@ def publish(
             transport,
         )
     transport = _transport(url, opts)
+    _end_cleanly_on_sigterm()
     if policy == "drop-oldest" and not transport.supports_drop_policy:
         raise OptionError(
             f"{transport.scheme}:// stores every step, so policy='drop-oldest' does not apply; "
@@ -432,7 +441,9 @@ class Publisher:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(failed=exc_type is not None)
+        # SIGTERM is the scheduler ending the job, not the writer failing: a clean end.
+        failed = exc_type is not None and not issubclass(exc_type, Terminated)
+        self.close(failed=failed)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"next step {self._index}"
@@ -627,7 +638,9 @@ class ParallelPublisher:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(failed=exc_type is not None)
+        # SIGTERM is the scheduler ending the job, not the writer failing: a clean end.
+        failed = exc_type is not None and not issubclass(exc_type, Terminated)
+        self.close(failed=failed)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"next step {self._index}"
@@ -652,6 +665,49 @@ def _write_step(
     except BaseException:
         w.abort_step()
         raise
+
+
+_SIGTERM_OWNER: list[int] = []  # the process that installed the handler
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+    if _SIGTERM_OWNER and _SIGTERM_OWNER[0] != os.getpid():
+        os.kill(os.getpid(), signal.SIGTERM)  # a forked child (a DataLoader worker): as before
+        return
+    raise Terminated(signum)
+
+
+def _end_cleanly_on_sigterm() -> None:
+    """Make SIGTERM end open channels cleanly (:class:`Terminated`) where it would otherwise
+    kill the process without a word: only from the main thread, never over a handler the
+    program installed itself."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        if not _SIGTERM_OWNER:
+            os.register_at_fork(
+                before=_block_sigterm, after_in_parent=_unblock_sigterm, after_in_child=_child
+            )
+        _SIGTERM_OWNER[:] = [os.getpid()]
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+# NOTE: a forked child (a DataLoader worker) gets SIGTERM's default action back. SIGTERM is
+# blocked across the fork: CPython drops a signal that reaches a Python handler in the child
+# before its after-fork reset, so a terminate() right after start() would be lost.
+def _block_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _unblock_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _child() -> None:
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _unblock_sigterm()
 
 
 def _abandon(writer: Writer, async_writer: _AsyncWriter | None) -> None:

@@ -16,6 +16,7 @@ __all__ = [
     "ReadOnlyError",
     "SchemaError",
     "StepTimeoutError",
+    "Terminated",
     "UnknownOptionError",
     "UnknownSchemeError",
     "VariableNotFoundError",
@@ -72,3 +73,17 @@ class IntegrityError(DataplaneError, ValueError):
 
 class ReadOnlyError(DataplaneError, PermissionError):
     """An attempt to modify data opened for reading."""
+
+
+class Terminated(SystemExit):
+    """The process got SIGTERM (a scheduler ending the job) while a publisher was open.
+
+    Raised in the main thread by the handler :func:`dataplane.publish` installs when SIGTERM
+    has its default action: ``with publish(...)`` then ends the channel cleanly (subscribers
+    get end of stream after every completed step; a step being written is dropped whole) and
+    the process exits with status 143, as the default action would have. A second SIGTERM
+    kills at once. A ``SystemExit``, not a ``DataplaneError``: it ends the program.
+    """
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(128 + signum)

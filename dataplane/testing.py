@@ -23,6 +23,7 @@ import gc
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -544,6 +545,35 @@ class TransportTests:
         assert c.indices == [0, 1]
         assert isinstance(c.outcome, dp.ChannelBroken), c.outcome
 
+    def test_a_step_that_fails_midway_is_dropped_whole_and_burns_no_index(self, url: str) -> None:
+        """A write that fails after the step began (an I/O error, a signal) leaves no part of
+        that step visible, and the next write takes the same index: no gap in the sequence."""
+        c = Consumer(self.subscribe(url))
+        c.start()
+        with self.publish(url) as pub:
+            pub.write({"x": np.zeros(3), "y": np.zeros(2)})
+            writer = pub._writer
+            real_put, puts = writer.put, []
+
+            def put_then_fail(name: str, arr: np.ndarray) -> None:
+                puts.append(name)
+                if len(puts) == 2:
+                    raise OSError(28, "No space left on device (injected)")
+                real_put(name, arr)
+
+            writer.put = put_then_fail
+            with pytest.raises(OSError, match="injected"):
+                pub.write({"x": np.full(3, 7.0), "y": np.full(2, 7.0)})
+            writer.put = real_put
+            assert puts == ["x", "y"] and pub.next_index == 1
+            pub.write({"x": np.ones(3), "y": np.ones(2)})
+        c.finish(self.timeout)
+        c.sub.close()
+        assert c.outcome == "closed"
+        assert c.indices == [0, 1]
+        assert_same_array(c.steps[1][2]["x"], np.ones(3))
+        assert_same_array(c.steps[1][2]["y"], np.ones(2))
+
     def test_abandoned_publisher_breaks_the_channel(self, url: str) -> None:
         c = Consumer(self.subscribe(url))
         c.start()
@@ -894,6 +924,63 @@ class CrossProcessTests(TransportTests):
                 writer.kill()
             writer.communicate()
         assert got == [0, 1, 2, 3, 4]
+
+    def test_two_writers_racing_one_wins_whole(self, url: str) -> None:
+        """Two writer processes started at the same moment, three times: each time exactly one
+        writes the channel, whole and alone; the other is told it is busy and writes nothing."""
+        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(1).items()]
+        for round_ in range(3):
+            where = f"{url}-race{round_}" if "?" not in url else url
+            sub = self.subscribe(where)
+            c = Consumer(sub)
+            c.start()
+            # Eight steps over 0.4 s: the two overlap whoever starts first.
+            args = ("publish", where, "--steps", "8", "--size", "64", "--sleep", "0.05", *opts)
+            a, b = (run_proc(*args, "--tag", tag) for tag in ("a", "b"))
+            outs = {}
+            for tag, proc in (("a", a), ("b", b)):
+                try:
+                    out, err = proc.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    out, err = proc.communicate()
+                outs[tag] = (proc.returncode, out, err)
+            c.finish(self.timeout)
+            sub.close()
+            codes = sorted(rc for rc, _, _ in outs.values())
+            assert codes == [0, 3], {t: (rc, err[-1500:]) for t, (rc, _, err) in outs.items()}
+            winner = next(t for t, (rc, _, _) in outs.items() if rc == 0)
+            loser_out = outs["b" if winner == "a" else "a"][1]
+            assert '"busy"' in loser_out and "writer" in loser_out.lower()
+            assert c.indices == list(range(8)) and c.outcome == "closed"
+            assert {attrs["tag"] for _, attrs, _ in c.steps} == {winner}, "no interleaving"
+
+    def test_sigterm_ends_the_stream_cleanly(self, url: str) -> None:
+        """A scheduler's SIGTERM to the writer: every completed step, then end of stream (not
+        ChannelBroken), and the writer exits with 143 as SIGTERM's default action would."""
+        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(1).items()]
+        sub = self.subscribe(url, timeout=self.timeout)
+        writer = run_proc("publish", url, "--steps", "5", "--hang", *opts)
+        got = []
+        try:
+            for step in sub:
+                got.append(step.index)
+                if step.index == 4:
+                    wait_for_event(writer, "hanging", 30)
+                    writer.send_signal(signal.SIGTERM)
+            outcome = "closed"
+        except dp.ChannelBroken as exc:
+            outcome = f"broken: {exc}"
+        finally:
+            sub.close()
+            try:
+                _, err = writer.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                writer.kill()
+                _, err = writer.communicate()
+        assert got == [0, 1, 2, 3, 4]
+        assert outcome == "closed"
+        assert writer.returncode == 143, (writer.returncode, err[-2000:])
 
     def test_writer_killed_mid_step_leaves_no_partial_step(self, url: str) -> None:
         opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(1).items()]

@@ -248,3 +248,27 @@ def test_dataplane_bench_rejects_bad_options(tmp_path, capsys) -> None:
     ):
         assert main(["bench", "all", "--dir", str(tmp_path), *args]) == 1
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_soak_runs_briefly_and_reports_growth(tmp_path) -> None:
+    """``make soak`` runs this for 10 minutes per transport; here a few seconds each."""
+    out = tmp_path / "soak.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "soak.py"), "--seconds", "3", "--epochs", "3"]
+        + ["--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    streams = {r["transport"]: r for r in results if "transport" in r}
+    assert set(streams) == {"mem", "shm", "sst"}
+    for r in streams.values():
+        assert r["steps"] > 10 and r["dropped"] == 0 and r["lost_or_reordered"] == 0
+        assert r["bytes"] == r["steps"] * (1 << 20)
+        assert "reader_rss_growth" in r and "temp_files_growth" in r
+    epochs = next(r for r in results if "epochs" in r)
+    assert epochs["samples"] == 3 * 16 * 256 and epochs["evictions"] > 0
+    assert epochs["cache_bytes"] <= epochs["capacity"]

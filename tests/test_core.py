@@ -334,3 +334,40 @@ def test_subscriber_threads_do_not_share_steps() -> None:
         c.sub.close()
         assert c.indices == list(range(50))
     assert threading.active_count() >= 1
+
+
+def _sleep_forever() -> None:
+    time.sleep(3600)
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_handler_is_the_publishing_process_only(tmp_path) -> None:
+    """publish() makes SIGTERM end its process's channels cleanly; children forked later
+    (DataLoader workers) still die of SIGTERM as before, and a program's own handler wins."""
+    import multiprocessing
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with dp.publish(f"mem://sigterm-{os.getpid()}"):
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        for _ in range(20):  # terminate() at once after start(): the signal is never lost
+            child = multiprocessing.get_context("fork").Process(target=_sleep_forever)
+            child.start()
+            child.terminate()
+            child.join(30)
+            if child.exitcode is None:
+                child.kill()
+                child.join()
+            assert child.exitcode == -signal.SIGTERM
+
+        def own(signum, frame) -> None:
+            pass
+
+        signal.signal(signal.SIGTERM, own)
+        with dp.publish(f"mem://sigterm2-{os.getpid()}"):
+            pass
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, before)

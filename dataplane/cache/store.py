@@ -128,8 +128,11 @@ class NodeCache:
         self.path = os.path.abspath(os.fspath(path))
         self.capacity = parse_size(capacity)
         self.lock_timeout = float(lock_timeout)
+        # Owner-only: entries hold the data of whoever runs the job. (makedirs applies its
+        # mode to the last component only, so the root is made first.)
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
         for sub in ("entries", "tmp", "plans", "stats"):
-            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+            os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
         self._reset()
 
     # -- per-process state -------------------------------------------------------------------

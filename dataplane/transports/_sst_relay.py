@@ -219,6 +219,9 @@ def run_reader(config: dict[str, Any]) -> int:
 def main(config: dict[str, Any]) -> int:
     faulthandler.enable()  # a crash in adios2 leaves a traceback for the caller's error message
     signal.signal(signal.SIGTERM, _on_term)
+    # The contact file says how to connect to this writer: readable by its owner only. (A
+    # relay creates no other files.)
+    os.umask(0o077)
     return run_writer(config) if config["mode"] == "write" else run_reader(config)
 
 

@@ -51,7 +51,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dataplane.errors import DataplaneError, OptionError, SchemaError
+from dataplane.errors import ChannelBusyError, DataplaneError, OptionError, SchemaError
 from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec
 from dataplane.transports._files import (
     FileTransport,
@@ -308,7 +308,14 @@ class _H5Writer(FormatWriter):
             self._trim_meta(n)
             self._f.swmr_mode = True
         else:
-            self._f = h5py.File(t.path, "w", libver="latest")
+            try:
+                self._f = h5py.File(t.path, "w", libver="latest")
+            except BlockingIOError as exc:  # HDF5's own lock: someone has the file open
+                raise ChannelBusyError(
+                    f"{t.url.url} is open in another process (a reader or another program "
+                    f"holds HDF5's file lock), so it cannot be written anew; close it there, "
+                    f"or append with mode='a' ({exc})"
+                ) from None
             g = self._f.create_group(_META)
             g.attrs["version"] = 1
             g.attrs["layout"] = "step-axis"
