@@ -55,8 +55,8 @@ def temp_files(shm_dir: str) -> int:
 def _writer(url: str, seconds: float, shm_dir: str) -> None:
     os.environ["DATAPLANE_SHM_DIR"] = shm_dir
     data = np.random.default_rng(0).integers(0, 255, STEP, dtype=np.uint8)
-    t_end = time.monotonic() + seconds
     with dp.publish(url, queue_limit=4, rendezvous=1) as pub:
+        t_end = time.monotonic() + seconds  # from when the subscriber is there
         while time.monotonic() < t_end:
             pub.write({"x": data})
 

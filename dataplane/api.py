@@ -7,6 +7,7 @@ publishing, end-of-stream and drop accounting, and statistics.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import signal
@@ -18,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from dataplane.errors import DataplaneError, OptionError, SchemaError, StepTimeoutError, Terminated
+from dataplane.errors import (
+    DataplaneError,
+    OptionError,
+    SchemaError,
+    StepTimeoutError,
+    StorageFullError,
+    Terminated,
+)
 from dataplane.model import (
     AttrValue,
     Block,
@@ -299,7 +307,10 @@ class Publisher:
         if self._async is not None:
             self._async.submit(index, specs, arrays, step_attrs, self._channel_attrs())
         else:
-            _write_step(self._writer, index, specs, arrays, step_attrs, self._channel_attrs())
+            try:
+                _write_step(self._writer, index, specs, arrays, step_attrs, self._channel_attrs())
+            except OSError as exc:
+                raise _storage_full(exc, self.url, index) from exc
         self._index += 1
         for name, spec in specs.items():
             self._first_seen.setdefault(name, (spec.dtype, index))
@@ -430,10 +441,21 @@ class Publisher:
             error = exc
             failed = True
         try:
-            if not failed and self.attrs.dirty:
-                self._writer.set_attrs(self._channel_attrs() or {})
-        finally:
-            self._writer.close(failed=failed)
+            try:
+                if not failed and self.attrs.dirty:
+                    self._writer.set_attrs(self._channel_attrs() or {})
+            finally:
+                self._writer.close(failed=failed)
+        except OSError as exc:
+            if error is None and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFullError(
+                    exc.errno,
+                    f"{self.url}: no space left on the device (or the quota is reached) while "
+                    f"closing the channel after {self._index} steps; the steps are written but "
+                    f"the channel may not read as finished. Free space, then append with "
+                    f"publish(..., mode='a') or check it with `dataplane inspect`",
+                ) from exc
+            raise
         if error is not None:
             raise error
 
@@ -670,6 +692,24 @@ def _write_step(
 _SIGTERM_OWNER: list[int] = []  # the process that installed the handler
 
 
+def _storage_full(exc: OSError, url: str, index: int) -> OSError:
+    """A full disk or quota as :class:`StorageFullError` with what is safe; other errors as
+    they are."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return exc
+    done = (
+        f"steps 0-{index - 1} are complete"
+        if index > 1
+        else ("step 0 is complete" if index == 1 else "no step was completed")
+    )
+    return StorageFullError(
+        exc.errno,
+        f"{url}: no space left on the device (or the quota is reached) while writing step "
+        f"{index}; {done} and readable, step {index} is not visible. Free space, then continue "
+        f"with publish(..., mode='a')",
+    )
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
     if _SIGTERM_OWNER and _SIGTERM_OWNER[0] != os.getpid():
@@ -773,6 +813,11 @@ class _AsyncWriter:
                 try:
                     _write_step(self._writer, index, specs, staged, attrs, channel_attrs)
                 except BaseException as exc:
+                    if isinstance(exc, OSError):
+                        full = _storage_full(exc, self._url, index)
+                        if full is not exc:
+                            full.__cause__ = exc
+                            exc = full
                     _add_note(exc, f"in asynchronous publish of step {index} to {self._url}")
                     self._error = exc
             self._recycle(staged)

@@ -16,6 +16,7 @@ __all__ = [
     "ReadOnlyError",
     "SchemaError",
     "StepTimeoutError",
+    "StorageFullError",
     "Terminated",
     "UnknownOptionError",
     "UnknownSchemeError",
@@ -69,6 +70,11 @@ class ChannelBusyError(DataplaneError, FileExistsError):
 
 class IntegrityError(DataplaneError, ValueError):
     """Stored bytes do not match what was written: a checksum mismatch, truncation, corruption."""
+
+
+class StorageFullError(DataplaneError, OSError):
+    """The filesystem is full (or the quota reached) while writing a step. The steps before it
+    are complete; the one being written is not visible. Free space, then append (mode="a")."""
 
 
 class ReadOnlyError(DataplaneError, PermissionError):

@@ -562,7 +562,7 @@ class TransportTests:
                 real_put(name, arr)
 
             writer.put = put_then_fail
-            with pytest.raises(OSError, match="injected"):
+            with pytest.raises(dp.StorageFullError, match="while writing step 1; step 0 is"):
                 pub.write({"x": np.full(3, 7.0), "y": np.full(2, 7.0)})
             writer.put = real_put
             assert puts == ["x", "y"] and pub.next_index == 1

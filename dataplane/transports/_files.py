@@ -97,9 +97,14 @@ class LeaseIO:
 
     def write(self, data: bytes) -> None:
         tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # a full disk leaves no temporary lease behind
+            raise
 
 
 def read_lease(io: LeaseIO) -> dict[str, Any] | None:
@@ -207,7 +212,13 @@ class Lease:
             self._thread.join()
         if self._info and os.getpid() == self._info["pid"]:
             self._info["state"] = state
-            self._write()
+            try:
+                self._write()
+            except OSError:
+                if state != "failed":
+                    raise
+                # Failing already (often: the disk is full). Readers find the writer gone
+                # when this process ends; the error that brought us here is the one to see.
 
 
 # -- what a format provides --------------------------------------------------------------------
