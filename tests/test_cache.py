@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -87,6 +88,23 @@ def test_stores_below_capacity_do_not_scan_the_cache(tmp_path, monkeypatch) -> N
         cache.fetch(key(i), lambda i=i: arrays(i))
         assert cache.usage()[1] <= cache.capacity
     assert len(scans) >= 2 and sorted(i for i in range(12) if key(i) in cache) == [8, 9, 10, 11]
+
+
+def test_evicted_entries_are_not_held_mapped(tmp_path) -> None:
+    """An unlinked entry still mapped keeps its disk space and a descriptor: a process must
+    let go of what was evicted, or the cache exceeds its capacity on disk (the soak found a
+    prefetch process holding one more evicted entry per epoch)."""
+    cache = NodeCache(tmp_path / "c", capacity=int(3.5 * MIB))
+    for i in range(12):
+        cache.fetch(key(i), lambda i=i: arrays(i))
+        cache.get(key(i))
+    fd_dir = f"/proc/{os.getpid()}/fd"
+    held = []
+    for fd in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):
+            held.append(os.readlink(os.path.join(fd_dir, fd)))
+    stale = [p for p in held if str(tmp_path / "c" / "entries") in p and "(deleted)" in p]
+    assert cache.stats["evictions"] >= 9 and stale == []
 
 
 def test_a_capacity_below_one_shard_is_refused_up_front(tmp_path) -> None:

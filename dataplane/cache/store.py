@@ -147,6 +147,7 @@ class NodeCache:
         )
         self._gen: mmap.mmap | None = None
         self._space_map: mmap.mmap | None = None
+        self._maps_gen = -1  # the generation the mappings were last checked at
         self._positions: dict[str, mmap.mmap] = {}  # plan -> its shared position
         self._verified: set[str] = set()
         self._plans: dict[str, tuple[int, Plan]] = {}  # plan -> (file mtime, plan)
@@ -228,8 +229,30 @@ class NodeCache:
         assert self._gen is not None
         struct.pack_into("<q", self._gen, 0, struct.unpack_from("<q", self._gen, 0)[0] + 1)
 
+    def _prune_maps(self, gen: int) -> None:
+        """Let go of the mappings of entries removed since the last look: an unlinked file
+        keeps its disk space (and a descriptor) while it is mapped, so holding evicted
+        entries would put the cache over its capacity on disk (the soak found 1 descriptor
+        per epoch held this way)."""
+        with self._mutex:
+            if gen == self._maps_gen:
+                return
+            self._maps_gen = gen
+            held = [(k, v[0]) for k, v in self._maps.items()]
+        gone = []
+        for k, ino in held:
+            try:
+                if os.stat(self._entry(k)).st_ino != ino:
+                    gone.append(k)
+            except FileNotFoundError:
+                gone.append(k)
+        with self._mutex:
+            for k in gone:
+                self._maps.pop(k, None)  # readers' views keep their own mapping alive
+
     def _map(self, key: str) -> dict[str, np.ndarray] | None:
         gen = self._generation()
+        self._prune_maps(gen)
         with self._mutex:
             got = self._maps.get(key)
         if got is not None and got[1] == gen:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import warnings
 import weakref
@@ -111,6 +112,7 @@ class SampleDataset(torch.utils.data.Dataset):
         self.prefetch = bool(prefetch)
         self.prefetch_window = int(prefetch_window)
         self._prefetcher: Prefetcher | None = None
+        self._prefetch_spec: str | None = None  # what the prefetch process reads now
         self._plan: str | None = None  # the plan this dataset last published to the cache
         self._table: tuple[np.ndarray, np.ndarray, list[str]] | None = None
         self._versions: list[str | None] = []
@@ -447,11 +449,18 @@ class SampleDataset(torch.utils.data.Dataset):
         if self.cache is None or not self.prefetch:
             return None
         try:
+            source = self._shard_source()
+            spec = json.dumps(source.spec(), sort_keys=True)
             if self._prefetcher is None or not self._prefetcher.alive:
-                self._prefetcher = Prefetcher(self._shard_source(), self.prefetch_window)
+                self._prefetcher = Prefetcher(source, self.prefetch_window)
+                self._prefetch_spec = spec
                 weakref.finalize(self, self._prefetcher.close)
-            elif update:
-                self._prefetcher.update(self._shard_source())
+            elif update and spec != self._prefetch_spec:
+                # Only a new snapshot (grown data) is a new source: the prefetch process
+                # opens it anew, and re-sending the same one every epoch leaked a file
+                # handle per epoch there (found by the soak: 29 -> 101 fds in 20 epochs).
+                self._prefetcher.update(source)
+                self._prefetch_spec = spec
         except TypeError as exc:  # options that JSON cannot carry to the prefetch process
             self.prefetch = False
             warnings.warn(
@@ -490,12 +499,14 @@ class SampleDataset(torch.utils.data.Dataset):
         if self._prefetcher is not None:
             self._prefetcher.close()
             self._prefetcher = None
+            self._prefetch_spec = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_arc"] = None
         state["_pid"] = -1
         state["_prefetcher"] = None
+        state["_prefetch_spec"] = None
         state["_plan"] = None  # the publishing process's, not a copy's to drop
         state["reads"] = state["bytes_read"] = 0
         return state
