@@ -689,9 +689,6 @@ def _write_step(
         raise
 
 
-_SIGTERM_OWNER: list[int] = []  # the process that installed the handler
-
-
 def _storage_full(exc: OSError, url: str, index: int) -> OSError:
     """A full disk or quota as :class:`StorageFullError` with what is safe; other errors as
     they are."""
@@ -710,11 +707,11 @@ def _storage_full(exc: OSError, url: str, index: int) -> OSError:
     )
 
 
+_FORK_HOOK: list[bool] = []  # the at-fork hook below is registered once per process
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
-    if _SIGTERM_OWNER and _SIGTERM_OWNER[0] != os.getpid():
-        os.kill(os.getpid(), signal.SIGTERM)  # a forked child (a DataLoader worker): as before
-        return
     raise Terminated(signum)
 
 
@@ -725,11 +722,11 @@ def _end_cleanly_on_sigterm() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        if not _SIGTERM_OWNER:
+        if not _FORK_HOOK:
             os.register_at_fork(
                 before=_block_sigterm, after_in_parent=_unblock_sigterm, after_in_child=_child
             )
-        _SIGTERM_OWNER[:] = [os.getpid()]
+            _FORK_HOOK.append(True)
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
