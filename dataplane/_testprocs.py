@@ -45,6 +45,21 @@ def step_digests(step: Any) -> dict[str, str]:
     return {name: digest(step[name]) for name in sorted(step.keys())}
 
 
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size of a process and its children (a transport's helper processes), for
+    tests that bound a writer's memory. Linux only; 0 for a process that is gone."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            total = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                total += sum(rss_bytes(child) for child in f.read().split())
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return total
+
+
 def _emit(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -79,7 +94,8 @@ def _publish(args: argparse.Namespace, opts: dict[str, Any]) -> int:
                 writer.put("u", np.asarray(data["u"]))
                 os.kill(os.getpid(), signal.SIGKILL)
             pub.write(data, attrs={"i": i} if args.tag is None else {"i": i, "tag": args.tag})
-            _emit({"wrote": i, "digests": {k: digest(np.asarray(v)) for k, v in data.items()}})
+            digests = {k: digest(np.asarray(v)) for k, v in data.items()}
+            _emit({"wrote": i, "digests": digests, "rss": rss_bytes()})
             if args.sleep:
                 time.sleep(args.sleep)
         if args.hang:

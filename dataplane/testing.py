@@ -10,7 +10,8 @@ A transport's test file is a few lines::
 
 ``conformance(scheme)`` assembles the suite from the transport's declared capabilities:
 :class:`TransportTests` for every transport, :class:`CrossProcessTests` when its scope reaches
-beyond one process, :class:`DropPolicyTests` when it supports ``policy="drop-oldest"``. So a
+beyond one process, :class:`DropPolicyTests` when it supports ``policy="drop-oldest"`` (and
+:class:`CrossProcessDropTests` when both). So a
 capability a transport does not declare is not tested, rather than skipped.
 
 Override ``make_url`` (a fresh channel per test), ``writer_options`` and ``reader_options``
@@ -44,6 +45,7 @@ from dataplane.transports.base import Transport
 
 __all__ = [
     "Consumer",
+    "CrossProcessDropTests",
     "CrossProcessTests",
     "DropPolicyTests",
     "FileCrashTests",
@@ -51,7 +53,9 @@ __all__ = [
     "TransportTests",
     "assert_same_array",
     "conformance",
+    "flip_bytes",
     "sample_array",
+    "truncate",
 ]
 
 
@@ -88,6 +92,23 @@ def assert_same_array(got: np.ndarray, want: Any) -> None:
     assert got.dtype == want.dtype, f"dtype {got.dtype} != {want.dtype}"
     assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
     assert got.tobytes(order="C") == want.tobytes(order="C"), f"values differ:\n{got}\n!=\n{want}"
+
+
+def flip_bytes(path: str | os.PathLike[str], offsets: Sequence[int]) -> None:
+    """Invert the byte at each of ``offsets`` in the file at ``path`` (a bit flip on disk)."""
+    with open(path, "r+b") as f:
+        for spot in offsets:
+            f.seek(spot)
+            byte = f.read(1)
+            f.seek(spot)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def truncate(path: str | os.PathLike[str], fraction: float) -> int:
+    """Cut the file at ``path`` to ``fraction`` of its size; returns the new size."""
+    size = int(os.path.getsize(path) * fraction)
+    os.truncate(path, size)
+    return size
 
 
 def _index(step: dp.Step | None) -> int | None:
@@ -887,9 +908,13 @@ class CrossProcessTests(TransportTests):
             for i in range(n)
         }
 
+    def writer_args(self, subscribers: int) -> list[str]:
+        """``writer_options`` as command-line options of ``_testprocs publish``."""
+        return [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(subscribers).items()]
+
     def test_subscriber_processes_each_get_every_step(self, url: str) -> None:
         n = 30
-        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(3).items()]
+        opts = self.writer_args(3)
         readers = [run_proc("subscribe", url, "--timeout", "30") for _ in range(3)]
         writer = run_proc("publish", url, "--steps", str(n), "--queue-limit", "3", *opts)
         want = self.expected_digests(n)
@@ -902,7 +927,7 @@ class CrossProcessTests(TransportTests):
             assert events[-1]["end"] == "closed"
 
     def test_writer_process_killed_gives_channel_broken(self, url: str) -> None:
-        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(1).items()]
+        opts = self.writer_args(1)
         sub = self.subscribe(url, timeout=self.timeout)
         writer = run_proc("publish", url, "--steps", "5", "--hang", *opts)
         got = []
@@ -928,7 +953,7 @@ class CrossProcessTests(TransportTests):
     def test_two_writers_racing_one_wins_whole(self, url: str) -> None:
         """Two writer processes started at the same moment, three times: each time exactly one
         writes the channel, whole and alone; the other is told it is busy and writes nothing."""
-        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(1).items()]
+        opts = self.writer_args(1)
         for round_ in range(3):
             where = f"{url}-race{round_}" if "?" not in url else url
             sub = self.subscribe(where)
@@ -958,7 +983,7 @@ class CrossProcessTests(TransportTests):
     def test_sigterm_ends_the_stream_cleanly(self, url: str) -> None:
         """A scheduler's SIGTERM to the writer: every completed step, then end of stream (not
         ChannelBroken), and the writer exits with 143 as SIGTERM's default action would."""
-        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(1).items()]
+        opts = self.writer_args(1)
         sub = self.subscribe(url, timeout=self.timeout)
         writer = run_proc("publish", url, "--steps", "5", "--hang", *opts)
         got = []
@@ -982,20 +1007,94 @@ class CrossProcessTests(TransportTests):
         assert outcome == "closed"
         assert writer.returncode == 143, (writer.returncode, err[-2000:])
 
-    def test_writer_killed_mid_step_leaves_no_partial_step(self, url: str) -> None:
-        opts = [f"--opt={k}={json.dumps(v)}" for k, v in self.writer_options(1).items()]
+    @pytest.mark.parametrize("seed", range(3))
+    def test_writer_killed_mid_step_leaves_no_partial_step(self, url: str, seed: int) -> None:
+        opts = self.writer_args(1)
+        kill_at = int(np.random.default_rng(seed).integers(0, 10))
         sub = self.subscribe(url)
-        writer = run_proc("publish", url, "--steps", "10", "--kill-in-step", "3", *opts)
+        writer = run_proc("publish", url, "--steps", "10", "--kill-in-step", str(kill_at), *opts)
         want = self.expected_digests(10)
         c = Consumer(sub)
         c.start()
         c.finish(self.timeout)
         read_events(writer, 30)
         sub.close()
-        assert c.indices == [0, 1, 2]
+        assert c.indices == list(range(kill_at))
         for i, _, arrays in c.steps:
             assert {k: _testprocs.digest(v) for k, v in sorted(arrays.items())} == want[i]
-        assert isinstance(c.outcome, dp.ChannelBroken), c.outcome
+        assert isinstance(c.outcome, dp.ChannelBroken | dp.StepTimeoutError), c.outcome
+        if kill_at:  # a writer that never completed a step may look like one that never came
+            assert isinstance(c.outcome, dp.ChannelBroken), c.outcome
+
+    @pytest.mark.parametrize("seed", range(3))
+    def test_writer_killed_at_a_seeded_moment_gives_the_committed_prefix(
+        self, url: str, seed: int
+    ) -> None:
+        """SIGKILL at a random moment of a steady stream: a subscriber process gets steps
+        0..k-1 exact, with every step the writer had completed among them, then ChannelBroken."""
+        n = 400
+        reader = run_proc("subscribe", url, "--timeout", str(self.timeout))
+        writer = run_proc(
+            "publish", url, "--steps", str(n), "--sleep", "0.005", *self.writer_args(1)
+        )
+        wait_for_event(writer, "wrote", self.timeout)
+        time.sleep(float(np.random.default_rng(seed).uniform(0.0, 0.8)))
+        writer.kill()
+        wrote = [e["wrote"] for e in read_events(writer, 30) if "wrote" in e]
+        events = read_events(reader, 2 * self.timeout)
+        got = [e for e in events if "index" in e]
+        want = self.expected_digests(n)
+        assert [e["index"] for e in got] == list(range(len(got)))
+        assert all(e["digests"] == want[e["index"]] for e in got)
+        assert len(wrote) < n, "the writer finished before it was killed: make the run longer"
+        assert len(got) >= len(wrote), (len(got), len(wrote))
+        assert events[-1]["end"] == "broken", events[-1]
+
+    def test_subscriber_killed_mid_stream_the_writer_carries_on(self, url: str) -> None:
+        """One of two subscriber processes is SIGKILLed after 6 steps while the writer runs under
+        policy="block" with a queue of 2: the writer still writes all 40 steps and the other
+        subscriber gets every one of them (a dead reader's slots are released)."""
+        n = 40
+        survivor = run_proc("subscribe", url, "--timeout", str(self.timeout))
+        victim = run_proc(
+            "subscribe", url, "--sleep", "0.05", "--exit-after", "5", "--kill",
+            "--timeout", str(self.timeout),
+        )  # fmt: skip
+        writer = run_proc(
+            "publish", url, "--steps", str(n), "--queue-limit", "2", *self.writer_args(2)
+        )
+        wrote = [e["wrote"] for e in read_events(writer, 3 * self.timeout) if "wrote" in e]
+        events = read_events(survivor, 3 * self.timeout)
+        victim_got = [e["index"] for e in read_events(victim, 30) if "index" in e]
+        assert victim.returncode == -signal.SIGKILL and victim_got == list(range(6))
+        assert wrote == list(range(n))
+        assert [e["index"] for e in events if "index" in e] == list(range(n))
+        assert events[-1]["end"] == "closed"
+
+    def test_reader_ten_times_slower_gets_every_step_and_the_writer_stays_bounded(
+        self, url: str
+    ) -> None:
+        """policy="block", queue_limit=4, 1.5 MiB steps: a subscriber process 10x slower than
+        the writer gets all N steps once, in order, exact; the writer (with any helper process
+        it runs) does not grow with N: it waits instead of queueing."""
+        n, size, mib = 48, 131072, 1 << 20
+        reader = run_proc("subscribe", url, "--sleep", "0.05", "--timeout", str(self.timeout))
+        writer = run_proc(
+            "publish", url, "--steps", str(n), "--size", str(size), "--queue-limit", "4",
+            "--sleep", "0.005", *self.writer_args(1),
+        )  # fmt: skip
+        wrote = [e for e in read_events(writer, 3 * self.timeout) if "wrote" in e]
+        events = read_events(reader, 3 * self.timeout)
+        got = [e for e in events if "index" in e]
+        want = self.expected_digests(n, size)
+        assert [e["index"] for e in got] == list(range(n))
+        assert all(e["digests"] == want[e["index"]] for e in got)
+        assert events[-1]["end"] == "closed"
+        # After a warm-up (buffers, the queue filling: 13 steps for sst:// here), none. Queueing
+        # every step instead would add another 1.5 MiB per step, 48 MiB.
+        rss = [e["rss"] for e in wrote]
+        growth = max(rss[16:]) - rss[16]
+        assert growth < 12 * mib, f"writer grew {growth / mib:.1f} MiB over {n - 16} steps: {rss}"
 
 
 class FileTransportTests(TransportTests):
@@ -1175,12 +1274,7 @@ class FileCrashTests(FileTransportTests):
             path = files[int(rng.integers(0, len(files)))]
             size = os.path.getsize(path)
             spots = [int(x) for x in rng.integers(0, size, 8)]
-        with open(path, "r+b") as f:
-            for spot in spots:
-                f.seek(spot)
-                byte = f.read(1)
-                f.seek(spot)
-                f.write(bytes([byte[0] ^ 0xFF]))
+        flip_bytes(path, spots)
         got = self._verify(url)
         if targets and seed % 2 == 0:
             assert got["error"] is not None and "IntegrityError" in got["error"], got
@@ -1193,8 +1287,7 @@ class FileCrashTests(FileTransportTests):
         self._write(url, 4)
         want = {i: _testprocs.step_digests(dp.open(url)[i]) for i in range(4)}
         for path in self.data_files(url):
-            with open(path, "r+b") as f:
-                f.truncate(int(os.path.getsize(path) * fraction))
+            truncate(path, fraction)
         got = self._verify(url)
         for i, digests in got["steps"].items():
             assert digests == want[int(i)], f"truncated step {i} came back wrong: {got}"
@@ -1216,6 +1309,32 @@ def _expected(n: int, size: int) -> dict[int, dict[str, str]]:
     }
 
 
+class CrossProcessDropTests(CrossProcessTests):
+    """For streams that reach other processes and support ``policy="drop-oldest"``."""
+
+    def test_slow_reader_process_under_drop_oldest_counts_every_missed_step(self, url: str) -> None:
+        """published = delivered + dropped, exactly, for a subscriber process that falls behind;
+        what it gets is in order, each once, exact."""
+        n = 150
+        reader = run_proc("subscribe", url, "--sleep", "0.01", "--timeout", str(self.timeout))
+        writer = run_proc(
+            "publish", url, "--steps", str(n), "--policy", "drop-oldest", "--queue-limit", "2",
+            *self.writer_args(1),
+        )  # fmt: skip
+        wrote = [e["wrote"] for e in read_events(writer, 3 * self.timeout) if "wrote" in e]
+        events = read_events(reader, 3 * self.timeout)
+        got = [e for e in events if "index" in e]
+        indices = [e["index"] for e in got]
+        want = self.expected_digests(n)
+        assert wrote == list(range(n))
+        assert indices == sorted(set(indices)) and set(indices) <= set(range(n))
+        assert all(e["digests"] == want[e["index"]] for e in got)
+        assert events[-1]["end"] == "closed", events[-1]
+        stats = events[-1]["stats"]
+        assert stats["steps"] == len(got) and 0 < stats["dropped"] < n, stats
+        assert stats["steps"] + stats["dropped"] == n, stats
+
+
 def conformance(scheme: str, **capabilities: Any) -> type:
     """The conformance suite for ``scheme``, assembled from its declared capabilities.
 
@@ -1229,7 +1348,8 @@ def conformance(scheme: str, **capabilities: Any) -> type:
 
     bases: list[type] = []
     if has("scope") != "process":
-        bases.append(CrossProcessTests)
+        both = has("supports_drop_policy")
+        bases.append(CrossProcessDropTests if both else CrossProcessTests)
     if has("supports_drop_policy"):
         bases.append(DropPolicyTests)
     if has("supports_random_access"):

@@ -29,6 +29,8 @@ from dataplane.cache import (
 )
 from dataplane.loaders import SampleDataset, ShuffleSampler
 
+from faults import flip_bytes, size_limited_dir, truncate
+
 pytestmark = pytest.mark.timeout(180)
 
 MIB = 1 << 20
@@ -121,17 +123,19 @@ def test_a_capacity_below_one_shard_is_refused_up_front(tmp_path) -> None:
 def test_flipped_bytes_are_detected_and_fetched_again(tmp_path) -> None:
     NodeCache(tmp_path / "c", capacity="10MiB").fetch(key(1), lambda: arrays(1))
     entry = tmp_path / "c" / "entries" / key(1)
-    data = bytearray(entry.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    entry.write_bytes(bytes(data))
+    flip_bytes(entry, [entry.stat().st_size // 2])
     fresh = NodeCache(tmp_path / "c", capacity="10MiB")  # as another process would
     with pytest.warns(CacheWarning, match="corrupt .*checksum"):
         got = fresh.fetch(key(1), lambda: arrays(1))
     np.testing.assert_array_equal(got["x"], arrays(1)["x"])
     assert fresh.stats["corrupt"] == 1 and fresh.stats["misses"] == 1
-    entry.write_bytes(b"junk")  # truncated
-    with pytest.warns(CacheWarning, match="shorter than its header"):
-        assert NodeCache(tmp_path / "c", capacity="10MiB").get(key(1)) is None
+    # Truncated: to less than its header, within its table, within its payload.
+    for fraction, why in [(0.0, "shorter than its header"), (0.5, "does not match its size")]:
+        truncate(entry, fraction)
+        with pytest.warns(CacheWarning, match=why):
+            assert NodeCache(tmp_path / "c", capacity="10MiB").get(key(1)) is None
+        NodeCache(tmp_path / "c", capacity="10MiB").fetch(key(1), lambda: arrays(1))
+    assert fresh.stats["corrupt"] == 1
 
 
 def _slow_fetch(path: str, k: str, log: str, delay: float, barrier) -> None:
@@ -215,27 +219,16 @@ c.fetch("{key(3)}", produce)
     assert key(3) in waiter
 
 
-def _tiny_fs(path) -> bool:
-    os.makedirs(path, exist_ok=True)
-    return (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True
-        ).returncode
-        == 0
-    )
-
-
 def test_a_full_disk_degrades_to_reading_the_source(tmp_path, monkeypatch) -> None:
-    fs = tmp_path / "tiny"
-    mounted = _tiny_fs(fs)
-    try:
-        if not mounted:
+    with size_limited_dir(tmp_path / "tiny", "2m") as fs:
+        if fs is None:
             # No privilege to mount a 2 MiB filesystem here: make reserving space fail the way
             # a full disk does.
             def full(fd, offset, length):
                 raise OSError(28, "No space left on device")
 
             monkeypatch.setattr(os, "posix_fallocate", full)
+            fs = tmp_path / "tiny"
         cache = NodeCache(fs / "c", capacity="100MiB")  # more than the disk has
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -246,9 +239,6 @@ def test_a_full_disk_degrades_to_reading_the_source(tmp_path, monkeypatch) -> No
         assert sum(issubclass(w.category, CacheWarning) for w in caught) == 1, "warned once"
         assert os.listdir(fs / "c" / "tmp") == []
         cache.close()
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(fs)], check=False)
 
 
 def test_belady_keeps_what_is_needed_soonest(tmp_path) -> None:

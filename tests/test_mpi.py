@@ -25,6 +25,7 @@ MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shuti
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import mpi_roundtrip as rt  # noqa: E402
+from faults import mpich_segments_removed  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -189,7 +190,8 @@ def test_a_rank_killed_inside_a_step_leaves_only_complete_steps(tmp_path, scheme
                 pub.write({{"x": np.full((1000, 10), t + comm.rank, dtype=np.float64)}})
         """
     )
-    result = mpiexec(2, sys.executable, "-c", code, timeout=120)
+    with mpich_segments_removed():
+        result = mpiexec(2, sys.executable, "-c", code, timeout=120)
     assert result.returncode != 0  # the job died with its rank
     with dp.open(url) as a:
         assert len(a) == 2

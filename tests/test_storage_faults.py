@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,8 @@ import numpy as np
 import pytest
 
 import dataplane as dp
+
+from faults import size_limited_dir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,18 +43,8 @@ WRITER = textwrap.dedent(
 @pytest.fixture
 def small_fs(tmp_path):
     """A 16 MiB filesystem of its own."""
-    where = tmp_path / "small"
-    where.mkdir()
-    mounted = os.geteuid() == 0 and (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)],
-            capture_output=True,
-        ).returncode
-        == 0
-    )
-    yield where if mounted else None
-    if mounted:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+    with size_limited_dir(tmp_path / "small", "16m") as where:
+        yield where
 
 
 @pytest.mark.parametrize("scheme,name", [("h5", "run.h5"), ("zarr", "run.zarr")])
