@@ -46,7 +46,7 @@ import math
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import h5py
 import numpy as np
@@ -66,10 +66,13 @@ __all__ = ["HDF5Transport"]
 
 _META = "__dataplane"
 
-# NOTE: HDF5 keeps one open file per process however many handles open it. A SWMR refresh
-# through one handle while another handle of the file looks up or reads a dataset makes that
-# read return rows of the wrong step (reproduced with plain h5py: two threads, one refreshing).
-# So every SWMR source of one file in a process reads and refreshes under one lock.
+# NOTE: HDF5 keeps one open file per process however many handles open it, and the handles'
+# dataset objects share their chunk index. A SWMR refresh through one handle while another
+# handle of the file looks up or reads a dataset makes that read return rows of the wrong step;
+# so does a refresh while another handle merely holds the same dataset open (rows of the first
+# chunk come back: 7 wrong rows in 14,400 reads by threads opening and closing handles). So the
+# readers of one file in a process share one h5py.File and one object per dataset (_Shared),
+# and read and refresh under one lock.
 _FILE_LOCKS: dict[str, threading.RLock] = {}
 _FILE_LOCKS_GUARD = threading.Lock()
 
@@ -81,6 +84,50 @@ def _file_lock(path: str) -> threading.RLock:
         if lock is None:
             lock = _FILE_LOCKS[key] = threading.RLock()
         return lock
+
+
+class _Shared:
+    """The one SWMR h5py.File of a file in this process, its dataset objects and how many rows
+    of each a refresh has shown, shared by every source that reads the file. Use under
+    ``lock``."""
+
+    _open: ClassVar[dict[tuple[int, ...], _Shared]] = {}
+
+    def __init__(self, key: tuple[int, ...], f: h5py.File, lock: threading.RLock) -> None:
+        self._key = key
+        self.f = f
+        self.lock = lock
+        self.users = 1
+        self.rows: dict[str, int] = {}
+        self._datasets: dict[str, h5py.Dataset] = {}
+
+    @classmethod
+    def acquire(cls, path: str) -> _Shared:
+        """The file's shared handle (opened now if no source in this process holds it)."""
+        lock = _file_lock(path)
+        st = os.stat(path)
+        key = (os.getpid(), st.st_dev, st.st_ino)  # a forked child, a rewritten file: new ones
+        with lock:
+            shared = cls._open.get(key)
+            if shared is not None:
+                shared.users += 1
+                return shared
+            shared = cls._open[key] = cls(key, h5py.File(path, "r", swmr=True), lock)
+            return shared
+
+    def dataset(self, name: str) -> h5py.Dataset:
+        d = self._datasets.get(name)
+        if d is None:
+            d = self._datasets[name] = self.f[name]
+        return d
+
+    def release(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                del self._open[self._key]
+                self._datasets.clear()
+                self.f.close()
 
 
 _CHUNK_TARGET = 1 << 20  # small variables: pack steps until a chunk holds about 1 MiB
@@ -254,16 +301,15 @@ class HDF5Transport(FileTransport):
             if lease == "none":
                 raise DataplaneError(self._refusal())
             return None  # our writer died before its first step: nothing was committed
-        with _file_lock(self.path):  # opening touches the file other handles are reading
-            try:
-                f = h5py.File(self.path, "r", swmr=True)
-            except OSError as exc:
-                if exc.errno == errno.EAGAIN or "already open for write" in str(exc):
-                    raise DataplaneError(self._refusal()) from exc
-                raise
-            if _META in f:
-                return _H5Source(self, f)
-            return _ForeignH5Source(self, f)
+        try:
+            shared = _Shared.acquire(self.path)
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN or "already open for write" in str(exc):
+                raise DataplaneError(self._refusal()) from exc
+            raise
+        with shared.lock:
+            ours = _META in shared.f
+        return _H5Source(self, shared) if ours else _ForeignH5Source(self, shared)
 
     def _refusal(self) -> str:
         return (
@@ -498,35 +544,32 @@ def _from_h5_attr(value: Any) -> AttrValue:
 class _H5Source(StepSource):
     """Committed steps of a file in dataplane's layout, read through SWMR."""
 
-    def __init__(self, t: HDF5Transport, f: h5py.File) -> None:
+    def __init__(self, t: HDF5Transport, shared: _Shared) -> None:
         self._t = t
-        self._f = f
-        g = f[_META]
-        self._committed = g["committed"]
-        self._meta = g["meta"]
-        self._offsets = g["meta_offsets"]
-        self._attrs_log = g["attrs_log"]
-        self._attrs_offsets = g["attrs_offsets"]
-        self._names: list[str] = json.loads(g.attrs["vars"]) if "vars" in g.attrs else []
+        self._sh = shared
+        self._lock = shared.lock
+        with self._lock:
+            self._names: list[str] = json.loads(shared.f[_META].attrs.get("vars", "[]"))
         self._specs: dict[str, VarSpec] = {}
         self._count = 0
-        self._seen: dict[str, int] = {}  # rows of each dataset known to this reader
-        self._lock = _file_lock(t.path)
+        self._closed = False
+
+    def _meta_set(self, name: str) -> h5py.Dataset:
+        return self._sh.dataset(f"{_META}/{name}")
 
     def refresh(self) -> int:
         with self._lock:
             return self._refresh()
 
     def _refresh(self) -> int:
-        self._committed.refresh()
-        count = int(self._committed[0])
+        committed = self._meta_set("committed")
+        committed.refresh()
+        count = int(committed[0])
         if count != self._count:
             if not self._names:
-                g = self._f[_META]
-                g.refresh() if hasattr(g, "refresh") else None
-                self._names = json.loads(g.attrs.get("vars", "[]"))
-            self._offsets.refresh()
-            self._meta.refresh()
+                self._names = json.loads(self._sh.f[_META].attrs.get("vars", "[]"))
+            self._meta_set("meta_offsets").refresh()
+            self._meta_set("meta").refresh()
             self._count = count
         return count
 
@@ -537,49 +580,52 @@ class _H5Source(StepSource):
         spec = self._specs.get(name)
         if spec is None:
             with self._lock:
-                d = self._f[name]
+                d = self._sh.dataset(name)
                 spec = self._specs[name] = VarSpec(np.dtype(d.dtype), tuple(d.shape[1:]))
         return spec
 
     def meta(self, index: int) -> tuple[StepMeta, dict[str, str]]:
         with self._lock:
-            a, b = (int(x) for x in self._offsets[index : index + 2])
-            info = json.loads(self._meta[a:b].tobytes())
+            a, b = (int(x) for x in self._meta_set("meta_offsets")[index : index + 2])
+            info = json.loads(self._meta_set("meta")[a:b].tobytes())
         specs = {name: self._spec(name) for name in self._names}
         return StepMeta(index, info["a"], specs), info["c"]
 
     def get(self, index: int, name: str, selection: Selection) -> np.ndarray:
         with self._lock:
-            # Looked up on every read: a Dataset object kept across reads returns rows of the
-            # wrong step after another handle of the file refreshed (see _FILE_LOCKS).
-            d = self._f[name]
-            if self._seen.get(name, -1) <= index:
+            d = self._sh.dataset(name)
+            if self._sh.rows.get(name, -1) <= index:
                 d.refresh()
-                self._seen[name] = d.shape[0]
+                self._sh.rows[name] = d.shape[0]
             key = (index, *selection.slices)
             return np.asarray(d[key])
 
     def attrs(self) -> dict[str, AttrValue]:
         with self._lock:
-            self._attrs_offsets.refresh()
-            k = self._attrs_offsets.shape[0] - 1
+            offsets = self._meta_set("attrs_offsets")
+            offsets.refresh()
+            k = offsets.shape[0] - 1
             if k == 0:
-                return {key: _from_h5_attr(v) for key, v in self._f.attrs.items()}
-            self._attrs_log.refresh()
-            a, b = (int(x) for x in self._attrs_offsets[k - 1 : k + 1])
-            return json.loads(self._attrs_log[a:b].tobytes())
+                return {key: _from_h5_attr(v) for key, v in self._sh.f.attrs.items()}
+            log = self._meta_set("attrs_log")
+            log.refresh()
+            a, b = (int(x) for x in offsets[k - 1 : k + 1])
+            return json.loads(log[a:b].tobytes())
 
     def close(self) -> None:
         with self._lock:
-            self._f.close()
+            if not self._closed:
+                self._closed = True
+                self._sh.release()
 
 
 class _ForeignH5Source(StepSource):
     """A file dataplane did not write, mapped by the documented rules (module docstring)."""
 
-    def __init__(self, t: HDF5Transport, f: h5py.File) -> None:
+    def __init__(self, t: HDF5Transport, shared: _Shared) -> None:
         self._t = t
-        self._f = f
+        self._sh: _Shared | None = shared
+        self._f = f = shared.f
         self._datasets: dict[str, h5py.Dataset] = {}
         f.visititems(
             lambda name, obj: (
@@ -592,7 +638,7 @@ class _ForeignH5Source(StepSource):
         if self._step_axis:
             lengths = {n: d.shape[0] for n, d in self._datasets.items() if d.ndim}
             if len(set(lengths.values())) > 1:
-                f.close()
+                shared.release()
                 raise SchemaError(
                     f"{t.url.url}: layout='step-axis' needs every dataset to have the same "
                     f"length along axis 0, got {lengths}"
@@ -623,4 +669,6 @@ class _ForeignH5Source(StepSource):
         return {key: _from_h5_attr(v) for key, v in self._f.attrs.items()}
 
     def close(self) -> None:
-        self._f.close()
+        sh, self._sh = self._sh, None
+        if sh is not None:
+            sh.release()
