@@ -588,10 +588,10 @@ class _ShmWriter(Writer):
 
     def _choose(self, index: int) -> int | None:
         """Pick a slot for step ``index`` (under the lock), or None if it must wait."""
-        ctl, ql = self._ctl, self._queue_limit
+        seqs, ql = self._seqs, self._queue_limit  # the writer alone sets seq: its own copy
         pinned = set()
         min_cursor = None
-        for s in ctl.live_subscribers():
+        for s in self._ctl.live_subscribers():
             c, cur = s.cursor, s.current
             if min_cursor is None or c < min_cursor:
                 min_cursor = c
@@ -602,24 +602,22 @@ class _ShmWriter(Writer):
         elif min_cursor is not None:
             # Count the slowest subscriber's unconsumed steps rather than compare indices:
             # indices need not start at its cursor or be contiguous (appends, relays).
-            unconsumed = sum(1 for seq in self._seqs if seq >= min_cursor)
-            if unconsumed >= ql:
+            if sum(seq >= min_cursor for seq in seqs) >= ql:
                 return None
-        empties, reusable, retained = [], [], 0
-        for i, seq in enumerate(self._seqs):  # the writer alone sets seq: read its own copy
-            if seq < 0:
-                empties.append(i)
-                continue
-            retained += 1
-            if seq in pinned or (min_cursor is not None and min_cursor <= seq):
-                continue
-            reusable.append((seq, i))
-        if empties and retained < ql:
+        empty = seqs.count(-1)
+        if empty and len(seqs) - empty < ql:
             # Prefer a slot that already has memory.
-            return max(empties, key=lambda i: ctl.slots[i].capacity)
-        if reusable:
-            return min(reusable)[1]
-        return empties[0] if empties else None
+            ws = self._wslots
+            return max((i for i, seq in enumerate(seqs) if seq < 0), key=lambda i: ws[i].capacity)
+        oldest, slot = None, None
+        for i, seq in enumerate(seqs):
+            if seq < 0 or seq in pinned or (min_cursor is not None and min_cursor <= seq):
+                continue
+            if oldest is None or seq < oldest:
+                oldest, slot = seq, i
+        if slot is not None:
+            return slot
+        return seqs.index(-1) if empty else None
 
     def _acquire(self, index: int) -> int:
         ctl = self._ctl
