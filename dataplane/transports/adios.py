@@ -25,6 +25,7 @@ where the build has it) with ``operator_params``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -660,6 +661,9 @@ class _StepEncoder:
         _adios_attr(self._io, _CHANNEL_ATTR, json.dumps(attrs))
 
 
+_METADATA_ROOM = 4 << 20  # what a BP5 step's metadata and the file's close may need on disk
+
+
 class _BP5Writer(FormatWriter):
     def __init__(self, t: BP5Transport, mode: str) -> None:
         self._t = t
@@ -698,8 +702,31 @@ class _BP5Writer(FormatWriter):
         p = self._pending
         assert p is not None
         self._pending = None
+        self._check_space(p)
         p["sums"] = checksums
         self._enc.write(p["index"], p)
+
+    def _check_space(self, pending: dict[str, Any]) -> None:
+        """Refuse a step the disk has no room for, before ADIOS2 sees it.
+
+        # NOTE: ADIOS2 does not survive a full disk: it loses the step's metadata, the file no
+        # longer opens, and its engine aborts the process at exit. So dataplane checks first:
+        # the step's bytes (uncompressed: an operator only makes it smaller) plus room for its
+        # metadata and the close. Something else filling the disk at the same moment can still
+        # beat the check.
+        """
+        need = sum(a.nbytes for _, a in pending["arrays"]) + _METADATA_ROOM
+        try:
+            st = os.statvfs(self._t.path)
+        except OSError:
+            return  # not a local path we can ask (ADIOS2 reports its own errors)
+        free = st.f_bavail * st.f_frsize
+        if free < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"{free} bytes free where step {pending['index']} needs {need} with room for "
+                f"its metadata (checked before writing: ADIOS2 does not survive a full disk)",
+            )
 
     def abort(self) -> None:
         self._pending = None
