@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import dataplane as dp
-from dataplane.cache import NodeCache
+from dataplane.cache import CacheWarning, NodeCache
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -141,8 +141,10 @@ def test_a_symlinked_cache_entry_is_not_followed_out(tmp_path) -> None:
     entry.unlink()
     entry.symlink_to(victim)
     again = NodeCache(tmp_path / "cache", capacity="1MB")
-    got = again.fetch(key, lambda: {"x": np.arange(8.0)})
+    with pytest.warns(CacheWarning, match="corrupt"):
+        got = again.fetch(key, lambda: {"x": np.arange(8.0)})
     np.testing.assert_array_equal(got["x"], np.arange(8.0))
+    assert again.stats["corrupt"] == 1
     assert victim.read_bytes() == b"precious" * 100
 
 
