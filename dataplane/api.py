@@ -447,14 +447,8 @@ class Publisher:
             finally:
                 self._writer.close(failed=failed)
         except OSError as exc:
-            if error is None and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageFullError(
-                    exc.errno,
-                    f"{self.url}: no space left on the device (or the quota is reached) while "
-                    f"closing the channel after {self._index} steps; the steps are written but "
-                    f"the channel may not read as finished. Free space, then append with "
-                    f"publish(..., mode='a') or check it with `dataplane inspect`",
-                ) from exc
+            if error is None:
+                raise _storage_full(exc, self.url, self._index, closing=True) from exc
             raise
         if error is not None:
             raise error
@@ -689,11 +683,19 @@ def _write_step(
         raise
 
 
-def _storage_full(exc: OSError, url: str, index: int) -> OSError:
-    """A full disk or quota as :class:`StorageFullError` with what is safe; other errors as
-    they are."""
+def _storage_full(exc: OSError, url: str, index: int, closing: bool = False) -> OSError:
+    """A full disk or quota while writing step ``index`` (or closing after ``index`` steps)
+    as :class:`StorageFullError` saying what is safe; other errors as they are."""
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         return exc
+    full = f"{url}: no space left on the device (or the quota is reached) while"
+    if closing:
+        return StorageFullError(
+            exc.errno,
+            f"{full} closing the channel after {index} steps; the steps are written but the "
+            f"channel may not read as finished. Free space, then append with "
+            f"publish(..., mode='a') or check it with `dataplane inspect`",
+        )
     done = (
         f"steps 0-{index - 1} are complete"
         if index > 1
@@ -701,9 +703,8 @@ def _storage_full(exc: OSError, url: str, index: int) -> OSError:
     )
     return StorageFullError(
         exc.errno,
-        f"{url}: no space left on the device (or the quota is reached) while writing step "
-        f"{index}; {done} and readable, step {index} is not visible. Free space, then continue "
-        f"with publish(..., mode='a')",
+        f"{full} writing step {index}; {done} and readable, step {index} is not visible. Free "
+        f"space, then continue with publish(..., mode='a')",
     )
 
 

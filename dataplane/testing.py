@@ -24,6 +24,7 @@ import gc
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -926,29 +927,43 @@ class CrossProcessTests(TransportTests):
             assert all(e["digests"] == want[e["index"]] for e in steps)
             assert events[-1]["end"] == "closed"
 
-    def test_writer_process_killed_gives_channel_broken(self, url: str) -> None:
-        opts = self.writer_args(1)
+    def _end_writer_after_step_4(
+        self, url: str, end: Any
+    ) -> tuple[list[int], str | BaseException, float, int, str]:
+        """Follow a writer process that writes steps 0-4 and stays open; once step 4 is in,
+        ``end(writer)``. Returns the steps received, how the stream ended ("closed" or the
+        exception), seconds from ``end`` to that, the writer's exit status and its stderr."""
         sub = self.subscribe(url, timeout=self.timeout)
-        writer = run_proc("publish", url, "--steps", "5", "--hang", *opts)
-        got = []
+        writer = run_proc("publish", url, "--steps", "5", "--hang", *self.writer_args(1))
+        got: list[int] = []
+        outcome: str | BaseException = "closed"
+        t0 = time.monotonic()
         try:
             for step in sub:
                 got.append(step.index)
                 if step.index == 4:
-                    writer.kill()
-                    writer.wait(10)
+                    wait_for_event(writer, "hanging", 30)
+                    end(writer)
                     t0 = time.monotonic()
-                    with pytest.raises(dp.ChannelBroken, match="died|gone"):
-                        next(sub)
-                    # Detected from liveness, well before the subscriber's own timeout.
-                    assert time.monotonic() - t0 < self.timeout / 2
-                    break
+        except dp.DataplaneError as exc:
+            outcome = exc
         finally:
+            elapsed = time.monotonic() - t0
             sub.close()
-            if writer.poll() is None:
+            try:
+                _, err = writer.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
                 writer.kill()
-            writer.communicate()
+                _, err = writer.communicate()
+        return got, outcome, elapsed, writer.returncode, err
+
+    def test_writer_process_killed_gives_channel_broken(self, url: str) -> None:
+        got, outcome, elapsed, _, _ = self._end_writer_after_step_4(url, lambda w: w.kill())
         assert got == [0, 1, 2, 3, 4]
+        assert isinstance(outcome, dp.ChannelBroken), outcome
+        assert re.search("died|gone", str(outcome)), outcome
+        # Detected from liveness, well before the subscriber's own timeout.
+        assert elapsed < self.timeout / 2
 
     def test_two_writers_racing_one_wins_whole(self, url: str) -> None:
         """Two writer processes started at the same moment, three times: each time exactly one
@@ -983,29 +998,12 @@ class CrossProcessTests(TransportTests):
     def test_sigterm_ends_the_stream_cleanly(self, url: str) -> None:
         """A scheduler's SIGTERM to the writer: every completed step, then end of stream (not
         ChannelBroken), and the writer exits with 143 as SIGTERM's default action would."""
-        opts = self.writer_args(1)
-        sub = self.subscribe(url, timeout=self.timeout)
-        writer = run_proc("publish", url, "--steps", "5", "--hang", *opts)
-        got = []
-        try:
-            for step in sub:
-                got.append(step.index)
-                if step.index == 4:
-                    wait_for_event(writer, "hanging", 30)
-                    writer.send_signal(signal.SIGTERM)
-            outcome = "closed"
-        except dp.ChannelBroken as exc:
-            outcome = f"broken: {exc}"
-        finally:
-            sub.close()
-            try:
-                _, err = writer.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                writer.kill()
-                _, err = writer.communicate()
+        got, outcome, _, code, err = self._end_writer_after_step_4(
+            url, lambda w: w.send_signal(signal.SIGTERM)
+        )
         assert got == [0, 1, 2, 3, 4]
-        assert outcome == "closed"
-        assert writer.returncode == 143, (writer.returncode, err[-2000:])
+        assert outcome == "closed", outcome
+        assert code == 143, (code, err[-2000:])
 
     @pytest.mark.parametrize("seed", range(3))
     def test_writer_killed_mid_step_leaves_no_partial_step(self, url: str, seed: int) -> None:

@@ -22,17 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from dataplane._testprocs import rss_bytes
 from dataplane.testing import flip_bytes, read_events, run_proc, truncate, wait_for_event
 
 __all__ = [
     "die_at_call",
     "flip_bytes",
-    "kill_points",
+    "kill_point",
     "leftovers",
     "mpich_segments_removed",
     "read_events",
-    "rss_bytes",
     "run_proc",
     "size_limited_dir",
     "truncate",
@@ -40,10 +38,9 @@ __all__ = [
 ]
 
 
-def kill_points(seed: int, n: int, count: int = 1) -> list[int]:
-    """``count`` distinct points in ``range(n)`` chosen by ``seed``, sorted."""
-    rng = np.random.default_rng(seed)
-    return sorted(int(x) for x in rng.choice(n, size=min(count, n), replace=False))
+def kill_point(seed: int, n: int) -> int:
+    """A point in ``range(n)`` chosen by ``seed``: where a seeded fault strikes."""
+    return int(np.random.default_rng(seed).integers(0, n))
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
 import dataplane as dp
 from dataplane.cache import (
@@ -29,7 +29,7 @@ from dataplane.cache import (
 )
 from dataplane.loaders import SampleDataset, ShuffleSampler
 
-from faults import flip_bytes, size_limited_dir, truncate
+from faults import die_at_call, flip_bytes, kill_point, size_limited_dir, truncate
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -456,3 +456,57 @@ def test_cache_command_line(tmp_path) -> None:
     assert json.loads(cli("stats", str(path), "--json").stdout)["entries"] == 0
     bad = cli("stats", str(tmp_path / "nothing"))
     assert bad.returncode == 1 and "not a dataplane cache directory" in bad.stderr
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_dataloader_worker_killed_while_filling_the_cache(tmp_path, monkeypatch, seed) -> None:
+    """SIGKILL inside a worker's write of a cache entry (at a seeded write, after half its
+    bytes): the DataLoader raises instead of hanging, no entry is ever half written, and the
+    next epoch serves every sample exactly, the dead worker's temporary file swept."""
+    url = f"h5://{tmp_path}/run.h5"
+    steps, rows = 8, 64
+    write_rows(url, steps, rows, 256)  # 64 KiB steps: one shard each
+    path = tmp_path / "c"
+    tmp_dir = str(path / "tmp")
+    real_pwrite = os.pwrite
+
+    def into_the_cache(fd: int, data, offset: int) -> bool:
+        in_worker = get_worker_info() is not None
+        return in_worker and os.readlink(f"/proc/self/fd/{fd}").startswith(tmp_dir)
+
+    def half(fd: int, data, offset: int) -> None:
+        real_pwrite(fd, bytes(data)[: len(data) // 2], offset)
+
+    # Two writes per entry (payload, then header and table): die in the 1st to 6th.
+    nth = kill_point(seed, 6) + 1
+    die_at_call(monkeypatch, os, "pwrite", nth, when=into_the_cache, before=half)
+
+    def epoch() -> list[int]:
+        ds = SampleDataset(url, "x", cache=NodeCache(path, capacity="64MiB"),
+                           shard_bytes=64 * 1024, prefetch=False)  # fmt: skip
+        sampler = ShuffleSampler(ds, seed=seed)
+        loader = DataLoader(ds, batch_size=16, sampler=sampler, num_workers=2, timeout=60)
+        try:
+            return [i for batch in loader for i in ident(batch)]
+        finally:
+            ds.close()
+
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        epoch()
+    dead_tmp = os.listdir(tmp_dir)
+    assert len(dead_tmp) >= 1, "the worker died with an entry half written"
+    entries = os.listdir(path / "entries")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)  # a damaged entry would warn
+        check = NodeCache(path, capacity="64MiB")
+        for k in entries:
+            assert check.get(k) is not None, f"entry {k} is incomplete"
+        assert check.stats["corrupt"] == 0
+
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)
+        got = epoch()
+    assert sorted(got) == all_ids(steps, rows)
+    assert os.listdir(tmp_dir) == [], f"{len(dead_tmp)} temporary file(s) of the dead worker left"
+    assert len(os.listdir(path / "entries")) == steps

@@ -1,6 +1,6 @@
-"""Faults across components: a DataLoader worker dying while it fills the cache, and one crashed
-workflow leaving every kind of leftover behind for the next run. (Per-transport faults are in
-the conformance suite; per-component ones beside their component's tests.)"""
+"""Faults across components: one crashed workflow leaving every kind of leftover behind for the
+next run. (Per-transport faults are in the conformance suite; per-component ones beside their
+component's tests, e.g. a DataLoader worker dying while it fills the cache in test_cache.py.)"""
 
 from __future__ import annotations
 
@@ -11,93 +11,20 @@ import signal
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torch.utils.data import DataLoader, get_worker_info
 
-import dataplane as dp
-from dataplane.cache import CacheWarning, NodeCache
-from dataplane.loaders import SampleDataset, ShuffleSampler
+from dataplane.cache import NodeCache
 
-from faults import die_at_call, kill_points, leftovers, read_events, run_proc, wait_for_event
+from faults import leftovers, read_events, run_proc, wait_for_event
 
 pytestmark = pytest.mark.timeout(180)
 
-STEPS, ROWS, WIDTH = 8, 64, 256  # float32 rows of 1 KiB, 64 KiB per step
-
-
-def write_rows(url: str) -> None:
-    with dp.publish(url) as pub:
-        for s in range(STEPS):
-            pub.write(
-                {"x": np.repeat((s * 1000 + np.arange(ROWS, dtype=np.float32))[:, None], WIDTH, 1)}
-            )
-
-
-def ids(batch: torch.Tensor) -> list[int]:
-    return batch[:, 0].to(torch.int64).tolist()
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_a_dataloader_worker_killed_while_filling_the_cache(tmp_path, monkeypatch, seed) -> None:
-    """SIGKILL inside a worker's write of a cache entry (at a seeded write, after half its
-    bytes): the DataLoader raises instead of hanging, no entry is ever half written, and the
-    next epoch serves every sample exactly, the dead worker's temporary file swept."""
-    url = f"h5://{tmp_path}/run.h5"
-    write_rows(url)
-    path = tmp_path / "c"
-    tmp_dir = str(path / "tmp")
-    real_pwrite = os.pwrite
-
-    def into_the_cache(fd: int, data, offset: int) -> bool:
-        in_worker = get_worker_info() is not None
-        return in_worker and os.readlink(f"/proc/self/fd/{fd}").startswith(tmp_dir)
-
-    def half(fd: int, data, offset: int) -> None:
-        real_pwrite(fd, bytes(data)[: len(data) // 2], offset)
-
-    # Two writes per entry (payload, then header and table): die in the 1st to 6th.
-    nth = kill_points(seed, 6)[0] + 1
-    die_at_call(monkeypatch, os, "pwrite", nth, when=into_the_cache, before=half)
-
-    def epoch() -> list[int]:
-        ds = SampleDataset(url, "x", cache=NodeCache(path, capacity="64MiB"),
-                           shard_bytes=64 * 1024, prefetch=False)  # fmt: skip
-        sampler = ShuffleSampler(ds, seed=seed)
-        loader = DataLoader(ds, batch_size=16, sampler=sampler, num_workers=2, timeout=60)
-        try:
-            return [i for batch in loader for i in ids(batch)]
-        finally:
-            ds.close()
-
-    with pytest.raises(RuntimeError, match="DataLoader worker"):
-        epoch()
-    dead_tmp = os.listdir(tmp_dir)
-    assert len(dead_tmp) >= 1, "the worker died with an entry half written"
-    entries = os.listdir(path / "entries")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CacheWarning)  # a damaged entry would warn
-        check = NodeCache(path, capacity="64MiB")
-        for k in entries:
-            assert check.get(k) is not None, f"entry {k} is incomplete"
-        assert check.stats["corrupt"] == 0
-
-    monkeypatch.undo()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CacheWarning)
-        got = epoch()
-    assert sorted(got) == [s * 1000 + r for s in range(STEPS) for r in range(ROWS)]
-    assert os.listdir(tmp_dir) == [], f"{len(dead_tmp)} temporary file(s) of the dead worker left"
-    assert len(os.listdir(path / "entries")) == STEPS
-
-
 CRASH = textwrap.dedent(
     """
-    import os, sys, threading, time, numpy as np
+    import os, sys, time, numpy as np
     import dataplane as dp
     from dataplane._testprocs import make_step
     from dataplane.cache import NodeCache

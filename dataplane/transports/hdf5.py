@@ -66,37 +66,26 @@ __all__ = ["HDF5Transport"]
 
 _META = "__dataplane"
 
+
 # NOTE: HDF5 keeps one open file per process however many handles open it, and the handles'
 # dataset objects share their chunk index. A SWMR refresh through one handle while another
 # handle of the file looks up or reads a dataset makes that read return rows of the wrong step;
 # so does a refresh while another handle merely holds the same dataset open (rows of the first
 # chunk come back: 7 wrong rows in 14,400 reads by threads opening and closing handles). So the
 # readers of one file in a process share one h5py.File and one object per dataset (_Shared),
-# and read and refresh under one lock.
-_FILE_LOCKS: dict[str, threading.RLock] = {}
-_FILE_LOCKS_GUARD = threading.Lock()
-
-
-def _file_lock(path: str) -> threading.RLock:
-    key = os.path.realpath(path)
-    with _FILE_LOCKS_GUARD:
-        lock = _FILE_LOCKS.get(key)
-        if lock is None:
-            lock = _FILE_LOCKS[key] = threading.RLock()
-        return lock
-
-
+# and read and refresh under its lock.
 class _Shared:
     """The one SWMR h5py.File of a file in this process, its dataset objects and how many rows
     of each a refresh has shown, shared by every source that reads the file. Use under
     ``lock``."""
 
     _open: ClassVar[dict[tuple[int, ...], _Shared]] = {}
+    _guard = threading.Lock()  # over _open and every instance's ``users``
 
-    def __init__(self, key: tuple[int, ...], f: h5py.File, lock: threading.RLock) -> None:
+    def __init__(self, key: tuple[int, ...], f: h5py.File) -> None:
         self._key = key
         self.f = f
-        self.lock = lock
+        self.lock = threading.RLock()
         self.users = 1
         self.rows: dict[str, int] = {}
         self._datasets: dict[str, h5py.Dataset] = {}
@@ -104,15 +93,14 @@ class _Shared:
     @classmethod
     def acquire(cls, path: str) -> _Shared:
         """The file's shared handle (opened now if no source in this process holds it)."""
-        lock = _file_lock(path)
         st = os.stat(path)
         key = (os.getpid(), st.st_dev, st.st_ino)  # a forked child, a rewritten file: new ones
-        with lock:
+        with cls._guard:
             shared = cls._open.get(key)
             if shared is not None:
                 shared.users += 1
                 return shared
-            shared = cls._open[key] = cls(key, h5py.File(path, "r", swmr=True), lock)
+            shared = cls._open[key] = cls(key, h5py.File(path, "r", swmr=True))
             return shared
 
     def dataset(self, name: str) -> h5py.Dataset:
@@ -122,12 +110,14 @@ class _Shared:
         return d
 
     def release(self) -> None:
-        with self.lock:
+        with self._guard:
             self.users -= 1
-            if self.users == 0:
-                del self._open[self._key]
-                self._datasets.clear()
-                self.f.close()
+            if self.users:
+                return
+            del self._open[self._key]
+        with self.lock:
+            self._datasets.clear()
+            self.f.close()
 
 
 _CHUNK_TARGET = 1 << 20  # small variables: pack steps until a chunk holds about 1 MiB
