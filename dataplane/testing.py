@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -1279,6 +1279,74 @@ class FileCrashTests(FileTransportTests):
             assert "step" in got["error"] and "variable" in got["error"]
         for i, digests in got["steps"].items():
             assert digests == want[int(i)], f"corrupt step {i} came back as values: {got}"
+
+    @pytest.mark.parametrize("seed", range(3))
+    def test_damaged_bytes_never_come_back_through_partial_reads(self, url: str, seed: int) -> None:
+        """A flipped byte inside one row: every partial read (archive and live subscriber) that
+        touches it raises IntegrityError, every other read returns exactly what was written."""
+        rows, width = 2048, 64  # 1 MiB steps: several checksum blocks each
+        steps = [np.random.default_rng([seed, i]).standard_normal((rows, width)) for i in range(3)]
+        with self.publish(url, 0) as pub:
+            for u in steps:
+                pub.write({"u": u})
+        hit_step, hit_row = 1, int(np.random.default_rng(seed).integers(0, rows))
+        needle = steps[hit_step][hit_row].tobytes()
+        where = []
+        for path in self.data_files(url):
+            with open(path, "rb") as f:
+                at = f.read().find(needle)
+            if at >= 0:
+                where.append((path, at))
+        assert len(where) == 1, f"row {hit_row} of step {hit_step} not found once: {where}"
+        flip_bytes(
+            where[0][0], [where[0][1] + 8 * int(np.random.default_rng(seed).integers(width))]
+        )
+        rng = np.random.default_rng(seed + 100)
+        reads = [(hit_step, hit_row, 1, 0, width), (hit_step, hit_row, 1, 5, 3)]
+        reads += [
+            (
+                int(rng.integers(3)),
+                int(r),
+                int(rng.integers(1, 40)),
+                int(c),
+                int(rng.integers(1, 8)),
+            )
+            for r, c in zip(rng.integers(0, rows - 40, 60), rng.integers(0, width - 8, 60))
+        ]
+
+        def check(read: Callable[[int, tuple[int, int], tuple[int, int]], np.ndarray]) -> int:
+            failed = 0
+            for i, r, n, c, m in reads:
+                try:
+                    got = read(i, (r, c), (n, m))
+                except dp.IntegrityError as exc:
+                    assert i == hit_step and "corrupt" in str(exc), exc
+                    failed += 1
+                    continue
+                assert_same_array(got, steps[i][r : r + n, c : c + m])
+            return failed
+
+        with dp.open(url) as arc:
+            assert check(lambda i, s, n: arc.read("u", i, start=s, count=n)) >= 2
+            with pytest.raises(dp.IntegrityError, match="corrupt"):
+                arc[hit_step]["u"]
+        sub = self.subscribe(url, timeout=self.timeout)
+        try:
+            failed = 0
+            for step in sub:
+                for i, r, n, c, m in reads:
+                    if i != step.index:
+                        continue
+                    try:
+                        got = step.read("u", start=(r, c), count=(n, m))
+                    except dp.IntegrityError:
+                        assert i == hit_step
+                        failed += 1
+                        continue
+                    assert_same_array(got, steps[i][r : r + n, c : c + m])
+            assert failed >= 2 and sub.stats.steps == 3
+        finally:
+            sub.close()
 
     @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.6, 0.9, 0.99])
     def test_truncated_files_give_an_error_not_a_hang(self, url: str, fraction: float) -> None:

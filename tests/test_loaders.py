@@ -312,3 +312,54 @@ def test_sampler_ranks_from_an_initialised_process_group(tmp_path) -> None:
         ShuffleSampler(10, rank=3, world=3)
     with pytest.raises(dp.OptionError, match="block must be None"):
         ShuffleSampler(10, block=0)
+
+
+@pytest.mark.parametrize("scheme", ["h5", "bp5", "zarr"])
+@pytest.mark.parametrize("cached", [False, True], ids=["direct", "cache"])
+def test_a_damaged_row_never_reaches_training(tmp_path, scheme, cached) -> None:
+    """A flipped byte inside one row of a stored step: the batches that hold a sample of its
+    checksum block raise IntegrityError, every other sample is exact, and the cache stores
+    nothing of the damaged block (its fetch is verified like any read)."""
+    from dataplane.cache import NodeCache, cache_stats
+    from dataplane.transports._checksums import BLOCK_BYTES
+
+    url = f"{scheme}://{tmp_path}/run.{scheme}"
+    rows, width = 2048, 64  # 512 KiB steps: several checksum blocks each
+    block = BLOCK_BYTES // (width * 4)  # rows per checksum block
+    assert block <= 512 and 512 % block == 0
+    with dp.publish(url) as pub:
+        for s in range(3):
+            x = np.repeat([[s * 10_000 + r] for r in range(rows)], width, axis=1)
+            pub.write({"x": x.astype(np.float32)})
+    needle = np.full(width, 10_700, np.float32).tobytes()
+    root = tmp_path / f"run.{scheme}"
+    files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+    hits = [(p, p.read_bytes().find(needle)) for p in files]
+    hits = [(p, at) for p, at in hits if at >= 0]
+    assert len(hits) == 1 and hits[0][0].read_bytes().count(needle) == 1
+    with open(hits[0][0], "r+b") as f:
+        f.seek(hits[0][1] + 100)
+        byte = f.read(1)
+        f.seek(hits[0][1] + 100)
+        f.write(bytes([byte[0] ^ 0x40]))
+    cache = NodeCache(tmp_path / "cache", capacity="64MiB") if cached else None
+    ds = SampleDataset(url, vars="x", cache=cache, prefetch=False, shard_bytes=128 << 10)
+    failed = []
+    for first in range(0, len(ds), 64):
+        batch = list(range(first, min(first + 64, len(ds))))
+        try:
+            got = ds.__getitems__(batch)
+        except dp.IntegrityError as exc:
+            assert "corrupt" in str(exc)
+            failed.append(first)
+            continue
+        for i, x in zip(batch, got):
+            assert bool((x == (i // rows) * 10_000 + i % rows).all()), f"sample {i} is wrong"
+    # Only batches that touch the damaged row's checksum block fail; through the cache, those
+    # of the shard (512 rows) that holds it, since a shard is fetched whole.
+    first, end = rows + 700 // block * block, rows + 700 // block * block + block
+    if cached:
+        first, end = rows + 512, rows + 1024
+    assert failed == list(range(first - first % 64, end, 64)), failed
+    if cached:  # shards of 512 rows: the shard holding the block is never stored
+        assert cache_stats(str(tmp_path / "cache"))["entries"] == len(ds.shard_nbytes()) - 1

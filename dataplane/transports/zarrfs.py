@@ -14,7 +14,7 @@ Layout (what plain zarr sees)
     ``__dataplane/``
         A group whose attributes say how many steps are committed (written last: a step is
         visible only once complete), and an array ``steps`` with one JSON string per step
-        (step attributes, xxh3 checksum of each array).
+        (its index, step attributes, xxh3 checksums of the blocks of each array).
 
 As for ``h5://``, the variables and their shapes are fixed by the first step: one array per
 variable is what training code reads fastest, and appending keeps every earlier chunk intact.
@@ -28,7 +28,7 @@ axis 0 as the step axis. A store holding a single array is that one variable.
 Options
 -------
 verify : bool
-    Check the checksum of every whole-variable read (default True).
+    Check every read, whole or partial, against the step's block checksums (default True).
 heartbeat : float
     Seconds between the writer's lease updates (default 1).
 storage_options : dict or JSON string
@@ -55,14 +55,14 @@ import zarr
 import zarr.registry
 from zarr.storage import FsspecStore, LocalStore
 
-from dataplane.errors import DataplaneError, OptionError, SchemaError
+from dataplane.errors import DataplaneError, IntegrityError, OptionError, SchemaError
 from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec
+from dataplane.transports._checksums import block_sums
 from dataplane.transports._files import (
     FileTransport,
     FormatWriter,
     LeaseIO,
     StepSource,
-    digest,
     read_lease,
     writer_state,
 )
@@ -207,13 +207,15 @@ class ZarrTransport(FileTransport):
                 read_only=read_only,
             )
 
-    def put_block(self, row: int, name: str, start: tuple[int, ...], block: np.ndarray) -> str:
+    def put_block(
+        self, row: int, name: str, start: tuple[int, ...], block: np.ndarray
+    ) -> dict[str, Any]:
         # Opened afresh: the root resized the array for this step after we last looked.
         a: Any = zarr.open_array(store=self.store(read_only=False), path=name, mode="r+")
         block = np.ascontiguousarray(block)
         where = [slice(s, s + n) for s, n in zip(start, block.shape)]
         a[tuple([row, *where])] = block
-        return digest(block)
+        return block_sums(block)
 
     def lease_io(self) -> LeaseIO:
         path = self.root.rstrip("/") + ".lease"
@@ -352,7 +354,7 @@ class _ZarrWriter(FormatWriter):
         self._pending = None
         n = self._n
         self._steps.resize((n + 1,))
-        self._steps[n] = json.dumps({"a": p["attrs"], "c": checksums()})
+        self._steps[n] = json.dumps({"i": n, "a": p["attrs"], "c": checksums()})
         self._meta.attrs["committed"] = n + 1  # last: the step is visible from here
         self._n = n + 1
 
@@ -419,6 +421,11 @@ class _ZarrSource(StepSource):
             )
         steps = self._steps
         info = _retrying(lambda: json.loads(str(steps[index])))
+        if info.get("i", index) != index:
+            raise IntegrityError(
+                f"{self._t.url.url}: the metadata stored for step {index} is that of step "
+                f"{info['i']}: the store is damaged"
+            )
         specs = {}
         for name in self._names:
             self._array(name)
