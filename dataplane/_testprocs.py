@@ -60,6 +60,15 @@ def rss_bytes(pid: int | str = "self") -> int:
     return total
 
 
+def process_state(pid: int) -> str:
+    """The state letter of process ``pid`` (``"T"``: stopped), or "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return ""
+
+
 def _emit(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -78,11 +87,27 @@ def publish_main(args: argparse.Namespace) -> int:
 
 def _publish(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     import dataplane as dp
+    from dataplane.registry import resolve
+
+    if args.stop_in_setup:
+        # Stop (SIGSTOP) after claiming the channel, before setting up its files.
+        cls = resolve(args.url)[1]
+        real = cls.format_writer  # type: ignore[attr-defined]
+
+        def stopped(self: Any, mode: str) -> Any:
+            _emit({"setting_up": True})
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return real(self, mode)
+
+        cls.format_writer = stopped  # type: ignore[attr-defined]
 
     with dp.publish(
         args.url, policy=args.policy, queue_limit=args.queue_limit, mode=args.mode, **opts
     ) as pub:
         pub.attrs["writer_pid"] = os.getpid()
+        if args.kill_before_first_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        _emit({"opened": True})
         for i in range(pub.next_index, pub.next_index + args.steps):
             data = make_step(i, args.size)
             if args.kill_in_step is not None and i == args.kill_in_step:
@@ -101,6 +126,11 @@ def _publish(args: argparse.Namespace, opts: dict[str, Any]) -> int:
         if args.hang:
             _emit({"hanging": True})
             time.sleep(3600)
+        if args.close_after:
+            # Stay open (the channel's writer) until the test says so.
+            deadline = time.monotonic() + 300
+            while not os.path.exists(args.close_after) and time.monotonic() < deadline:
+                time.sleep(0.01)
     _emit({"closed": True})
     return 0
 
@@ -125,6 +155,8 @@ def subscribe_main(args: argparse.Namespace) -> int:
         _emit({"end": "broken", "error": str(exc)})
     except dp.StepTimeoutError as exc:
         _emit({"end": "timeout", "error": str(exc)})
+    except dp.DataplaneError as exc:
+        _emit({"end": "error", "error": f"{type(exc).__name__}: {exc}"})
     return 0
 
 
@@ -204,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--hang", action="store_true", help="stay open after the last step")
     p.add_argument("--kill-in-step", type=int, help="SIGKILL itself in the middle of this step")
+    p.add_argument("--kill-before-first-step", action="store_true", help="SIGKILL itself once open")
+    p.add_argument("--close-after", help="close only once this file exists")
+    p.add_argument("--stop-in-setup", action="store_true", help="SIGSTOP itself while setting up")
     p.add_argument("--mode", default="w")
     p.add_argument("--tag", help="put this in every step's attributes (who wrote it)")
     p.add_argument("--opt", action="append", default=[], help="transport option key=value")

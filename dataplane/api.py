@@ -686,9 +686,15 @@ def _write_step(
 def _storage_full(exc: OSError, url: str, index: int, closing: bool = False) -> OSError:
     """A full disk or quota while writing step ``index`` (or closing after ``index`` steps)
     as :class:`StorageFullError` saying what is safe; other errors as they are."""
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return exc
-    full = f"{url}: no space left on the device (or the quota is reached) while"
+    if exc.errno == errno.EFBIG:
+        full = (
+            f"{url}: a file reached the largest size allowed (the process's file size limit, "
+            f"ulimit -f, or the filesystem's) while"
+        )
+    else:
+        full = f"{url}: no space left on the device (or the quota is reached) while"
     if closing:
         return StorageFullError(
             exc.errno,
@@ -704,7 +710,7 @@ def _storage_full(exc: OSError, url: str, index: int, closing: bool = False) -> 
     return StorageFullError(
         exc.errno,
         f"{full} writing step {index}; {done} and readable, step {index} is not visible. Free "
-        f"space, then continue with publish(..., mode='a')",
+        f"space (or raise the limit), then continue with publish(..., mode='a')",
     )
 
 

@@ -73,8 +73,10 @@ class IntegrityError(DataplaneError, ValueError):
 
 
 class StorageFullError(DataplaneError, OSError):
-    """The filesystem is full (or the quota reached) while writing a step. The steps before it
-    are complete; the one being written is not visible. Free space, then append (mode="a")."""
+    """The filesystem is full, the quota reached or a file at its size limit (``errno`` says
+    which: ENOSPC, EDQUOT, EFBIG) while writing a step. The steps before it are complete and
+    readable; the one being written is not visible. Free space, then write on (the same
+    publisher, or a new one with mode="a")."""
 
 
 class ReadOnlyError(DataplaneError, PermissionError):

@@ -6,9 +6,12 @@ import glob
 import os
 
 import numpy as np
+import pytest
 from adios2 import FileReader
 
-from dataplane.testing import conformance
+import dataplane as dp
+from dataplane.testing import conformance, read_events, run_proc
+from dataplane.transports.adios import _BP5Stream
 
 
 class TestBP5(conformance("bp5")):
@@ -57,3 +60,84 @@ class TestBP5(conformance("bp5")):
                 out.append((f, at, len(needle)))
         assert out, "step 1 of 'u' not found in the data files"
         return out
+
+
+@pytest.mark.timeout(120)
+def test_a_clean_close_is_end_of_stream_when_the_writer_exits_at_once(tmp_path, monkeypatch):
+    """The subscriber reads the lease (writer open), then the writer closes and exits, then
+    ADIOS2 reports the end of the stream: that is a clean end, not a dead writer."""
+    url = f"bp5://{tmp_path}/run.bp"
+    flag = tmp_path / "close"
+    writer = run_proc("publish", url, "--steps", "3", "--close-after", str(flag))
+    sub = dp.subscribe(url, timeout=60)
+    try:
+        assert [next(sub).index for _ in range(3)] == [0, 1, 2]
+        real = _BP5Stream.advance
+
+        def after_the_writer_is_gone(self, wait):
+            flag.touch()
+            writer.wait(60)  # closed (its lease says so) and exited
+            return real(self, max(wait, 1.0))
+
+        monkeypatch.setattr(_BP5Stream, "advance", after_the_writer_is_gone)
+        assert sub.next() is None
+        assert writer.returncode == 0
+    finally:
+        sub.close()
+        read_events(writer, 30)
+
+
+@pytest.fixture(scope="module")
+def written_bp(tmp_path_factory):
+    from dataplane._testprocs import make_step
+
+    path = tmp_path_factory.mktemp("bp") / "run.bp"
+    with dp.publish(f"bp5://{path}") as pub:
+        pub.attrs["units"] = "K"
+        for i in range(6):
+            pub.write(make_step(i, 256), attrs={"i": i})
+    return path
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["md.0", "mmd.0", "md.idx"])
+def test_damaged_metadata_gives_an_error_not_a_crash(tmp_path, written_bp, name) -> None:
+    """64 random bytes written into, or a cut of, a BP5 metadata file: ADIOS2 would crash the
+    reading process (a segmentation fault in 10 of 20 trials); dataplane's readers get an
+    IntegrityError, or the exact steps where the damage missed everything they read."""
+    import shutil
+
+    from dataplane._testprocs import digest, make_step
+
+    want = {str(i): {k: digest(np.asarray(v)) for k, v in sorted(make_step(i, 256).items())}
+            for i in range(6)}  # fmt: skip
+    for seed in range(4):  # even: bytes written over, odd: cut
+        rng = np.random.default_rng([seed, len(name)])
+        copy = tmp_path / f"s{seed}.bp"
+        shutil.copytree(written_bp, copy)
+        shutil.copy(f"{written_bp}.lease", f"{copy}.lease")
+        target = copy / name
+        size = target.stat().st_size
+        if seed % 2:
+            os.truncate(target, int(rng.integers(0, size)))
+        else:
+            with open(target, "r+b") as f:
+                f.seek(int(rng.integers(0, max(1, size - 64))))
+                f.write(rng.integers(0, 256, 64, dtype=np.uint8).tobytes())
+        for cmd in ("verify", "subscribe"):
+            proc = run_proc(
+                cmd, f"bp5://{copy}", *(["--timeout", "5"] if cmd == "subscribe" else [])
+            )
+            events = read_events(proc, 120)
+            assert proc.wait(30) == 0, (seed, cmd, proc.returncode, events)
+            if cmd == "verify":
+                (got,) = events
+                assert got["error"] is None or "IntegrityError" in got["error"], (seed, got)
+                for i, d in got["steps"].items():
+                    assert d == want[i], (seed, i)
+            else:
+                for e in events:
+                    if "index" in e:
+                        assert e["digests"] == want[str(e["index"])], (seed, e)
+                end = events[-1]
+                assert end["end"] == "closed" or "IntegrityError" in end["error"], (seed, end)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import h5py
@@ -86,3 +87,80 @@ def test_threads_reading_one_file_through_separate_handles_get_the_right_rows(
     assert wrong == []
     a, b = dp.open(url), dp.open(url)  # and handles used by turns
     assert [float((a if k % 2 else b).read("x", k)[0, 0]) for k in range(40)] == list(range(40))
+
+
+@pytest.mark.timeout(300)
+def test_a_dead_writers_file_cut_short_gives_an_error_not_a_hang(tmp_path) -> None:
+    """As the conformance suite's random cuts, for a file whose writer died (its lease still
+    says open): the superblock cannot be trusted to say where the file ends, so HDF5's SWMR
+    read retries are what must stop."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from dataplane._testprocs import make_step, step_digests
+    from dataplane.testing import read_events, run_proc
+
+    src = tmp_path / "run.h5"
+    with dp.publish(f"h5://{src}") as pub:
+        for i in range(4):
+            pub.write(make_step(i, 20000))
+    with dp.open(f"h5://{src}") as arc:
+        want = {str(i): step_digests(arc[i]) for i in range(4)}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True, check=True)  # fmt: skip
+    lease = json.loads((tmp_path / "run.h5.lease").read_text())
+    lease.update(state="open", pid=int(dead.stdout), start=0)
+    for seed in range(6):
+        copy = tmp_path / f"c{seed}.h5"
+        shutil.copy(src, copy)
+        (tmp_path / f"c{seed}.h5.lease").write_text(json.dumps(lease))
+        rng = np.random.default_rng(seed)
+        os.truncate(copy, int(rng.integers(0, os.path.getsize(copy))))
+        proc = run_proc("verify", f"h5://{copy}")
+        (got,) = read_events(proc, 60)
+        assert got["error"] is None or "IntegrityError" in got["error"], got
+        for i, d in got["steps"].items():
+            assert d == want[i]
+
+
+HOLD = {
+    "plain h5py": "import h5py; f = h5py.File(PATH, 'r')",
+    "h5py SWMR": "import h5py; f = h5py.File(PATH, 'r', swmr=True)",
+    "dataplane": "import dataplane as dp; a = dp.open('h5://' + PATH); a[0]['x']",
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("reader", list(HOLD))
+def test_a_writer_refused_because_a_reader_holds_the_file_leaves_it_whole(tmp_path, reader):
+    """HDF5 locks a file its readers hold open: a new writer (mode "w") or an appending one
+    is refused with ChannelBusyError, and the file is left byte for byte as it was (h5py's
+    mode "w" used to truncate it to 0 bytes before HDF5 refused)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    path = tmp_path / "run.h5"
+    url = f"h5://{path}"
+    with dp.publish(url) as pub:
+        for s in range(3):
+            pub.write({"x": np.full(1000, s, np.float64)})
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    code = f"PATH = {str(path)!r}\n{HOLD[reader]}\nprint('open', flush=True)\n"
+    code += "import time; time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        for mode in ("w", "a"):
+            with pytest.raises(dp.ChannelBusyError, match="open in another process"):
+                dp.publish(url, mode=mode)
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    with dp.open(url) as arc:
+        assert [float(arc.read("x", s)[0]) for s in range(3)] == [0.0, 1.0, 2.0]
+    with dp.publish(url, mode="a") as pub:  # and once the reader is gone, writing works
+        assert pub.write({"x": np.full(1000, 3.0)}) == 3

@@ -75,3 +75,30 @@ def test_append_after_a_writer_died_creating_its_first_arrays(tmp_path):
         "k",
         "u",
     ]
+
+
+def test_append_after_a_writer_killed_while_setting_up(tmp_path):
+    """A writer killed between creating the channel's group and its step index left a store
+    that the next append could not open (KeyError: 'steps'); nothing was committed, so the
+    append starts the channel at step 0."""
+    import subprocess
+    import sys
+
+    url = f"zarr://{tmp_path}/run.zarr"
+    code = (
+        "import os, signal, zarr, dataplane as dp\n"
+        "real = zarr.Group.create_array\n"
+        "def dying(self, name, *a, **k):\n"
+        "    if name == 'steps':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(self, name, *a, **k)\n"
+        "zarr.Group.create_array = dying\n"
+        f"dp.publish({url!r})\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == -9
+    with dp.publish(url, mode="a") as pub:
+        assert pub.next_index == 0
+        pub.write({"u": np.arange(4.0)})
+    with dp.open(url) as a:
+        assert len(a) == 1
+        np.testing.assert_array_equal(a[0]["u"], np.arange(4.0))

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -116,6 +117,28 @@ def writer_state(info: dict[str, Any] | None) -> str:
     return "alive" if age < max(10.0, 5 * float(info.get("interval", 1.0))) else "dead"
 
 
+def lease_state(io: LeaseIO) -> tuple[dict[str, Any] | None, str]:
+    """The lease and what it says of its writer (see :func:`writer_state`).
+
+    # NOTE: a writer writes "closed" and then exits. A lease read just before that, judged
+    # just after (its process is gone), would say "dead": a clean close reported as a crash
+    # (about half the runs of a bp5 writer process). So a "dead" verdict is read again.
+    """
+    info = read_lease(io)
+    state = writer_state(info)
+    if state == "dead":
+        again = read_lease(io)
+        if writer_state(again) in ("closed", "failed"):
+            return again, writer_state(again)
+    return info, state
+
+
+def setting_up(info: dict[str, Any] | None, state: str) -> bool:
+    """True while a live writer is still setting the channel up: it holds nothing yet (an old
+    channel it replaces may still be on disk, its format's files may be half made)."""
+    return state == "alive" and info is not None and info.get("ready", True) is False
+
+
 @contextlib.contextmanager
 def _directory_lock(path: str) -> Iterator[None]:
     """An exclusive ``flock`` on a directory (released by the kernel if the holder dies)."""
@@ -148,6 +171,7 @@ class Lease:
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
+        """Claim the channel; readers take it as empty until :meth:`ready`."""
         # NOTE: look and claim under one lock, or two writers starting together both find no
         # live lease and both write (found by the racing-writers test: interleaved steps in
         # BP5, h5py's own lock error in HDF5). The lock is on the directory that holds the
@@ -170,6 +194,7 @@ class Lease:
             "host": _HOST,
             "interval": self.interval,
             "state": "open",
+            "ready": False,
             "heartbeat": time.time(),
         }
         self._write()
@@ -177,6 +202,11 @@ class Lease:
             target=self._beat, name=f"dataplane-lease {self.url}", daemon=True
         )
         self._thread.start()
+
+    def ready(self) -> None:
+        """The writer has set the channel up: readers may look at it."""
+        self._info["ready"] = True
+        self._write()
 
     def _write(self) -> None:
         with self._lock:
@@ -332,6 +362,41 @@ class _SourceStream(StepStream):
         self.source.close()
 
 
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_STORAGE_TEXT = re.compile(
+    r"errno = (?P<n>28|122|27)\b|(?P<t>No space left on device|Disk quota exceeded|File too large)"
+)
+_STORAGE_BY_TEXT = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "File too large": errno.EFBIG,
+}
+
+
+def storage_errors(fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; a full disk, quota or file size limit met inside a format library (which
+    reports it as its own error type, errno only in the text) becomes an ``OSError`` with that
+    errno, which ``publish`` turns into ``StorageFullError``."""
+    try:
+        return fn()
+    except OSError as exc:
+        if exc.errno in _STORAGE_ERRNOS:
+            raise
+        found = _STORAGE_TEXT.search(str(exc))
+        if found is None:
+            raise
+        raise OSError(_storage_errno(found), str(exc)) from exc
+    except (RuntimeError, ValueError) as exc:
+        found = _STORAGE_TEXT.search(str(exc))
+        if found is None:
+            raise
+        raise OSError(_storage_errno(found), str(exc)) from exc
+
+
+def _storage_errno(found: re.Match) -> int:
+    return int(found["n"]) if found["n"] else _STORAGE_BY_TEXT[found["t"]]
+
+
 def guard(url: str, what: str, fn: Callable[[], Any]) -> Any:
     """Run ``fn``; an error from the format library becomes an ``IntegrityError`` saying what
     could not be read (damaged, truncated or foreign bytes), never a crash or a wrong value."""
@@ -402,6 +467,7 @@ class FileTransport(Transport):
         lease.acquire()
         try:
             fw = self.format_writer(mode)
+            lease.ready()
         except BaseException:
             lease.release("failed")
             raise
@@ -411,6 +477,10 @@ class FileTransport(Transport):
         return _FileReader(self, start, vars)
 
     def open_archive(self) -> Archive:
+        if setting_up(*lease_state(self.lease_io())):
+            raise DataplaneError(
+                f"{self.url.url}: its writer is setting it up: nothing is stored there yet"
+            )
         source = guard(self.url.url, "the file", self.format_source)
         if source is None:
             raise DataplaneError(f"{self.url.url}: nothing is stored there (no such file)")
@@ -465,7 +535,7 @@ class _FileWriter(Writer):
     ) -> None:
         if self._closed:
             raise DataplaneError(f"writer of {self._t.url.url} is closed")
-        self._fw.begin(index, specs, attrs)
+        storage_errors(partial(self._fw.begin, index, specs, attrs))
 
     def put(self, name: str, array: np.ndarray) -> None:
         # (np.ascontiguousarray would turn a 0-d array into a 1-d one.)
@@ -480,7 +550,7 @@ class _FileWriter(Writer):
             self._sums[name] = self._pool.submit(block_sums, arr)
         else:
             self._sums[name] = block_sums(arr)
-        self._fw.put(name, arr)
+        storage_errors(partial(self._fw.put, name, arr))
 
     def begin_ranked(
         self,
@@ -506,10 +576,12 @@ class _FileWriter(Writer):
 
     def end_step(self) -> None:
         pending = self._sums
+
+        def sums() -> dict[str, Any]:
+            return {n: s.result() if isinstance(s, Future) else s for n, s in pending.items()}
+
         try:
-            self._fw.commit(
-                lambda: {n: s.result() if isinstance(s, Future) else s for n, s in pending.items()}
-            )
+            storage_errors(partial(self._fw.commit, sums))
         finally:
             self._holding = []
             self._sums = {}
@@ -520,10 +592,10 @@ class _FileWriter(Writer):
                 s.result()  # let the hash finish before the array is let go
         self._holding = []
         self._sums = {}
-        self._fw.abort()
+        storage_errors(self._fw.abort)
 
     def set_attrs(self, attrs: dict[str, AttrValue]) -> None:
-        self._fw.set_attrs(attrs)
+        storage_errors(partial(self._fw.set_attrs, attrs))
 
     def close(self, failed: bool = False) -> None:
         if self._closed:
@@ -532,7 +604,7 @@ class _FileWriter(Writer):
         if self._pool is not None:
             self._pool.shutdown()
         try:
-            self._fw.close()
+            storage_errors(self._fw.close)
         except BaseException:
             self._lease.release("failed")
             raise
@@ -549,10 +621,13 @@ class _FileReader(Reader):
         self._current: tuple[StepMeta, dict[str, str]] | None = None
         self._skip_below = -1
         self._closed = False
-        self._open_stream()
+        self._open_stream(*lease_state(self._lease_io))
 
-    def _open_stream(self) -> bool:
-        if self._stream is None:
+    def _open_stream(self, lease: dict[str, Any] | None, state: str) -> bool:
+        # Stored data is not looked at while its writer sets it up; a stream's writer may be
+        # waiting for this reader to connect (rendezvous) before it is set up.
+        waits = self._t.supports_random_access and setting_up(lease, state)
+        if self._stream is None and not waits:
             self._stream = guard(
                 self._t.url.url, "the file", lambda: self._t.format_stream(self._vars)
             )
@@ -571,9 +646,8 @@ class _FileReader(Reader):
         deadline = None if timeout is None else time.monotonic() + timeout
         poll = self._t.poll_interval
         while True:
-            lease = read_lease(self._lease_io)  # read before looking for steps: see docstring
-            state = writer_state(lease)
-            if self._open_stream():
+            lease, state = lease_state(self._lease_io)  # read before looking for steps
+            if self._open_stream(lease, state):
                 assert self._stream is not None
                 settled = state in ("closed", "failed", "dead") and not self._t.stream_tells_end
                 wait = 0.0 if settled else min(poll * 5, 0.25)
@@ -581,7 +655,7 @@ class _FileReader(Reader):
                     wait = min(wait, max(0.0, deadline - time.monotonic()))
                 got = guard(self._t.url.url, "the next step", partial(self._stream.advance, wait))
                 if got is END:
-                    self._ended(lease)
+                    self._ended()
                     return None
                 if got is not None:
                     meta = got[0]
@@ -607,6 +681,9 @@ class _FileReader(Reader):
             if deadline is not None and time.monotonic() >= deadline:
                 if state in ("failed", "dead") and lease:
                     what = f"its last writer (pid {lease.get('pid')}) {state}; waiting for the next"
+                elif setting_up(lease, state):
+                    assert lease is not None
+                    what = f"its writer (pid {lease.get('pid')}) is alive, setting it up"
                 elif self._stream is None:
                     what = "no writer has created it yet"
                 elif lease:
@@ -617,11 +694,12 @@ class _FileReader(Reader):
             if self._stream is None:
                 time.sleep(poll)
 
-    def _ended(self, lease: dict[str, Any] | None) -> None:
+    def _ended(self) -> None:
         """The format says the stream is over: a clean end only if the writer says so too."""
         deadline = time.monotonic() + 2 * self._t.heartbeat + 1.0
         while True:
-            state = writer_state(lease)
+            # Read now: the one read before looking for steps may predate the writer's close.
+            lease, state = lease_state(self._lease_io)
             if state in ("closed", "none"):
                 return None
             if state in ("failed", "dead"):
@@ -632,7 +710,6 @@ class _FileReader(Reader):
                     f"{lease.get('pid') if lease else '?'}) never closed it"
                 )
             time.sleep(0.02)  # the writer updates its lease right after closing the engine
-            lease = read_lease(self._lease_io)
 
     def _broken(self, lease: dict[str, Any] | None, state: str) -> ChannelBroken:
         assert lease is not None

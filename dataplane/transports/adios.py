@@ -25,6 +25,7 @@ where the build has it) with ``operator_params``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -53,7 +54,7 @@ from dataplane.errors import (
     StepTimeoutError,
 )
 from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec
-from dataplane.transports import _posix
+from dataplane.transports import _bp5meta, _posix
 from dataplane.transports._files import (
     END,
     FileTransport,
@@ -229,17 +230,17 @@ class BP5Transport(_ADIOSTransport):
         return _BP5Writer(self, mode)
 
     def _ready(self) -> bool:
-        return os.path.exists(os.path.join(self.path, "md.idx"))
+        return all(os.path.exists(os.path.join(self.path, name)) for name in _bp5meta.FILES)
+
+    def _empty(self) -> bool:
+        """No step ever reached the file (a writer opened it and wrote none yet, or died)."""
+        return os.path.getsize(os.path.join(self.path, "md.idx")) == 0
 
     def format_source(self) -> StepSource | None:
-        if not self._ready():
-            return None
-        return _BP5Source(self)
+        return _BP5Source(self) if self._ready() else None
 
     def format_stream(self, vars: tuple[str, ...] | None) -> StepStream | None:
-        if not self._ready():
-            return None
-        return _BP5Stream(self)
+        return _BP5Stream(self) if self._ready() else None
 
 
 class SSTTransport(_ADIOSTransport):
@@ -667,25 +668,35 @@ _METADATA_ROOM = 4 << 20  # what a BP5 step's metadata and the file's close may 
 class _BP5Writer(FormatWriter):
     def __init__(self, t: BP5Transport, mode: str) -> None:
         self._t = t
-        self._ad = t._adios()
-        self._io = self._ad.DeclareIO(_io_name("write"))
-        self._io.SetEngine("BP5")
-        self._io.SetParameters({"StatsLevel": "0", **t.params})
         self._known: dict[str, VarSpec] = {}
-        adios_mode = ab.Mode.Write
-        if mode == "a" and t._ready():
+        self._attrs: dict[str, AttrValue] = {}
+        self._pending: dict[str, Any] | None = None
+        # NOTE: appending to a file no step ever reached (its writer died right after opening
+        # it) crashes ADIOS2 (a segmentation fault): such a file is begun anew.
+        append = mode == "a" and t._ready() and not t._empty()
+        if append:
+            _bp5meta.Checker(t.path, t.url.url).check()  # ADIOS2 would crash on damage
             source = _BP5Source(t)
             n = source.refresh()
             self.next_index = source.last_index() + 1 if n else 0
             self._known = source.all_vars()
             source.close()
-            adios_mode = ab.Mode.Append
         os.makedirs(os.path.dirname(t.path) or ".", exist_ok=True)
+        self._engine: Any = None
+        self._open(ab.Mode.Append if append else ab.Mode.Write)
+        self._log = _bp5meta.MetaLog(t.path, fresh=not append)
+
+    def _open(self, adios_mode: Any) -> None:
+        t = self._t
+        self._ad = t._adios()
+        self._io = self._ad.DeclareIO(_io_name("write"))
+        self._io.SetEngine("BP5")
+        self._io.SetParameters({"StatsLevel": "0", **t.params})
         operator = _define_operator(self._ad, t.operator, t.operator_params) if t.operator else None
         self._engine = self._io.Open(t.path, adios_mode)
         self._enc = _StepEncoder(t, self._io, self._engine, operator=operator)
-        self._pending: dict[str, Any] | None = None
-        self._attrs: dict[str, AttrValue] = {}
+        if self._attrs:
+            self._enc.channel_attrs(self._attrs, {})
 
     def known_vars(self) -> dict[str, VarSpec]:
         return dict(self._known)
@@ -704,7 +715,23 @@ class _BP5Writer(FormatWriter):
         self._pending = None
         self._check_space(p)
         p["sums"] = checksums
-        self._enc.write(p["index"], p)
+        if self._engine is None:
+            self._open(ab.Mode.Append)  # the last step failed: continue after the ones before
+        try:
+            self._enc.write(p["index"], p)
+        except BaseException:
+            self._fail()
+            raise
+        self._log.record()
+
+    def _fail(self) -> None:
+        """A step failed inside ADIOS2 (an I/O error, a file size limit, a quota): its engine
+        cannot go on, and what it left in the metadata would make the file unreadable. Close
+        it and cut the metadata back to the last complete step; the next step reopens."""
+        engine, self._engine = self._engine, None
+        with contextlib.suppress(Exception):
+            engine.Close()
+        self._log.cut_back()
 
     def _check_space(self, pending: dict[str, Any]) -> None:
         """Refuse a step the disk has no room for, before ADIOS2 sees it.
@@ -732,11 +759,13 @@ class _BP5Writer(FormatWriter):
         self._pending = None
 
     def set_attrs(self, attrs: dict[str, AttrValue]) -> None:
-        self._enc.channel_attrs(attrs, self._attrs)
+        if self._engine is not None:
+            self._enc.channel_attrs(attrs, self._attrs)
         self._attrs = dict(attrs)
 
     def close(self) -> None:
-        self._engine.Close()
+        if self._engine is not None:
+            self._engine.Close()
 
 
 def _decode_step(io: Any, engine: Any, step_in_file: int | None) -> dict[str, Any] | None:
@@ -889,6 +918,7 @@ class _BP5Source(StepSource):
 
     def __init__(self, t: BP5Transport) -> None:
         self._t = t
+        _bp5meta.Checker(t.path, t.url.url).check()  # ADIOS2 crashes on damaged metadata
         self._ad = t._adios()
         self._io = t.reader_io(self._ad)
         self._engine = self._io.Open(t.path, ab.Mode.ReadRandomAccess)
@@ -951,7 +981,8 @@ class _BP5Source(StepSource):
         return _channel_attrs(self._io)
 
     def close(self) -> None:
-        self._engine.Close()
+        if self._engine is not None:
+            self._engine.Close()
 
 
 class _BP5Stream(StepStream):
@@ -959,6 +990,11 @@ class _BP5Stream(StepStream):
 
     def __init__(self, t: _ADIOSTransport, target: str | None = None) -> None:
         self._t = t
+        # ADIOS2 crashes on damaged metadata: check what the writer logged before it reads
+        # any, and again before each step (SST's metadata never touches a disk).
+        self._checker = _bp5meta.Checker(t.path, t.url.url) if t.engine == "BP5" else None
+        if self._checker is not None:
+            self._checker.check()
         self._ad = t._adios()
         self._io = t.reader_io(self._ad)
         self._engine = self._io.Open(target or t.path, ab.Mode.Read)
@@ -976,6 +1012,8 @@ class _BP5Stream(StepStream):
         while True:
             # NOTE: the adios2 bindings hold the GIL inside BeginStep, for its whole timeout.
             # Poll without waiting there and sleep here, so other threads keep running.
+            if self._checker is not None:
+                self._checker.check()
             status = self._engine.BeginStep(ab.StepMode.Read, 0.0)
             if status == ab.StepStatus.EndOfStream:
                 return END

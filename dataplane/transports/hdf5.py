@@ -41,10 +41,16 @@ layout : str
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import fcntl
+import glob
 import json
 import math
 import os
+import re
+import secrets
 import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -60,6 +66,7 @@ from dataplane.errors import (
     SchemaError,
 )
 from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec
+from dataplane.transports import _posix
 from dataplane.transports._files import (
     FileTransport,
     FormatWriter,
@@ -88,6 +95,51 @@ _META = "__dataplane"
 # - the arrays of uncompressed chunks are read with pread() at the byte offset HDF5's chunk
 #   index gives, looked up once per chunk: no HDF5 call (nor its global lock) per read, and
 #   the bytes are checked against the step's block checksums like any other read.
+def _hdf5_library() -> Any:
+    """The HDF5 library h5py uses (already loaded in this process), for the one call h5py
+    does not offer; None where it cannot be found."""
+    global _libhdf5
+    if _libhdf5 is None:
+        _libhdf5 = False
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = {line.split()[-1] for line in maps if "/libhdf5" in line}
+            path = next(
+                (p for p in paths if re.search(r"/libhdf5(_serial|_mpich|_openmpi)?[-.]", p)),
+                None,
+            )
+            if path is not None:
+                lib = ctypes.CDLL(path)
+                lib.H5Pset_metadata_read_attempts.argtypes = [ctypes.c_int64, ctypes.c_uint]
+                lib.H5Pset_metadata_read_attempts.restype = ctypes.c_int
+                _libhdf5 = lib
+        except (OSError, AttributeError):
+            pass
+    return _libhdf5 or None
+
+
+_libhdf5: Any = None
+
+
+def _open_swmr(path: str, settled: bool) -> h5py.File:
+    """Open ``path`` for SWMR reading. ``settled``: no writer has it open, so metadata that
+    fails its checksum is damaged for good and is not read again.
+
+    # NOTE: a SWMR reader reads metadata whose checksum fails up to 100 times, with a growing
+    # pause between tries (a live writer may be rewriting it). On a damaged or truncated file
+    # that is minutes per read, with SIGTERM unseen (10 of 20 random truncations hung).
+    """
+    lib = _hdf5_library() if settled else None
+    if lib is None:
+        return h5py.File(path, "r", swmr=True)
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_EARLIEST, h5py.h5f.LIBVER_LATEST)
+    if lib.H5Pset_metadata_read_attempts(fapl.id, 1) < 0:
+        return h5py.File(path, "r", swmr=True)
+    flags = h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ
+    return h5py.File(h5py.h5f.open(os.fsencode(path), flags, fapl=fapl))
+
+
 class _Shared:
     """The one SWMR h5py.File of a file in this process, its dataset objects, where the
     chunks of its steps lie, and a descriptor for reading them, shared by every source that
@@ -96,10 +148,11 @@ class _Shared:
     _open: ClassVar[dict[tuple[int, int], _Shared]] = {}
     _guard = threading.Lock()  # over _open, every instance's ``users`` and its closing
 
-    def __init__(self, key: tuple[int, int], path: str, fd: int) -> None:
+    def __init__(self, key: tuple[int, int], path: str, fd: int, settled: bool) -> None:
         self._key = key
         self.path = path
         self.fd = fd
+        self.settled = settled
         self.lock = threading.RLock()
         self.users = 1
         self.rows: dict[str, int] = {}
@@ -109,8 +162,9 @@ class _Shared:
         self._chunk_at: dict[tuple[str, int], int] = {}
 
     @classmethod
-    def acquire(cls, path: str) -> _Shared:
-        """The file's shared handle (opened now if no source in this process holds it)."""
+    def acquire(cls, path: str, settled: bool) -> _Shared:
+        """The file's shared handle (opened now if no source in this process holds it);
+        ``settled``: see :func:`_open_swmr`."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)  # a rewritten file is a new one
@@ -120,7 +174,7 @@ class _Shared:
                 os.close(fd)
                 shared.users += 1
                 return shared
-            shared = cls(key, path, fd)
+            shared = cls(key, path, fd, settled)
             try:
                 with shared.lock:
                     shared.file()
@@ -133,7 +187,7 @@ class _Shared:
     def file(self) -> h5py.File:
         """The open h5py.File (opened again after a fork closed it)."""
         if self._f is None:
-            f = h5py.File(self.path, "r", swmr=True)
+            f = _open_swmr(self.path, self.settled)
             st = os.stat(self.path)
             if (st.st_dev, st.st_ino) != self._key:
                 f.close()
@@ -336,6 +390,28 @@ def _lookup3(data: bytes) -> int:
     return c
 
 
+def superblock_eof(path: str) -> int | None:
+    """Where the superblock says the file ends (its base address plus end-of-file address),
+    or None if no superblock is found at the places HDF5 looks (0, 512, 1024, ...)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        at = 0
+        while at + 64 <= size:
+            f.seek(at)
+            head = f.read(64 + 4 * 8)
+            if head[:8] == b"\x89HDF\r\n\x1a\n":
+                version = head[8]
+                width = head[9] if version >= 2 else head[13]
+                if width not in (2, 4, 8):
+                    return None
+                base_at = {0: 24, 1: 28}.get(version, 12)
+                eof_at = base_at + 2 * width
+                base = int.from_bytes(head[base_at : base_at + width], "little")
+                return base + int.from_bytes(head[eof_at : eof_at + width], "little")
+            at = 512 if at == 0 else at * 2
+    return None
+
+
 def superblock_flags(path: str) -> int | None:
     """The file-consistency flags of a version 2/3 superblock (None for older superblocks)."""
     with open(path, "rb") as f:
@@ -424,15 +500,21 @@ class HDF5Transport(FileTransport):
         flags = superblock_flags(self.path)
         writing_without_swmr = flags is not None and flags & 1 and not flags & 4
         if lease == "alive" and (flags is None or writing_without_swmr):
-            # Our writer is still building the file; it switches to SWMR at its first step,
-            # and readers must not look at the structure before that.
-            return None
+            return None  # a writer of an older version, building the file in place
         if writing_without_swmr:
             if lease == "none":
                 raise DataplaneError(self._refusal())
-            return None  # our writer died before its first step: nothing was committed
+            return None  # a writer of an older version died before its first step
+        settled = lease in ("closed", "none")
+        if settled:
+            eof, size = superblock_eof(self.path), os.path.getsize(self.path)
+            if eof is not None and eof > size:
+                raise IntegrityError(
+                    f"{self.url.url} is truncated: it is {size} bytes, its superblock says "
+                    f"{eof}. Copy or write it again."
+                )
         try:
-            shared = _Shared.acquire(self.path)
+            shared = _Shared.acquire(self.path, settled or lease in ("dead", "failed"))
         except OSError as exc:
             if exc.errno == errno.EAGAIN or "already open for write" in str(exc):
                 raise DataplaneError(self._refusal()) from exc
@@ -449,6 +531,35 @@ class HDF5Transport(FileTransport):
         )
 
 
+def _busy(t: HDF5Transport, why: str) -> ChannelBusyError:
+    return ChannelBusyError(
+        f"{t.url.url} is open in another process (a reader or another program holds HDF5's "
+        f"file lock: {why}), so it cannot be written now; it is left as it is. Close it "
+        f"there first."
+    )
+
+
+def _refuse_if_open(t: HDF5Transport) -> None:
+    """Raise ChannelBusyError if another open of the file holds HDF5's lock on it."""
+    fd = os.open(t.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(t, "it is locked") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise  # (a filesystem without locks: HDF5 cannot lock there either)
+    finally:
+        os.close(fd)  # releases our lock
+
+
+def _busy_as_error(t: HDF5Transport, fn: Callable[[], h5py.File]) -> h5py.File:
+    try:
+        return fn()
+    except BlockingIOError as exc:  # taken between our look and HDF5's
+        raise _busy(t, str(exc)) from None
+
+
 class _H5Writer(FormatWriter):
     def __init__(self, t: HDF5Transport, mode: str) -> None:
         self._t = t
@@ -457,16 +568,17 @@ class _H5Writer(FormatWriter):
         self._attrs_written: dict[str, AttrValue] | None = None
         self._direct_ok: dict[str, bool] = {}
         self._dsets: dict[str, h5py.Dataset] = {}
-        os.makedirs(os.path.dirname(t.path) or ".", exist_ok=True)
+        self._new: str | None = None  # where a new file is built until its first step
         flags = superblock_flags(t.path) if os.path.exists(t.path) else None
         if mode == "a" and flags is not None and flags & 1 and not flags & 4:
             # The last writer died before its first step (it never reached SWMR): nothing
             # was committed, and the half-built file is not worth keeping.
             mode = "w"
         if mode == "a" and os.path.exists(t.path):
+            _refuse_if_open(t)
             if flags:
                 clear_write_flags(t.path)  # the lease said its writer is gone
-            self._f = h5py.File(t.path, "r+", libver="latest")
+            self._f = _busy_as_error(t, lambda: h5py.File(t.path, "r+", libver="latest"))
             if _META not in self._f:
                 self._f.close()
                 raise DataplaneError(
@@ -484,14 +596,7 @@ class _H5Writer(FormatWriter):
             self._trim_meta(n)
             self._f.swmr_mode = True
         else:
-            try:
-                self._f = h5py.File(t.path, "w", libver="latest")
-            except BlockingIOError as exc:  # HDF5's own lock: someone has the file open
-                raise ChannelBusyError(
-                    f"{t.url.url} is open in another process (a reader or another program "
-                    f"holds HDF5's file lock), so it cannot be written anew; close it there, "
-                    f"or append with mode='a' ({exc})"
-                ) from None
+            self._f = self._new_file()
             g = self._f.create_group(_META)
             g.attrs["version"] = 1
             g.attrs["layout"] = "step-axis"
@@ -505,6 +610,35 @@ class _H5Writer(FormatWriter):
                 "attrs_offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(256,)
             )
             self._open_meta()
+
+    def _new_file(self) -> h5py.File:
+        """A new file, built beside the channel's path and moved there when its first step
+        begins (``_place``): a file in use elsewhere is refused before anything is touched,
+        and until the first step a subscriber finds no file, never one half built.
+
+        # NOTE: h5py's mode "w" truncates the file before HDF5 tries its lock, so a writer
+        # refused because a reader had the file open left it empty (0 bytes).
+        """
+        t = self._t
+        folder, base = os.path.split(t.path)
+        for old in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(base)}.*.dp-new")):
+            pid = old.rsplit(".", 3)[-3]
+            if pid.isdigit() and not _posix.is_alive(int(pid), 0):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(old)  # a writer killed before its first step
+        if os.path.exists(t.path):
+            _refuse_if_open(t)
+        new = os.path.join(folder, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.dp-new")
+        f = h5py.File(new, "x", libver="latest")
+        self._new = new
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(t.path)  # mode "w": the old channel goes (open readers keep their copy)
+        return f
+
+    def _place(self) -> None:
+        if self._new is not None:
+            os.replace(self._new, self._t.path)
+            self._new = None
 
     def _open_meta(self) -> None:
         self._g = self._f[_META]
@@ -533,6 +667,7 @@ class _H5Writer(FormatWriter):
         self._g.attrs["vars"] = json.dumps(list(specs))
         self._specs = dict(specs)
         self._f.swmr_mode = True  # no new objects from here on: readers may now follow
+        self._place()
 
     def begin(self, index: int, specs: dict[str, VarSpec], attrs: dict[str, AttrValue]) -> None:
         if not self._specs and not self._f.swmr_mode:
@@ -639,6 +774,7 @@ class _H5Writer(FormatWriter):
     def close(self) -> None:
         latest = getattr(self, "_latest_attrs", None)
         self._f.close()
+        self._place()  # a channel that never had a step is an empty file
         if latest is not None and latest != self._attrs_written:
             # Attributes set after SWMR began: mirror them as root attributes for plain h5py.
             with h5py.File(self._t.path, "r+", libver="latest") as f:

@@ -265,6 +265,10 @@ class _ZarrWriter(FormatWriter):
             except Exception as exc:
                 if not _is_missing(exc):
                     raise
+        if self._g is not None and _META in self._g:
+            meta = self._g[_META]
+            if "steps" not in meta or "committed" not in meta.attrs:
+                self._g = None  # its writer was killed setting it up: nothing was committed
         if self._g is not None:
             if _META not in self._g:
                 raise DataplaneError(
