@@ -36,6 +36,7 @@ from dataplane.model import (
     as_array,
     check_attrs,
     check_name,
+    check_timeout,
 )
 from dataplane.parallel import (
     Collective,
@@ -64,15 +65,7 @@ def _transport(url: str, options: dict[str, Any]) -> Transport:
 
 
 def _check_timeout(timeout: float | None, what: str = "timeout") -> float | None:
-    if timeout is None:
-        return None
-    try:
-        value = float(timeout)
-    except (TypeError, ValueError):
-        raise OptionError(f"{what} must be a number of seconds or None, got {timeout!r}") from None
-    if not value >= 0:
-        raise OptionError(f"{what} must be >= 0 seconds or None (wait forever), got {timeout!r}")
-    return value
+    return check_timeout(timeout, what)
 
 
 def publish(
@@ -1007,6 +1000,11 @@ class Subscriber:
         return f"<Subscriber {self.url} {self.stats}>"
 
 
+def _close_in(pid: int, impl: _ArchiveImpl) -> None:
+    if os.getpid() == pid:
+        impl.close()
+
+
 class Archive:
     """Stored steps of a channel, readable in any order."""
 
@@ -1014,6 +1012,9 @@ class Archive:
         self.transport = transport
         self.url = transport.url.url
         self._impl = impl
+        # Dropped without close(): its file is let go all the same (by the process that
+        # opened it; a forked copy's handles are its parent's).
+        self._finalizer = weakref.finalize(self, _close_in, os.getpid(), impl)
 
     def __len__(self) -> int:
         return len(self._impl)
@@ -1056,7 +1057,7 @@ class Archive:
         return self._impl.version(self._index(step))
 
     def close(self) -> None:
-        self._impl.close()
+        self._finalizer()
 
     def __enter__(self) -> Archive:
         return self

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from dataplane.errors import DataplaneError, SchemaError, VariableNotFoundError
+from dataplane.errors import DataplaneError, OptionError, SchemaError, VariableNotFoundError
 
 __all__ = [
     "DTYPES",
@@ -30,6 +30,8 @@ __all__ = [
     "check_attrs",
     "check_dtype",
     "check_name",
+    "check_seconds",
+    "check_timeout",
 ]
 
 #: The dtypes a variable may have: booleans and every fixed-size numeric type that numpy,
@@ -56,9 +58,13 @@ DTYPES: tuple[np.dtype, ...] = tuple(
 _DTYPE_SET = frozenset(DTYPES)
 _DTYPE_NAMES = ", ".join(d.name for d in DTYPES)
 
-# Names end up as file, group, dataset and segment names: keep them portable and inert.
+# Names end up as file, group, dataset and segment names: keep them portable and inert. One
+# rule for every transport: "__..." is the formats' and dataplane's own (HDF5's __dataplane
+# group, ADIOS2's __dp_step), and "*.json" is Zarr's metadata (a variable "zarr.json" would
+# overwrite the group's).
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\Z")
-_RESERVED_PREFIX = "__dp"
+_RESERVED_PREFIX = "__"
+_RESERVED_SUFFIX = ".json"
 
 AttrValue = bool | int | float | str | list
 
@@ -67,13 +73,36 @@ def check_name(name: object, what: str = "variable") -> str:
     """Return ``name`` if it is safe as a variable, attribute or channel name, else raise."""
     if not isinstance(name, str):
         raise SchemaError(f"{what} names are strings, got {type(name).__name__} {name!r}")
-    if not _NAME_RE.match(name) or name.startswith(_RESERVED_PREFIX):
+    if (
+        not _NAME_RE.match(name)
+        or name.startswith(_RESERVED_PREFIX)
+        or name.lower().endswith(_RESERVED_SUFFIX)
+    ):
         raise SchemaError(
             f"{what} name {name!r} is not safe: use 1 to 128 letters, digits, '_', '-' or '.', "
-            f"not starting with '.' or '-' (names become file and dataset names; "
-            f"'{_RESERVED_PREFIX}' is reserved for dataplane)"
+            f"not starting with '.', '-' or '{_RESERVED_PREFIX}' and not ending in "
+            f"'{_RESERVED_SUFFIX}' (names become file and dataset names; those are the "
+            f"formats' and dataplane's own)"
         )
     return name
+
+
+def check_seconds(value: Any, what: str, *, zero: bool = True, _or: str = "") -> float:
+    """A number of seconds given as an option: finite and >= 0 (> 0 unless ``zero``). NaN,
+    infinities, negatives and non-numbers raise ``OptionError``."""
+    try:
+        seconds = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
+        rule = ">= 0" if zero else "> 0"
+        raise OptionError(f"{what} must be a finite number of seconds {rule}{_or}, got {value!r}")
+    return seconds
+
+
+def check_timeout(value: Any, what: str = "timeout") -> float | None:
+    """As :func:`check_seconds`, or None: wait forever."""
+    return None if value is None else check_seconds(value, what, _or=" or None (no limit)")
 
 
 _NATIVE: dict[np.dtype, np.dtype] = {d: d for d in DTYPES}
@@ -127,6 +156,12 @@ def as_array(value: Any, name: str = "?") -> np.ndarray:
     The result keeps the caller's memory layout (it may be Fortran-ordered or strided);
     writers copy it into their own layout once. Non-native byte order is converted.
     """
+    if isinstance(value, np.ma.MaskedArray):
+        raise SchemaError(
+            f"variable {name!r} is a masked array; no transport stores the mask, so its masked "
+            f"values would come back as whatever lies under them. Write arr.filled(fill) (and "
+            f"the mask as a variable of its own, np.ma.getmaskarray(arr), if readers need it)"
+        )
     if isinstance(value, np.ndarray):
         arr = value
     elif type(value).__module__.split(".")[0] == "torch":

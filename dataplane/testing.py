@@ -668,19 +668,51 @@ class TransportTests:
             np.array(["2020-01-01"], dtype="datetime64[D]"),
             "a string",
             {"a": 1},
+            np.ma.masked_array([1.0, 2.0], mask=[False, True]),
+            np.ma.masked_array([1.0, 2.0]),
         ],
-        ids=["object", "unicode", "bytes", "structured", "datetime", "str", "dict"],
+        ids=[
+            "object",
+            "unicode",
+            "bytes",
+            "structured",
+            "datetime",
+            "str",
+            "dict",
+            "masked",
+            "masked-none",
+        ],  # fmt: skip
     )
     def test_non_numeric_data_is_refused(self, url: str, value: Any) -> None:
+        """Nothing that a transport would store as something else: objects (pickling),
+        strings, records, dates, and masked arrays (no transport keeps the mask)."""
         with self.publish(url, subscribers=0) as pub:
             with pytest.raises(dp.SchemaError):
                 pub.write({"x": value})
 
     @pytest.mark.parametrize(
         "name",
-        ["", "../x", "a/b", ".hidden", "-x", "x" * 200, "a b", "é", "__dpx", "a\0b", 3, None],
+        [
+            "",
+            "../x",
+            "a/b",
+            ".hidden",
+            "-x",
+            "x" * 200,
+            "a b",
+            "é",
+            "__dpx",
+            "a\0b",
+            3,
+            None,
+            "__dataplane",
+            "__x",
+            "zarr.json",
+            "u.JSON",
+        ],  # fmt: skip
     )
     def test_unsafe_variable_names_are_refused(self, url: str, name: Any) -> None:
+        """One rule for every transport, so a name one accepts all others can store."""
         with self.publish(url, subscribers=0) as pub:
             with pytest.raises(dp.SchemaError, match="name"):
                 pub.write({name: np.zeros(1)})
@@ -1214,6 +1246,30 @@ class FileTransportTests(TransportTests):
             for i in range(5):
                 assert_same_array(arc[i]["u"], _testprocs.make_step(i, 64)["u"])
             assert arc[4].attrs == {"i": 4}
+
+    def test_publishing_into_a_folder_that_does_not_exist_makes_it(self, url: str) -> None:
+        scheme, rest = url.split("://", 1)
+        head, tail = rest.rsplit("/", 1) if "/" in rest else ("", rest)
+        deep = f"{scheme}://{head}/new/deeper/{tail}" if head else f"{scheme}://new/deeper/{tail}"
+        with self.publish(deep, 0) as pub:
+            pub.write({"x": np.arange(3.0)})
+        with dp.open(deep) as arc:
+            assert_same_array(arc[0]["x"], np.arange(3.0))
+
+    def test_a_dropped_archive_lets_go_of_its_files(self, url: str) -> None:
+        """``dp.open`` handles dropped without ``close()``: their files are closed all the same
+        (descriptors back to where they were), so a new writer can take the channel."""
+        self._write(url, 3)
+        gc.collect()
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            arc = dp.open(url)
+            assert arc[2]["u"].shape == (64,)
+            del arc
+        gc.collect()
+        assert len(os.listdir("/proc/self/fd")) <= before
+        with self.publish(url, 0) as pub:  # mode "w": nothing holds the old channel open
+            pub.write(_testprocs.make_step(0, 64))
 
     def test_second_writer_is_refused_and_leaves_data_alone(self, url: str) -> None:
         with self.publish(url, 0) as pub:

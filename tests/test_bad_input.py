@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dataplane as dp
-from dataplane.cache import parse_size
+from dataplane.cache import NodeCache, parse_size
 from dataplane.model import DTYPES
 
 pytestmark = pytest.mark.timeout(300)
@@ -77,7 +77,11 @@ def test_files_round_trip_what_they_accept(tmp_path_factory, a: np.ndarray) -> N
 def test_names_are_accepted_exactly_by_the_rule_or_refused_with_a_reason(name: str) -> None:
     url = f"mem://names-{uuid.uuid4().hex}"
     with dp.publish(url) as pub:
-        ok = NAME_RULE.fullmatch(name) is not None and not name.startswith("__dp")
+        ok = (
+            NAME_RULE.fullmatch(name) is not None
+            and not name.startswith("__")
+            and not name.lower().endswith(".json")
+        )
         if ok:
             pub.write({name: np.zeros(1)})
         else:
@@ -143,3 +147,37 @@ def test_sizes_parse_or_are_refused(size: object) -> None:
         assert str(exc)
     else:
         assert isinstance(n, int) and n > 0
+
+
+@pytest.mark.parametrize("size", ["1.2.3GB", "1..5G", "nan", "inf", "-1GB", "", "GB", 0, -5, True])
+def test_sizes_that_are_not_sizes_are_refused(size: object) -> None:
+    with pytest.raises(dp.OptionError, match="size|capacity"):
+        parse_size(size)
+    with pytest.raises(dp.OptionError):
+        NodeCache("/nonexistent-never-made", capacity=size)
+
+
+BAD_SECONDS = [-1, -0.5, float("nan"), float("inf"), "soon", True]
+
+
+@pytest.mark.parametrize("seconds", BAD_SECONDS, ids=str)
+def test_times_that_are_not_times_are_refused(tmp_path, seconds: object) -> None:
+    """Every option that is a number of seconds: finite and not negative (NaN made waits
+    end at once or never; an infinite heartbeat made a live writer look dead)."""
+    with pytest.raises(dp.OptionError, match="timeout"):
+        dp.subscribe(f"mem://t-{uuid.uuid4().hex}", timeout=seconds)
+    for scheme in ("h5", "bp5", "zarr"):
+        with pytest.raises(dp.OptionError, match="heartbeat"):
+            dp.publish(f"{scheme}://{tmp_path}/x.{scheme}", heartbeat=seconds)
+    with pytest.raises(dp.OptionError, match="heartbeat"):
+        dp.publish(f"h5://{tmp_path}/x.h5?heartbeat={seconds}")
+    for url in (f"mem://t-{uuid.uuid4().hex}", f"shm://t-{uuid.uuid4().hex}?dir={tmp_path}"):
+        with pytest.raises(dp.OptionError, match="rendezvous_timeout"):
+            dp.publish(url, rendezvous_timeout=seconds)
+        with pytest.raises(dp.OptionError, match="block_timeout"):
+            dp.publish(url, block_timeout=seconds)
+    with pytest.raises(dp.OptionError, match="rendezvous_timeout"):
+        dp.publish(f"sst://{tmp_path}/s", rendezvous_timeout=seconds)
+    with pytest.raises(dp.OptionError, match="lock_timeout"):
+        NodeCache(tmp_path / "cache", lock_timeout=seconds)
+    assert not list(tmp_path.glob("x.*")), "nothing was created"

@@ -510,3 +510,58 @@ def test_a_dataloader_worker_killed_while_filling_the_cache(tmp_path, monkeypatc
     assert sorted(got) == all_ids(steps, rows)
     assert os.listdir(tmp_dir) == [], f"{len(dead_tmp)} temporary file(s) of the dead worker left"
     assert len(os.listdir(path / "entries")) == steps
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_closed_or_dropped_caches_release_everything(tmp_path) -> None:
+    """Datasets with caches of 64 shards, read whole, then closed or just dropped: the caches
+    are freed and hold no file descriptor (each mapped entry kept one, and a finalizer
+    holding the cache's own method kept every cache alive: +66 descriptors per dataset)."""
+    import gc
+    import weakref
+
+    url = f"h5://{tmp_path}/run.h5"
+    write_rows(url, steps=4, rows=256, width=256)  # 1 MiB in 64 shards of 16 KiB
+    gc.collect()
+    base = _fds()
+    gone = []
+    for k in range(4):
+        cache = NodeCache(tmp_path / f"cache{k}", capacity="16MiB")
+        ds = SampleDataset(url, vars="x", cache=cache, prefetch=False, shard_bytes=16 << 10)
+        got = [i for x in DataLoader(ds, batch_size=64) for i in ident(x)]
+        assert got == all_ids(4, 256)
+        assert len(ds.shard_nbytes()) == 64 and cache.stats["misses"] == 64
+        if k % 2 == 0:
+            ds.close()
+            cache.close()
+        gone.append(weakref.ref(cache))
+        del ds, cache
+        gc.collect()
+    assert [r() for r in gone] == [None] * 4, "the caches were freed"
+    assert _fds() - base <= 1, f"{_fds() - base} descriptors still held"
+
+
+def test_prefetch_starts_in_a_process_with_many_descriptors_open(tmp_path) -> None:
+    """A training process with more than 1,023 descriptors open (select() fails past them)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048 <= hard or hard == resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    held = []
+    try:
+        while _fds() < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        url = f"h5://{tmp_path}/run.h5"
+        write_rows(url, steps=2, rows=256, width=256)
+        cache = NodeCache(tmp_path / "cache", capacity="16MiB")
+        ds = SampleDataset(url, vars="x", cache=cache, shard_bytes=64 << 10)
+        assert ds.start_prefetch(wait=60)
+        ds.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -171,3 +171,59 @@ def test_what_dataplane_creates_is_owner_only(tmp_path) -> None:
         assert _mode(contact) & 0o077 == 0, oct(_mode(contact))
     finally:
         pub.close()
+
+
+@pytest.mark.parametrize(
+    "planted", ["space", "generation", "lock", "keys.lock", "plans/{plan}.pos"]
+)
+def test_links_planted_in_a_cache_directory_are_never_followed(tmp_path, planted) -> None:
+    """A symbolic link put where one of the cache's own files goes (its space counter, its
+    generation, its locks, a plan's position): the cache refuses it, naming the link, and the
+    file it points to is left as it was (the space and generation files used to be written
+    through)."""
+    cache_dir = tmp_path / "cache"
+    first = NodeCache(cache_dir, capacity="1MB")
+    plan = first.set_plan("p", [NodeCache.key("a", 0)], np.zeros(1, np.int64))
+    first.close()
+    name = planted.format(plan=plan)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious" * 100)
+    link = cache_dir / name
+    link.unlink(missing_ok=True)
+    link.symlink_to(victim)
+    cache = NodeCache(cache_dir, capacity="1MB")
+    with pytest.raises(dp.DataplaneError, match="symbolic link"):
+        cache.fetch(NodeCache.key("a", 0), lambda: {"x": np.arange(8.0)})
+        cache.set_plan("p", [NodeCache.key("a", 0)], np.zeros(1, np.int64))
+        cache.advance(plan, 1)
+        cache.load_plan(plan)
+        cache._live_plans()  # what eviction reads
+        raise AssertionError("every use of the cache went through")
+    assert victim.read_bytes() == b"precious" * 100
+
+
+def test_a_cache_directory_must_be_the_users_own(tmp_path) -> None:
+    """Links in place of its folders, folders others can write to, or owned by someone else."""
+    cache_dir = tmp_path / "cache"
+    NodeCache(cache_dir, capacity="1MB").close()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (cache_dir / "entries").rmdir()
+    (cache_dir / "entries").symlink_to(elsewhere)
+    with pytest.raises(dp.DataplaneError, match="owned by you.*not a link"):
+        NodeCache(cache_dir, capacity="1MB")
+    (cache_dir / "entries").unlink()
+    os.chmod(cache_dir, 0o777)
+    NodeCache(cache_dir, capacity="1MB").close()
+    assert _mode(cache_dir) == 0o700 and _mode(cache_dir / "entries") == 0o700
+    linked = tmp_path / "linked"
+    linked.symlink_to(cache_dir)  # a root the user links to is theirs to choose
+    NodeCache(linked, capacity="1MB").close()
+    if os.geteuid() == 0:  # root can give a directory away; another user finds one given
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o755)
+        os.chown(theirs, 65534, 65534)
+    else:
+        theirs = Path("/")
+    with pytest.raises(dp.DataplaneError, match="owned by you"):
+        NodeCache(theirs, capacity="1MB")

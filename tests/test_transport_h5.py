@@ -164,3 +164,30 @@ def test_a_writer_refused_because_a_reader_holds_the_file_leaves_it_whole(tmp_pa
         assert [float(arc.read("x", s)[0]) for s in range(3)] == [0.0, 1.0, 2.0]
     with dp.publish(url, mode="a") as pub:  # and once the reader is gone, writing works
         assert pub.write({"x": np.full(1000, 3.0)}) == 3
+
+
+@pytest.mark.timeout(60)
+def test_a_file_left_open_by_a_crashed_plain_writer_is_an_integrity_error(tmp_path) -> None:
+    """A program writing without SWMR (no lease) killed: its superblock still says "open for
+    writing". While such a writer lives (it holds HDF5's lock) the file is refused as being
+    written; once it is gone, it is reported as possibly incomplete, not as being written."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "plain.h5"
+    code = (
+        "import h5py, numpy as np, sys, time\n"
+        f"f = h5py.File({str(path)!r}, 'w', libver='latest')\n"
+        "f['x'] = np.arange(10.0); f.flush()\n"
+        "print('open', flush=True); time.sleep(60)\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        with pytest.raises(dp.DataplaneError, match="open for writing without SWMR"):
+            dp.open(f"h5://{path}")
+    finally:
+        writer.kill()
+        writer.wait()
+    with pytest.raises(dp.IntegrityError, match="left open for writing.*gone"):
+        dp.open(f"h5://{path}")

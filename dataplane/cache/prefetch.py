@@ -200,7 +200,11 @@ class Prefetcher:
         """Wait until the process has opened its source; False if it did not in time."""
         if not self._ready:
             assert self._proc.stdout is not None
-            ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
+            # poll(), not select(): select fails on descriptors past 1023 (a process with
+            # many open files, as a training job is).
+            poller = select.poll()
+            poller.register(self._proc.stdout, select.POLLIN)
+            ready = poller.poll(max(0.0, timeout) * 1000)
             self._ready = bool(ready) and self._proc.stdout.readline().strip() == "ready"
         return self._ready
 

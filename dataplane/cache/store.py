@@ -18,6 +18,7 @@ degrades to handing out what the source returned, with a warning and a counter.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -27,10 +28,12 @@ import multiprocessing.util
 import os
 import re
 import secrets
+import stat
 import struct
 import threading
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
@@ -40,6 +43,7 @@ import xxhash
 
 from dataplane.cache.policy import NEVER, Plan
 from dataplane.errors import DataplaneError, OptionError
+from dataplane.model import check_seconds
 
 __all__ = ["CacheWarning", "NodeCache", "cache_stats", "clear_cache", "parse_size"]
 
@@ -77,7 +81,7 @@ def parse_size(size: Any) -> int:
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         value = int(size)
     else:
-        m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?)B?\s*", str(size).upper())
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?I?)B?\s*", str(size).upper())
         if not m:
             raise OptionError(f"size {size!r} is not a number of bytes such as 40GB or 512MiB")
         value = int(float(m.group(1)) * _UNITS[m.group(2)])
@@ -109,6 +113,105 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open(path: str, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` that never follows a symbolic link: the cache's files are its own, and a
+    link planted in its directory would make it write (or read) wherever the link points."""
+    try:
+        return os.open(path, flags | _NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataplaneError(
+                f"{path} is a symbolic link; a cache directory holds only the cache's own "
+                f"files. Remove it (and check who else can write to {os.path.dirname(path)})."
+            ) from None
+        raise
+
+
+def _owned_dir(path: str) -> None:
+    """Make ``path`` a directory only this user can use, or raise: not a link, ours, 0700."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise DataplaneError(
+            f"{path} must be a directory owned by you (uid {os.getuid()}), not a link: a cache "
+            f"holds the data of whoever runs the job. Use a directory of your own."
+        )
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+class _Mapping:
+    """A read-only shared mapping of a whole file that keeps no file descriptor (Python's
+    ``mmap`` keeps a duplicate of it for its whole life: one per cache entry a process ever
+    mapped). Unmapped when the last array viewing it is gone."""
+
+    _libc: Any = None
+
+    def __init__(self, fd: int, size: int) -> None:
+        libc = _Mapping._libc
+        if libc is None:
+            libc = _Mapping._libc = ctypes.CDLL(None, use_errno=True)
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [
+                ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                ctypes.c_long,
+            ]  # fmt: skip
+            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self.size = size
+        self.addr = 0
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.addr = addr
+        self.__array_interface__ = {
+            "shape": (size,),
+            "typestr": "|u1",
+            "data": (addr, True),
+            "version": 3,
+        }
+
+    def __del__(self) -> None:
+        if self.addr:
+            self._libc.munmap(self.addr, self.size)
+            self.addr = 0
+
+
+def _close_fd_in(pid: int, fd: int) -> None:
+    if os.getpid() == pid:
+        os.close(fd)
+
+
+class _Counters:
+    """A process's counters and where they go; flushed when the cache goes (without keeping
+    it alive: a finalizer holding the cache's own method kept every cache forever)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.pid = os.getpid()
+        self.values: dict[str, float] = dict.fromkeys(COUNTERS, 0)
+        self.written = 0.0
+        self.dirty = False
+
+    def flush(self) -> None:
+        if self.pid != os.getpid() or not self.dirty:
+            return
+        self.dirty = False
+        self.written = time.monotonic()
+        path = os.path.join(self.path, "stats", f"{self.pid}.json")
+        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+        with contextlib.suppress(OSError):
+            fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.values, f)
+            os.replace(tmp, path)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 class NodeCache:
     """Shards on node-local storage, shared by every process that names the same ``path``.
 
@@ -127,12 +230,13 @@ class NodeCache:
     ):
         self.path = os.path.abspath(os.fspath(path))
         self.capacity = parse_size(capacity)
-        self.lock_timeout = float(lock_timeout)
+        self.lock_timeout = check_seconds(lock_timeout, "lock_timeout")
         # Owner-only: entries hold the data of whoever runs the job. (makedirs applies its
-        # mode to the last component only, so the root is made first.)
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        # mode to the last component only, so the root is made first.) The root may be a
+        # link the user made; what is inside it may not.
+        _owned_dir(os.path.realpath(self.path))
         for sub in ("entries", "tmp", "plans", "stats"):
-            os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
+            _owned_dir(os.path.join(self.path, sub))
         self._reset()
 
     # -- per-process state -------------------------------------------------------------------
@@ -141,22 +245,21 @@ class NodeCache:
         self._mutex = threading.Lock()
         self._key_mutexes: dict[int, threading.Lock] = {}
         self._keys_fd: int | None = None
-        # key -> (inode, generation when last seen live, mapping, arrays)
-        self._maps: OrderedDict[str, tuple[int, int, mmap.mmap, dict[str, np.ndarray]]] = (
-            OrderedDict()
-        )
+        self._keys_closer: Any = None
+        # key -> (inode, generation when last seen live, arrays viewing its mapping)
+        self._maps: OrderedDict[str, tuple[int, int, dict[str, np.ndarray]]] = OrderedDict()
         self._gen: mmap.mmap | None = None
         self._space_map: mmap.mmap | None = None
         self._maps_gen = -1  # the generation the mappings were last checked at
         self._positions: dict[str, mmap.mmap] = {}  # plan -> its shared position
         self._verified: set[str] = set()
         self._plans: dict[str, tuple[int, Plan]] = {}  # plan -> (file mtime, plan)
-        self._stats: dict[str, float] = dict.fromkeys(COUNTERS, 0)
-        self._stats_written = 0.0
-        self._dirty = False
+        self._counters = _Counters(self.path)
         self._warned = False
         self._swept = False
-        multiprocessing.util.Finalize(self, self.flush_stats, exitpriority=10)
+        # At exit, and in DataLoader workers (which end through os._exit), multiprocessing's
+        # finalizers still run.
+        multiprocessing.util.Finalize(self, self._counters.flush, exitpriority=10)
 
     def _check_process(self) -> None:
         if self._pid != os.getpid():  # after fork: locks, fds and maps are the parent's
@@ -177,7 +280,7 @@ class NodeCache:
     @property
     def stats(self) -> dict[str, float]:
         """This process's counters (``cache_stats(path)`` adds up every process's)."""
-        return dict(self._stats)
+        return dict(self._counters.values)
 
     def require(self, nbytes: int, what: str = "a shard") -> None:
         """Raise unless an entry of ``nbytes`` fits in the capacity."""
@@ -207,14 +310,14 @@ class NodeCache:
         self._check_process()
         arrays = self._map(key)
         if arrays is not None:
-            self._stats["hits"] += 1
+            self._count("hits", 1)
             self._count("bytes_from_cache", sum(a.nbytes for a in arrays.values()))
         return arrays
 
     def _generation(self) -> int:
         """A node-wide counter that every removal of an entry bumps (a shared mapping)."""
         if self._gen is None:
-            fd = os.open(os.path.join(self.path, "generation"), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = _open(os.path.join(self.path, "generation"), os.O_RDWR | os.O_CREAT)
             try:
                 if os.fstat(fd).st_size < 8:
                     os.posix_fallocate(fd, 0, 8)
@@ -256,7 +359,7 @@ class NodeCache:
         with self._mutex:
             got = self._maps.get(key)
         if got is not None and got[1] == gen:
-            return got[3]  # nothing was removed since we last saw it live
+            return got[2]  # nothing was removed since we last saw it live
         path = self._entry(key)
         try:
             ino = os.stat(path).st_ino
@@ -266,44 +369,47 @@ class NodeCache:
             # Still the live entry. An evicted one is never served from an old mapping, so
             # what readers hold through the cache stays within what its capacity allows.
             with self._mutex:
-                self._maps[key] = (ino, gen, got[2], got[3])
+                self._maps[key] = (ino, gen, got[2])
                 self._maps.move_to_end(key)
-            return got[3]
+            return got[2]
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
         except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            self._corrupt(key, "it is a symbolic link")
             return None
         try:
             st = os.fstat(fd)
             size, ino = st.st_size, st.st_ino
-            if size < _HEADER.size:
+            if not stat.S_ISREG(st.st_mode) or size < _HEADER.size:
                 self._corrupt(key, "it is shorter than its header")
                 return None
-            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            mm = np.asarray(_Mapping(fd, size))
         finally:
             os.close(fd)
-        magic, tlen, plen, checksum = _HEADER.unpack_from(mm, 0)
+        magic, tlen, plen, checksum = _HEADER.unpack_from(mm.data, 0)
         head = -(-(_HEADER.size + tlen) // _ALIGN) * _ALIGN
         if magic != _MAGIC or head + plen != size:
-            mm.close()
             self._corrupt(key, "its header does not match its size")
             return None
         if key not in self._verified:
-            if xxhash.xxh3_64_intdigest(memoryview(mm)[head:]) != checksum:
-                mm.close()
+            if xxhash.xxh3_64_intdigest(mm[head:].data) != checksum:
                 self._corrupt(key, "its checksum does not match")
                 return None
             self._verified.add(key)
         arrays = {}
         for name, dtype, shape, offset in json.loads(bytes(mm[_HEADER.size : _HEADER.size + tlen])):
+            dt = np.dtype(dtype)
             count = int(np.prod(shape, dtype=np.int64))
-            arrays[name] = np.frombuffer(
-                mm, dtype=np.dtype(dtype), count=count, offset=head + offset
-            ).reshape(shape)
+            start = head + offset
+            arrays[name] = mm[start : start + count * dt.itemsize].view(dt).reshape(shape)
         with contextlib.suppress(OSError):
-            os.utime(path)  # LRU order is the entries' modification times
+            os.utime(path, follow_symlinks=False)  # LRU order is the entries' modification times
         with self._mutex:
-            self._maps[key] = (ino, gen, mm, arrays)
+            self._maps[key] = (ino, gen, arrays)
             while len(self._maps) > 512:
                 self._maps.popitem(last=False)  # the arrays keep their mapping alive
         return arrays
@@ -357,9 +463,9 @@ class NodeCache:
         with self._mutex:
             mutex = self._key_mutexes.setdefault(slot, threading.Lock())
             if self._keys_fd is None:
-                self._keys_fd = os.open(
-                    os.path.join(self.path, "keys.lock"), os.O_RDWR | os.O_CREAT, 0o600
-                )
+                self._keys_fd = _open(os.path.join(self.path, "keys.lock"), os.O_RDWR | os.O_CREAT)
+                # A cache dropped without close() closes it all the same.
+                self._keys_closer = weakref.finalize(self, _close_fd_in, os.getpid(), self._keys_fd)
             fd = self._keys_fd
         t0 = time.perf_counter()
         with mutex:
@@ -395,7 +501,7 @@ class NodeCache:
             if not self._make_room(key, size, keep):
                 self._count("bypassed", 1)
                 return
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = _open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
             try:
                 # Reserve every block now: a full disk fails here, not later as a SIGBUS.
                 os.posix_fallocate(fd, 0, size)
@@ -426,7 +532,7 @@ class NodeCache:
 
     @contextlib.contextmanager
     def _space(self) -> Iterator[None]:
-        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = _open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if not self._swept:
@@ -469,7 +575,7 @@ class NodeCache:
         needs no scan: without it each store stat()ed every entry, O(entries) per store.
         """
         if self._space_map is None:
-            fd = os.open(os.path.join(self.path, "space"), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = _open(os.path.join(self.path, "space"), os.O_RDWR | os.O_CREAT)
             try:
                 if os.fstat(fd).st_size < 8:  # new (or from an older version): unknown
                     os.pwrite(fd, struct.pack("<q", _UNKNOWN), 0)
@@ -553,7 +659,7 @@ class NodeCache:
         base = os.path.join(self.path, "plans", name)
         tmp = f"{base}.{secrets.token_hex(4)}.tmp"
         blob = np.frombuffer("\n".join(keys).encode(), dtype=np.uint8)
-        with open(tmp, "wb") as f:
+        with os.fdopen(_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
             np.savez(f, keys=blob, uses=np.asarray(uses, dtype=np.int64))
         self.advance(name, 0)
         os.replace(tmp, base + ".npz")
@@ -564,9 +670,7 @@ class NodeCache:
         self._check_process()
         pos = self._positions.get(plan)
         if pos is None:
-            fd = os.open(
-                os.path.join(self.path, "plans", plan + ".pos"), os.O_RDWR | os.O_CREAT, 0o600
-            )
+            fd = _open(os.path.join(self.path, "plans", plan + ".pos"), os.O_RDWR | os.O_CREAT)
             try:
                 if os.fstat(fd).st_size < 8:
                     os.posix_fallocate(fd, 0, 8)
@@ -587,7 +691,7 @@ class NodeCache:
         base = os.path.join(self.path, "plans", plan)
         try:
             mtime = os.stat(base + ".npz").st_mtime_ns
-            with open(base + ".pos", "rb") as f:
+            with os.fdopen(_open(base + ".pos", os.O_RDONLY), "rb") as f:
                 (position,) = struct.unpack("<q", f.read(8))
         except (FileNotFoundError, struct.error):
             return None
@@ -613,37 +717,32 @@ class NodeCache:
 
     # -- stats --------------------------------------------------------------------------------
     def _count(self, name: str, value: float) -> None:
-        self._stats[name] += value
-        self._dirty = True
-        now = time.monotonic()
-        if now - self._stats_written > _STATS_EVERY:
-            self.flush_stats()
+        c = self._counters
+        c.values[name] += value
+        c.dirty = True
+        if time.monotonic() - c.written > _STATS_EVERY:
+            c.flush()
 
     def flush_stats(self) -> None:
         """Write this process's counters where ``dataplane cache stats`` finds them."""
-        if self._pid != os.getpid() or not self._dirty:
-            return
-        self._dirty = False
-        self._stats_written = time.monotonic()
-        path = os.path.join(self.path, "stats", f"{self._pid}.json")
-        tmp = f"{path}.tmp"
-        with contextlib.suppress(OSError):
-            with open(tmp, "w") as f:
-                json.dump(self._stats, f)
-            os.replace(tmp, path)
+        self._counters.flush()
 
     def close(self) -> None:
         """Let go of this process's lock file and mappings (views already handed out keep
-        theirs); the cache reopens them on next use."""
+        theirs, with no file descriptor); the cache reopens them on next use."""
         self.flush_stats()
         with self._mutex:
-            if self._keys_fd is not None and self._pid == os.getpid():
-                os.close(self._keys_fd)
+            mine = self._pid == os.getpid()
+            if self._keys_fd is not None:
+                self._keys_closer()
             self._keys_fd = None
             self._maps.clear()
-            if self._space_map is not None and self._pid == os.getpid():
-                self._space_map.close()
-            self._space_map = None
+            for small in (self._space_map, self._gen, *self._positions.values()):
+                if small is not None and mine:
+                    small.close()
+            self._space_map = self._gen = None
+            self._positions = {}
+            self._maps_gen = -1
 
     def clear(self) -> None:
         """Remove every entry, plan and counter (entries mapped by running readers stay
@@ -655,7 +754,7 @@ class NodeCache:
                         os.unlink(os.path.join(self.path, sub, name))
             struct.pack_into("<q", self._space_bound(), 0, _UNKNOWN)  # scan at the next store
             self._removed()
-        self._stats = dict.fromkeys(COUNTERS, 0)
+        self._counters.values = dict.fromkeys(COUNTERS, 0)
 
 
 def cache_stats(path: str) -> dict[str, Any]:

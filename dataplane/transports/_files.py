@@ -43,10 +43,9 @@ from dataplane.errors import (
     ChannelBusyError,
     DataplaneError,
     IntegrityError,
-    OptionError,
     StepTimeoutError,
 )
-from dataplane.model import AttrValue, Selection, StepMeta, VarSpec
+from dataplane.model import AttrValue, Selection, StepMeta, VarSpec, check_seconds
 from dataplane.transports import _posix
 from dataplane.transports._checksums import Corrupt, block_sums, verified_read
 from dataplane.transports.base import Archive, Reader, Transport, Writer
@@ -71,6 +70,16 @@ class LeaseIO:
 
     def __init__(self, path: str) -> None:
         self.path = path
+
+    def make_parents(self) -> None:
+        """Create the folders the channel goes in, as ADIOS2 does for its own files."""
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise DataplaneError(
+                f"cannot create the folder {folder} for the channel: {exc.strerror}"
+            ) from None
 
     def read(self) -> bytes | None:
         try:
@@ -170,16 +179,17 @@ class Lease:
         self._info: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def acquire(self) -> None:
-        """Claim the channel; readers take it as empty until :meth:`ready`."""
+    def acquire(self, clear: Callable[[], None] | None = None) -> None:
+        """Claim the channel; readers take it as empty until :meth:`ready`. ``clear`` removes
+        what a writer before left behind, before the claim is visible to anyone."""
         # NOTE: look and claim under one lock, or two writers starting together both find no
         # live lease and both write (found by the racing-writers test: interleaved steps in
         # BP5, h5py's own lock error in HDF5). The lock is on the directory that holds the
         # lease, for this moment only; where the filesystem has no locks, racing is possible.
         with _directory_lock(os.path.dirname(os.path.abspath(self.io.path))):
-            self._claim()
+            self._claim(clear)
 
-    def _claim(self) -> None:
+    def _claim(self, clear: Callable[[], None] | None) -> None:
         info = read_lease(self.io)
         if writer_state(info) == "alive":
             assert info is not None
@@ -187,6 +197,8 @@ class Lease:
                 f"{self.url} already has a live writer (pid {info.get('pid')} on "
                 f"{info.get('host')}); one writer per channel. Its data is left untouched."
             )
+        if clear is not None:
+            clear()
         pid, start = _posix.my_identity()
         self._info = {
             "pid": pid,
@@ -440,10 +452,8 @@ class FileTransport(Transport):
         raise NotImplementedError(f"{self.scheme}:// does not take blocks from several ranks")
 
     def _init_common(self, verify: bool, heartbeat: float) -> None:
-        if not heartbeat > 0:
-            raise OptionError(f"heartbeat must be > 0 seconds, got {heartbeat!r}")
         self.verify = bool(verify)
-        self.heartbeat = float(heartbeat)
+        self.heartbeat = check_seconds(heartbeat, "heartbeat", zero=False)
 
     # hooks ------------------------------------------------------------------------------------
     @abstractmethod
@@ -451,6 +461,10 @@ class FileTransport(Transport):
 
     @abstractmethod
     def format_writer(self, mode: str) -> FormatWriter: ...
+
+    def clear_leftovers(self) -> None:
+        """Remove what a writer that is gone left beside the data and readers must not take
+        for the new writer's (called while claiming the channel, before the claim shows)."""
 
     def format_source(self) -> StepSource | None:
         """Random access to what is stored, or None while nothing exists yet."""
@@ -463,8 +477,10 @@ class FileTransport(Transport):
 
     # contract ---------------------------------------------------------------------------------
     def open_writer(self, *, policy: str, queue_limit: int, mode: str) -> Writer:
-        lease = Lease(self.lease_io(), self.url.url, self.heartbeat)
-        lease.acquire()
+        io = self.lease_io()
+        io.make_parents()
+        lease = Lease(io, self.url.url, self.heartbeat)
+        lease.acquire(self.clear_leftovers)
         try:
             fw = self.format_writer(mode)
             lease.ready()

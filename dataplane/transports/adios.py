@@ -53,7 +53,7 @@ from dataplane.errors import (
     SchemaError,
     StepTimeoutError,
 )
-from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec
+from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec, check_seconds
 from dataplane.transports import _bp5meta, _posix
 from dataplane.transports._files import (
     END,
@@ -309,7 +309,7 @@ class SSTTransport(_ADIOSTransport):
         if int(rendezvous) < 0:
             raise OptionError(f"rendezvous must be >= 0, got {rendezvous}")
         self.rendezvous = int(rendezvous)
-        self.rendezvous_timeout = float(rendezvous_timeout)
+        self.rendezvous_timeout = check_seconds(rendezvous_timeout, "rendezvous_timeout")
         self.params = _params(params)
         self.threads = int(threads)
 
@@ -328,6 +328,13 @@ class SSTTransport(_ADIOSTransport):
             raise OptionError("sst:// streams are not stored, so there is nothing to append to")
         self._policy, self._queue_limit = policy, queue_limit
         return super().open_writer(policy=policy, queue_limit=queue_limit, mode=mode)
+
+    def clear_leftovers(self) -> None:
+        # NOTE: a crashed writer's contact file, removed once the claim showed, was taken for
+        # the new writer's by readers that looked in between: they connected to the dead
+        # writer and never to the new one (whose rendezvous then timed out).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.contact_file)
 
     def format_writer(self, mode: str) -> FormatWriter:
         return _SSTRelayWriter(self, self._policy, self._queue_limit)
@@ -396,8 +403,6 @@ class _SSTRelayWriter(FormatWriter):
         from dataplane.transports.shm import ShmTransport
 
         self._t = t
-        if os.path.exists(t.contact_file):
-            os.unlink(t.contact_file)  # the lease was not alive: a crashed writer's leftover
         os.makedirs(os.path.dirname(t.path) or ".", exist_ok=True)
         params = {
             "DataTransport": t.data_transport,
@@ -435,14 +440,23 @@ class _SSTRelayWriter(FormatWriter):
 
     def _await_ready(self, timeout: float) -> dict[str, Any]:
         assert self._proc.stdout is not None
-        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
+        poller = select.poll()  # (select() fails on descriptors past 1023)
+        poller.register(self._proc.stdout, select.POLLIN)
+        ready = poller.poll(timeout * 1000)
         line = self._proc.stdout.readline() if ready else ""
         if not line:
-            self._proc.kill()
+            if self._proc.poll() is None:
+                # Still waiting inside SST: SIGABRT makes it print where (faulthandler).
+                self._proc.send_signal(signal.SIGABRT)
+                try:
+                    self._proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
             self._proc.wait()
             raise DataplaneError(
-                f"{self._t.url.url}: the SST writer process did not start "
-                f"({_relay_failure(self._proc) or 'no answer within the rendezvous timeout'})"
+                f"{self._t.url.url}: the SST writer process did not start within "
+                f"{timeout:.0f} s ({_relay_failure(self._proc) or 'no answer'}); with "
+                f"rendezvous={self._t.rendezvous}, did that many subscribers come?"
             )
         return json.loads(line)
 

@@ -502,9 +502,16 @@ class HDF5Transport(FileTransport):
         if lease == "alive" and (flags is None or writing_without_swmr):
             return None  # a writer of an older version, building the file in place
         if writing_without_swmr:
-            if lease == "none":
+            if lease != "none":
+                return None  # a writer of an older version died before its first step
+            if _locked_elsewhere(self.path):
                 raise DataplaneError(self._refusal())
-            return None  # a writer of an older version died before its first step
+            raise IntegrityError(
+                f"{self.url.url} was left open for writing (without SWMR) by a program that is "
+                f"gone: its superblock says so, and nothing holds its lock. What it wrote last "
+                f"may be incomplete; check the file (h5check), clear the flag (h5clear -s) if "
+                f"it is sound, or write it again."
+            )
         settled = lease in ("closed", "none")
         if settled:
             eof, size = superblock_eof(self.path), os.path.getsize(self.path)
@@ -539,18 +546,25 @@ def _busy(t: HDF5Transport, why: str) -> ChannelBusyError:
     )
 
 
-def _refuse_if_open(t: HDF5Transport) -> None:
-    """Raise ChannelBusyError if another open of the file holds HDF5's lock on it."""
-    fd = os.open(t.path, os.O_RDONLY | os.O_CLOEXEC)
+def _locked_elsewhere(path: str) -> bool:
+    """Whether another open of the file holds HDF5's lock on it (a reader, or a writer)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise _busy(t, "it is locked") from None
+        return True
     except OSError as exc:
         if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
             raise  # (a filesystem without locks: HDF5 cannot lock there either)
     finally:
         os.close(fd)  # releases our lock
+    return False
+
+
+def _refuse_if_open(t: HDF5Transport) -> None:
+    """Raise ChannelBusyError if another open of the file holds HDF5's lock on it."""
+    if _locked_elsewhere(t.path):
+        raise _busy(t, "it is locked")
 
 
 def _busy_as_error(t: HDF5Transport, fn: Callable[[], h5py.File]) -> h5py.File:

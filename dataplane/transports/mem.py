@@ -26,7 +26,16 @@ from collections import deque
 import numpy as np
 
 from dataplane.errors import ChannelBroken, ChannelBusyError, DataplaneError, StepTimeoutError
-from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec, check_name
+from dataplane.model import (
+    AttrValue,
+    ChannelURL,
+    Selection,
+    StepMeta,
+    VarSpec,
+    check_name,
+    check_seconds,
+    check_timeout,
+)
 from dataplane.transports.base import Reader, Transport, Writer
 
 __all__ = ["MemTransport"]
@@ -87,8 +96,8 @@ class MemTransport(Transport):
         if rendezvous < 0:
             raise DataplaneError(f"rendezvous must be >= 0, got {rendezvous}")
         self.rendezvous = int(rendezvous)
-        self.rendezvous_timeout = float(rendezvous_timeout)
-        self.block_timeout = None if block_timeout is None else float(block_timeout)
+        self.rendezvous_timeout = check_seconds(rendezvous_timeout, "rendezvous_timeout")
+        self.block_timeout = check_timeout(block_timeout, "block_timeout")
 
     def open_writer(self, *, policy: str, queue_limit: int, mode: str) -> Writer:
         if mode == "a":

@@ -73,7 +73,16 @@ from dataplane.errors import (
     SchemaError,
     StepTimeoutError,
 )
-from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec, check_name
+from dataplane.model import (
+    AttrValue,
+    ChannelURL,
+    Selection,
+    StepMeta,
+    VarSpec,
+    check_name,
+    check_seconds,
+    check_timeout,
+)
 from dataplane.transports import _posix
 from dataplane.transports.base import Reader, Transport, Writer
 
@@ -466,8 +475,8 @@ class ShmTransport(Transport):
                 f"got {rendezvous}"
             )
         self.rendezvous = int(rendezvous)
-        self.rendezvous_timeout = float(rendezvous_timeout)
-        self.block_timeout = None if block_timeout is None else float(block_timeout)
+        self.rendezvous_timeout = check_seconds(rendezvous_timeout, "rendezvous_timeout")
+        self.block_timeout = check_timeout(block_timeout, "block_timeout")
         self.max_subscribers = int(max_subscribers)
         self.dir = dir or default_dir()
 

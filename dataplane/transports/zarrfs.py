@@ -106,6 +106,10 @@ class _FsspecLeaseIO(LeaseIO):
         super().__init__(path)
         self.fs = fs
 
+    def make_parents(self) -> None:
+        if "/" in self.path.strip("/"):
+            self.fs.makedirs(self.path.rstrip("/").rsplit("/", 1)[0], exist_ok=True)
+
     def read(self) -> bytes | None:
         try:
             return self.fs.cat_file(self.path)
