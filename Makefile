@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(VENV)/bin/dataplane bench all --dir $(or $(BENCH_DIR),/tmp) --out bench_results
 	$(PY) bench/bench_shm.py
 	$(PY) bench/bench_files.py
+	$(PY) bench/bench_verify.py
 	$(PY) bench/bench_mpi.py
 	$(PY) bench/bench_loaders.py
 	$(PY) bench/bench_cache.py
