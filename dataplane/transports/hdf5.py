@@ -915,9 +915,11 @@ class _H5Source(StepSource):
 
     def close(self) -> None:
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._sh.release()
+            if self._closed:
+                return
+            self._closed = True
+        # Not under the file's lock: release takes the registry's guard, then that lock.
+        self._sh.release()
 
 
 class _ForeignH5Source(StepSource):
