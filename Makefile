@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_mpi.py
 	$(PY) bench/bench_loaders.py
 	$(PY) bench/bench_cache.py
+	$(PY) bench/bench_batches.py
 
 # Not in CI: 10 minutes of streaming per transport, then 20 cached epochs (about 35 minutes).
 soak: $(STAMP)

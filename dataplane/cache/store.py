@@ -3,6 +3,8 @@
 Layout of ``PATH``::
 
     entries/<key>           one shard: header, JSON table of arrays, 64-byte aligned payload
+    seen/<key>              the entry's identity when its checksum last matched (so a new
+                            process need not hash it again); its mtime is the entry's last use
     tmp/<key>.<pid>.<rand>  an entry being written (space reserved up front), renamed when done
     plans/<id>.npz, .pos    a consumer's future order of shards and its position (for eviction)
     stats/<pid>.json        each process's counters (``dataplane cache stats`` adds them up)
@@ -10,9 +12,12 @@ Layout of ``PATH``::
     space                   an upper bound of the bytes in use (8 bytes, mapped shared)
     keys.lock               byte-range locks, one slot per key hash: one fetch per shard per node
 
-Entries are read through ``mmap`` (the page cache is the memory tier) and checked against their
-checksum the first time a process maps them. A write that fails (full disk, quota, I/O error)
-degrades to handing out what the source returned, with a warning and a counter.
+Entries are read through ``mmap`` (the page cache is the memory tier) and checked against
+their checksum once per node: again only when the file changed since (its inode, size,
+modification or change time differ from what ``seen/<key>`` recorded; any write, truncation
+or replacement changes the change time, which no one can set back). A write that fails (full
+disk, quota, I/O error) degrades to handing out what the source returned, with a warning and a
+counter.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ _STATS_EVERY = 0.5  # seconds between writes of a process's counters
 #: readers hold it in memory) when deciding whether to keep it.
 IN_FLIGHT = 32
 _UNKNOWN = -1  # the space bound before the first scan
+_COARSE_CLOCK = 5  # CLOCK_REALTIME_COARSE: the clock file times are taken from
+SUBDIRS = ("entries", "seen", "tmp", "plans", "stats")
 _UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
 _UNITS.update({"KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40})
 COUNTERS = (
@@ -69,6 +76,7 @@ COUNTERS = (
     "fetch_wait_s",
     "degraded",
     "corrupt",
+    "verified",
 )
 
 
@@ -101,6 +109,10 @@ def _layout(arrays: dict[str, np.ndarray]) -> tuple[int, bytes, list[int]]:
     ).encode()
     head = -(-(_HEADER.size + len(table)) // _ALIGN) * _ALIGN
     return head + pos, table, offsets
+
+
+def _identity(st: os.stat_result) -> str:
+    return f"{st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -235,7 +247,7 @@ class NodeCache:
         # mode to the last component only, so the root is made first.) The root may be a
         # link the user made; what is inside it may not.
         _owned_dir(os.path.realpath(self.path))
-        for sub in ("entries", "tmp", "plans", "stats"):
+        for sub in SUBDIRS:
             _owned_dir(os.path.join(self.path, sub))
         self._reset()
 
@@ -253,6 +265,8 @@ class NodeCache:
         self._maps_gen = -1  # the generation the mappings were last checked at
         self._positions: dict[str, mmap.mmap] = {}  # plan -> its shared position
         self._verified: set[str] = set()
+        # Entries verified here but not yet recorded in seen/: key -> their change time.
+        self._unrecorded: dict[str, int] = {}
         self._plans: dict[str, tuple[int, Plan]] = {}  # plan -> (file mtime, plan)
         self._counters = _Counters(self.path)
         self._warned = False
@@ -326,6 +340,12 @@ class NodeCache:
                 os.close(fd)
         return struct.unpack_from("<q", self._gen, 0)[0]
 
+    def generation(self) -> int:
+        """A node-wide count of entry removals: while it stays the same, an entry seen in the
+        cache is still there."""
+        self._check_process()
+        return self._generation()
+
     def _removed(self) -> None:
         """Record that entries went away (call under the space lock)."""
         self._generation()
@@ -372,8 +392,32 @@ class NodeCache:
                 self._maps[key] = (ino, gen, got[2])
                 self._maps.move_to_end(key)
             return got[2]
+        opened = self._open_entry(key)
+        if opened is None:
+            return None
+        mm, st, head, tlen = opened
+        if key not in self._verified and not self._verify(key, mm, st, head):
+            return None
+        arrays = {}
+        for name, dtype, shape, offset in json.loads(bytes(mm[_HEADER.size : _HEADER.size + tlen])):
+            dt = np.dtype(dtype)
+            count = int(np.prod(shape, dtype=np.int64))
+            start = head + offset
+            arrays[name] = mm[start : start + count * dt.itemsize].view(dt).reshape(shape)
+        with contextlib.suppress(OSError):
+            # Last use, for LRU order: on the record, since the entry's own times vouch for it.
+            os.utime(self._seen_path(key), follow_symlinks=False)
+        with self._mutex:
+            self._maps[key] = (st.st_ino, gen, arrays)
+            while len(self._maps) > 512:
+                self._maps.popitem(last=False)  # the arrays keep their mapping alive
+        return arrays
+
+    def _open_entry(self, key: str) -> tuple[np.ndarray, os.stat_result, int, int] | None:
+        """Map entry ``key`` and check its header: (bytes, stat, payload start, table length),
+        or None (missing, or found damaged and removed)."""
         try:
-            fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+            fd = os.open(self._entry(key), os.O_RDONLY | _NOFOLLOW)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -383,36 +427,89 @@ class NodeCache:
             return None
         try:
             st = os.fstat(fd)
-            size, ino = st.st_size, st.st_ino
-            if not stat.S_ISREG(st.st_mode) or size < _HEADER.size:
+            if not stat.S_ISREG(st.st_mode) or st.st_size < _HEADER.size:
                 self._corrupt(key, "it is shorter than its header")
                 return None
-            mm = np.asarray(_Mapping(fd, size))
+            mm = np.asarray(_Mapping(fd, st.st_size))
         finally:
             os.close(fd)
-        magic, tlen, plen, checksum = _HEADER.unpack_from(mm.data, 0)
+        magic, tlen, plen, _ = _HEADER.unpack_from(mm.data, 0)
         head = -(-(_HEADER.size + tlen) // _ALIGN) * _ALIGN
-        if magic != _MAGIC or head + plen != size:
+        if magic != _MAGIC or head + plen != st.st_size:
             self._corrupt(key, "its header does not match its size")
             return None
-        if key not in self._verified:
+        return mm, st, head, tlen
+
+    def _verify(self, key: str, mm: np.ndarray, st: os.stat_result, head: int) -> bool:
+        """Check the entry's payload against its checksum, unless a record says it matched
+        and the file has not changed since; record a match. False: corrupt (removed)."""
+        if self._seen(key) != _identity(st):
+            # A write after this moment gives the file a later change time than it has now,
+            # so recording what we hash now is safe; within the same clock tick it is not.
+            settled = time.clock_gettime_ns(_COARSE_CLOCK) > st.st_ctime_ns
+            checksum = _HEADER.unpack_from(mm.data, 0)[3]
             if xxhash.xxh3_64_intdigest(mm[head:].data) != checksum:
                 self._corrupt(key, "its checksum does not match")
-                return None
-            self._verified.add(key)
-        arrays = {}
-        for name, dtype, shape, offset in json.loads(bytes(mm[_HEADER.size : _HEADER.size + tlen])):
-            dt = np.dtype(dtype)
-            count = int(np.prod(shape, dtype=np.int64))
-            start = head + offset
-            arrays[name] = mm[start : start + count * dt.itemsize].view(dt).reshape(shape)
+                return False
+            self._count("verified", 1)
+            if settled:
+                self._record(key, st)
+            else:
+                self._unrecorded[key] = st.st_ctime_ns
+        self._verified.add(key)
+        return True
+
+    def _settle(self, wait: bool = False) -> None:
+        """Record the entries this process stored or checked within the file clock's last
+        tick, once the clock has moved on (checking them again then), so that other processes
+        need not hash them. ``wait``: let the clock move on first."""
+        if not self._unrecorded:
+            return
+        if wait:
+            time.sleep(0.005)
+        now = time.clock_gettime_ns(_COARSE_CLOCK)
+        for key, changed in list(self._unrecorded.items()):
+            if changed >= now or self._unrecorded.pop(key, None) is None:
+                continue  # not yet, or another thread took it
+            self._verified.discard(key)
+            opened = self._open_entry(key)
+            if opened is not None:
+                self._verify(key, opened[0], opened[1], opened[2])
+
+    def _seen_path(self, key: str) -> str:
+        return os.path.join(self.path, "seen", key)
+
+    def _seen(self, key: str) -> str | None:
+        """What ``seen/<key>`` says the entry was when its checksum last matched."""
+        try:
+            fd = _open(self._seen_path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return os.read(fd, 128).decode(errors="replace")
+        finally:
+            os.close(fd)
+
+    def _record(self, key: str, st: os.stat_result) -> None:
+        """Record that the entry, as ``st`` describes it, matched its checksum. A reader that
+        sees a half-written record sees no match and hashes the entry itself; one that could
+        not be written (a full disk) only means the next process hashes it too."""
         with contextlib.suppress(OSError):
-            os.utime(path, follow_symlinks=False)  # LRU order is the entries' modification times
-        with self._mutex:
-            self._maps[key] = (ino, gen, arrays)
-            while len(self._maps) > 512:
-                self._maps.popitem(last=False)  # the arrays keep their mapping alive
-        return arrays
+            fd = _open(self._seen_path(key), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                os.write(fd, _identity(st).encode())
+            finally:
+                os.close(fd)
+
+    def _unlink_entry(self, key: str) -> bool:
+        """Remove an entry and its record; whether the entry was there."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._seen_path(key))
+        try:
+            os.unlink(self._entry(key))
+        except FileNotFoundError:
+            return False
+        return True
 
     def _corrupt(self, key: str, why: str) -> None:
         """Count, warn and remove a damaged entry, so it is fetched again."""
@@ -422,8 +519,7 @@ class NodeCache:
             CacheWarning,
             stacklevel=4,
         )
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._entry(key))
+        self._unlink_entry(key)
         with self._mutex:
             self._maps.pop(key, None)
 
@@ -492,6 +588,7 @@ class NodeCache:
                     fcntl.lockf(fd, fcntl.LOCK_UN, 1, slot)
 
     def _store(self, key: str, arrays: dict[str, np.ndarray], keep: Collection[str] = ()) -> None:
+        self._settle()
         size, table, offsets = _layout(arrays)
         if size > self.capacity:
             self._count("bypassed", 1)
@@ -523,6 +620,8 @@ class NodeCache:
             fd = -1
             os.rename(tmp, self._entry(key))
             self._verified.add(key)  # we computed its checksum from the bytes we wrote
+            # Recorded once the file clock has moved on.
+            self._unrecorded[key] = os.stat(self._entry(key)).st_ctime_ns
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -597,6 +696,11 @@ class NodeCache:
     def _scan_and_evict(self, key: str, size: int, keep: Collection[str]) -> bool:
         entries = []
         used = 0
+        last_use = {}
+        with os.scandir(os.path.join(self.path, "seen")) as it:
+            for e in it:
+                with contextlib.suppress(FileNotFoundError):
+                    last_use[e.name] = e.stat(follow_symlinks=False).st_mtime_ns
         for sub in ("entries", "tmp"):
             with os.scandir(os.path.join(self.path, sub)) as it:
                 for e in it:
@@ -608,7 +712,8 @@ class NodeCache:
                         used += max(st.st_size, st.st_blocks * 512)
                     else:
                         used += st.st_size
-                        entries.append((e.name, st.st_size, st.st_mtime_ns))
+                        used_at = max(st.st_mtime_ns, last_use.pop(e.name, 0))
+                        entries.append((e.name, st.st_size, used_at))
         bound = self._space_bound()
         if used + size <= self.capacity:
             struct.pack_into("<q", bound, 0, used + size)
@@ -630,11 +735,13 @@ class NodeCache:
                 continue
             if plans and future(name) != NEVER and future(name) < mine:
                 break
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.path, "entries", name))
+            if self._unlink_entry(name):
                 used -= nbytes
                 self._count("evictions", 1)
                 self._removed()
+        for name in last_use:  # records of entries that are gone
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._seen_path(name))
         fits = used + size <= self.capacity
         struct.pack_into("<q", bound, 0, used + size if fits else used)
         return fits
@@ -730,6 +837,8 @@ class NodeCache:
     def close(self) -> None:
         """Let go of this process's lock file and mappings (views already handed out keep
         theirs, with no file descriptor); the cache reopens them on next use."""
+        if self._pid == os.getpid():
+            self._settle(wait=True)
         self.flush_stats()
         with self._mutex:
             mine = self._pid == os.getpid()
@@ -748,7 +857,7 @@ class NodeCache:
         """Remove every entry, plan and counter (entries mapped by running readers stay
         readable to them until they let go)."""
         with self._space():
-            for sub in ("entries", "tmp", "plans", "stats"):
+            for sub in SUBDIRS:
                 for name in os.listdir(os.path.join(self.path, sub)):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.path, sub, name))

@@ -13,13 +13,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dataplane.loaders.batches import BatchLoader, loader
     from dataplane.loaders.sample import SampleDataset
     from dataplane.loaders.sampler import ShuffleSampler
     from dataplane.loaders.stream import StreamDataset
 
-__all__ = ["SampleDataset", "ShuffleSampler", "StreamDataset"]
+__all__ = ["BatchLoader", "SampleDataset", "ShuffleSampler", "StreamDataset", "loader"]
 
 _WHERE = {
+    "BatchLoader": "dataplane.loaders.batches",
+    "loader": "dataplane.loaders.batches",
     "SampleDataset": "dataplane.loaders.sample",
     "ShuffleSampler": "dataplane.loaders.sampler",
     "StreamDataset": "dataplane.loaders.stream",

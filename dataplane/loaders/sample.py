@@ -16,6 +16,9 @@ import torch
 import dataplane.api as api
 from dataplane.cache import NodeCache, Prefetcher
 from dataplane.errors import OptionError, SchemaError, VariableNotFoundError
+from dataplane.loaders._batch import collate as _collate
+from dataplane.loaders._batch import empty
+from dataplane.loaders._batch import stack as _stack
 from dataplane.loaders._common import (
     as_tensor,
     check_sample,
@@ -123,6 +126,8 @@ class SampleDataset(torch.utils.data.Dataset):
         self._rows: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}  # row dtype and shape
         self._arc: api.Archive | None = None
         self._pid = -1
+        self._present: set[str] = set()  # shards seen in the cache at generation _present_at
+        self._present_at = -1
         #: I/O calls and bytes this process read (for benchmarks and tests).
         self.reads = 0
         self.bytes_read = 0
@@ -285,7 +290,7 @@ class SampleDataset(torch.utils.data.Dataset):
             self._pid = os.getpid()
         return self._arc
 
-    def _indices(self, indices: Sequence[int]) -> np.ndarray:
+    def _indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
         if idx.size and (idx.max() >= n or idx.min() < -n):
@@ -300,16 +305,9 @@ class SampleDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Any:
         return self.__getitems__([index])[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+    def __getitems__(self, indices: Sequence[int] | np.ndarray) -> list[Any]:
         """The samples at ``indices``, read with as few calls as the layout allows."""
-        idx = self._indices(indices)
-        tensors: list[Any]
-        if self.cache is not None:
-            tensors = self._read_cached(idx)
-        elif self.sample == "step":
-            tensors = self._read_steps(idx)
-        else:
-            tensors = [as_tensor(c) for c in self._read_rows(idx)]
+        tensors = self._columns(self._indices(indices), "private")
         # Views of each column, one per sample (unbind: one call, not one index per sample).
         columns = [t.unbind(0) if isinstance(t, torch.Tensor) else t for t in tensors]
         out = []
@@ -317,6 +315,61 @@ class SampleDataset(torch.utils.data.Dataset):
             s = shape_sample(list(parts), self._keys, self._single)
             out.append(self.transform(s) if self.transform is not None else s)
         return out
+
+    def batch(self, indices: Sequence[int] | np.ndarray, *, memory: str = "private") -> Any:
+        """The samples at ``indices`` as one batch, shaped as ``DataLoader``'s default collate
+        would give it (a tensor per variable, samples along axis 0), but gathered with one
+        copy instead of one per sample plus the collate's.
+
+        ``memory``: ``"private"``, ``"shared"`` (shared memory: a DataLoader worker hands it
+        to the main process without a copy) or ``"pinned"`` (page-locked, for
+        ``non_blocking`` copies to a GPU). With a ``transform``, samples are transformed one
+        by one and then collated.
+        """
+        idx = self._indices(indices)
+        if self.transform is not None:
+            samples = self.__getitems__(idx)
+            return _collate(samples, memory)
+        tensors = self._columns(idx, memory)
+        if self.sample == "step":
+            tensors = [_stack(list(col), name, memory) for col, name in zip(tensors, self.names)]
+        return shape_sample(list(tensors), self._keys, self._single)
+
+    def ensure_cached(self, indices: Sequence[int] | np.ndarray) -> None:
+        """Have the shards holding ``indices`` in the cache (fetching those that are not),
+        without reading them: the work a DataLoader worker does for :func:`loader` when the
+        main process gathers batches from the cache itself."""
+        if self.cache is None:
+            return
+        idx = self._indices(indices)
+        bounds, _, keys = self._shard_table()
+        wanted = np.unique(np.searchsorted(bounds, idx, side="right") - 1).tolist()
+        generation = self.cache.generation()
+        if generation != self._present_at:  # something was removed since: look again
+            self._present, self._present_at = set(), generation
+        batch = {keys[s] for s in wanted}
+        for s in wanted:
+            key = keys[s]
+            if key in self._present:
+                continue
+            if key not in self.cache:
+                self.cache.fetch(key, functools.partial(self._read_shard, s), keep=batch)
+            self._present.add(key)
+
+    def _columns(self, idx: np.ndarray, memory: str) -> list[Any]:
+        """One column per variable: a tensor of the rows (``sample="row"``), or a list of
+        one tensor per step (``sample="step"``)."""
+        if self.cache is not None:
+            return self._read_cached(idx, memory)
+        if self.sample == "step":
+            return self._read_steps(idx)
+        return self._read_rows(idx, memory)
+
+    def _outputs(self, n: int, memory: str) -> list[torch.Tensor]:
+        return [
+            empty((n, *self._rows[name][1]), self._dtypes[name] or self._rows[name][0], memory)
+            for name in self.names
+        ]
 
     def _read_steps(self, idx: np.ndarray) -> list[list[torch.Tensor]]:
         arc = self._archive()
@@ -333,12 +386,10 @@ class SampleDataset(torch.utils.data.Dataset):
                 columns[k].append(as_tensor(arr))
         return columns
 
-    def _read_rows(self, idx: np.ndarray) -> list[np.ndarray]:
+    def _read_rows(self, idx: np.ndarray, memory: str) -> list[torch.Tensor]:
         arc = self._archive()
-        outs = []
-        for name in self.names:
-            dtype, shape = self._rows[name]
-            outs.append(np.empty((len(idx), *shape), dtype=self._dtypes[name] or dtype))
+        tensors = self._outputs(len(idx), memory)
+        outs = [t.numpy() for t in tensors]
         row_bytes = sum(
             int(np.prod(self._rows[n][1], dtype=np.int64)) * self._rows[n][0].itemsize
             for n in self.names
@@ -364,7 +415,7 @@ class SampleDataset(torch.utils.data.Dataset):
                 self.reads += 1
                 self.bytes_read += block.nbytes
                 out[where] = block[pick]
-        return outs
+        return tensors
 
     # -- through the cache --------------------------------------------------------------------
     def _read_shard(self, s: int) -> dict[str, np.ndarray]:
@@ -399,17 +450,15 @@ class SampleDataset(torch.utils.data.Dataset):
             self.cache,
         )
 
-    def _read_cached(self, idx: np.ndarray) -> list[Any]:
+    def _read_cached(self, idx: np.ndarray, memory: str) -> list[Any]:
         assert self.cache is not None
         bounds, _, keys = self._shard_table()
         shard = np.searchsorted(bounds, idx, side="right") - 1
         if self.sample == "step":
             columns: list[list[torch.Tensor]] = [[None] * len(idx) for _ in self.names]  # type: ignore[list-item]
         else:
-            outs = [
-                np.empty((len(idx), *self._rows[n][1]), dtype=self._dtypes[n] or self._rows[n][0])
-                for n in self.names
-            ]
+            tensors = self._outputs(len(idx), memory)
+            outs = [t.numpy() for t in tensors]
         wanted = np.unique(shard).tolist()
         batch = {keys[s] for s in wanted}  # not evicted while this batch is gathered
         for s in wanted:
@@ -432,7 +481,7 @@ class SampleDataset(torch.utils.data.Dataset):
                         out[where] = src[local]
         if self.sample == "step":
             return columns
-        return [as_tensor(o) for o in outs]
+        return tensors
 
     def start_prefetch(self, wait: float | None = None) -> bool:
         """Start the prefetch process now rather than at the first epoch, so that its start
@@ -509,6 +558,7 @@ class SampleDataset(torch.utils.data.Dataset):
         state["_prefetch_spec"] = None
         state["_plan"] = None  # the publishing process's, not a copy's to drop
         state["reads"] = state["bytes_read"] = 0
+        state["_present"], state["_present_at"] = set(), -1
         return state
 
     def get_config(self) -> dict[str, Any]:
