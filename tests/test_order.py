@@ -7,7 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dataplane.cache.policy import NEVER, choose_victims
 from dataplane.errors import OptionError
+from dataplane.loaders._snapshot import shard_layout
 from dataplane.loaders.order import (
     check_bounds,
     epoch_order,
@@ -139,3 +141,91 @@ def test_partition_of_fewer_samples_than_ranks() -> None:
 def test_bad_layouts_are_refused(bad) -> None:
     with pytest.raises(OptionError, match="strictly increases"):
         check_bounds(bad)
+
+
+# -- shard layouts (dataplane.loaders._snapshot.shard_layout) ----------------------------------
+
+
+@st.composite
+def steps(draw) -> tuple[list[int], list[int]]:
+    """Per step: rows (0 allowed) and bytes (rows times a row size fixed for the dataset)."""
+    row = draw(st.integers(1, 64))
+    counts = draw(st.lists(st.integers(0, 50), min_size=0, max_size=25))
+    return counts, [c * row for c in counts]
+
+
+@given(steps(), st.integers(1, 2000), st.sampled_from(["row", "step"]))
+def test_shard_layout_covers_every_sample_once_within_its_budget(data, budget, sample) -> None:
+    counts, nbytes = data
+    if sample == "step":
+        counts = [1] * len(counts)
+    bounds, sizes = shard_layout(counts, nbytes, budget, sample)
+    offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    assert bounds[0] == 0 and bounds[-1] == offsets[-1]
+    assert np.all(np.diff(bounds) > 0) or offsets[-1] == 0
+    assert len(sizes) == len(bounds) - 1 and int(sizes.sum()) == sum(nbytes)
+    for a, b, size in zip(bounds[:-1], bounds[1:], sizes):
+        first = int(np.searchsorted(offsets, a, side="right") - 1)
+        last = int(np.searchsorted(offsets, b - 1, side="right") - 1)
+        if first != last:
+            # Several steps share a shard only whole, and only up to the budget.
+            assert offsets[first] == a and offsets[last + 1] == b
+            assert size <= budget or sample == "step" and b - a == 1
+        elif sample == "row" and nbytes[first] >= budget:
+            # A big step is cut into runs of at most the budget (one row if a row is bigger).
+            assert size <= max(budget, nbytes[first] // counts[first])
+
+
+@given(steps(), st.integers(1, 2000), st.sampled_from(["row", "step"]), st.integers(0, 25))
+def test_appending_steps_changes_at_most_the_last_shard(data, budget, sample, cut) -> None:
+    """What resume relies on: the shards of a prefix of the steps stay shards of the whole,
+    except the prefix's last one (a pack of small steps can grow)."""
+    counts, nbytes = data
+    if sample == "step":
+        counts = [1] * len(counts)
+    cut = min(cut, len(counts))
+    whole, _ = shard_layout(counts, nbytes, budget, sample)
+    prefix, _ = shard_layout(counts[:cut], nbytes[:cut], budget, sample)
+    assert set(prefix[:-1].tolist()) <= set(whole.tolist())
+
+
+# -- eviction (dataplane.cache.policy.choose_victims) ------------------------------------------
+@st.composite
+def cached(draw) -> tuple[list[tuple[str, int, int]], dict[str, int]]:
+    """Entries (name, bytes, last use) and, per entry, its next use in a plan (or NEVER)."""
+    n = draw(st.integers(0, 20))
+    entries = [(f"k{i}", draw(st.integers(1, 100)), draw(st.integers(0, 1000))) for i in range(n)]
+    uses = {name: draw(st.one_of(st.just(NEVER), st.integers(0, 50))) for name, _, _ in entries}
+    return entries, uses
+
+
+@given(cached(), st.integers(-10, 800), st.booleans(), st.integers(0, 60), st.data())
+def test_victims_free_enough_and_spare_what_is_needed_sooner(
+    data, need, planned, mine, draw
+) -> None:
+    entries, uses = data
+    keep = set(draw.draw(st.lists(st.sampled_from([e[0] for e in entries] or ["-"]))))
+    next_use = uses.__getitem__ if planned else None
+    victims = choose_victims(entries, need, keep, next_use, mine if planned else NEVER)
+    names = [v for v, _ in victims]
+    freed = sum(b for _, b in victims)
+    assert len(set(names)) == len(names) and not set(names) & keep
+    if need <= 0:
+        assert victims == []
+        return
+    # No more than needed: without the last victim, it would not have been enough.
+    assert not victims or freed - victims[-1][1] < need
+    candidates = [e for e in entries if e[0] not in keep]
+    if not planned:
+        # Least recently used first, and enough whenever the others hold enough.
+        order = sorted(candidates, key=lambda e: e[2])
+        assert names == [e[0] for e in order[: len(names)]]
+        assert freed >= need or freed == sum(e[1] for e in candidates)
+        return
+    for name in names:
+        assert uses[name] == NEVER or uses[name] >= mine
+    if freed < need:
+        # Stopped short only because what is left is needed sooner than the newcomer, or
+        # nothing is left.
+        left = [e for e in candidates if e[0] not in names]
+        assert all(uses[e[0]] != NEVER and uses[e[0]] < mine for e in left) or not left

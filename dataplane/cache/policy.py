@@ -9,10 +9,11 @@ what the cache's own figure is compared with.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable, Collection
 
 import numpy as np
 
-__all__ = ["NEVER", "Plan", "batched", "belady_reads"]
+__all__ = ["NEVER", "Plan", "batched", "belady_reads", "choose_victims"]
 
 NEVER = np.iinfo(np.int64).max
 
@@ -46,6 +47,41 @@ class Plan:
         window = self.uses[position : position + horizon]
         shards, first = np.unique(window, return_index=True)
         return shards[np.argsort(first)].tolist()
+
+
+def choose_victims(
+    entries: list[tuple[str, int, int]],
+    need: int,
+    keep: Collection[str] = (),
+    next_use: Callable[[str], int] | None = None,
+    mine: int = NEVER,
+) -> list[tuple[str, int]]:
+    """Which ``(name, bytes)`` of ``entries`` (name, bytes, last use) to evict, in order, to
+    free ``need`` bytes for a newcomer.
+
+    Without plans (``next_use`` None) the least recently used go first. With plans, entries no
+    plan needs go first (least recently used first), then the one needed furthest ahead; an
+    entry needed sooner than the newcomer (``mine``) stops the choice: then less than ``need``
+    is freed and the newcomer is the one not to keep. Entries in ``keep`` are never chosen.
+    """
+    if need <= 0:
+        return []
+    if next_use is None:
+        ranked = sorted(entries, key=lambda e: e[2])
+    else:
+        ranked = sorted(entries, key=lambda e: (-next_use(e[0]), e[2]))
+    out: list[tuple[str, int]] = []
+    freed = 0
+    for name, nbytes, _ in ranked:
+        if freed >= need:
+            break
+        if name in keep:
+            continue
+        if next_use is not None and next_use(name) != NEVER and next_use(name) < mine:
+            break
+        out.append((name, nbytes))
+        freed += nbytes
+    return out
 
 
 def belady_reads(uses: np.ndarray, sizes: np.ndarray, capacity: int) -> tuple[int, int]:

@@ -10,19 +10,7 @@ import numpy as np
 
 import dataplane.api as api
 from dataplane.cache import NodeCache
-
-
-def step_runs(offsets: np.ndarray, a: int, b: int) -> list[tuple[int, int, int]]:
-    """(step, first row, end row) of every step that samples ``a:b`` touch (rows mode)."""
-    out = []
-    i = int(np.searchsorted(offsets, a, side="right") - 1)
-    while a < b:
-        end = min(b, int(offsets[i + 1]))
-        if end > a:
-            out.append((i, a - int(offsets[i]), end - int(offsets[i])))
-        a = end
-        i += 1
-    return out
+from dataplane.loaders._snapshot import step_runs
 
 
 def read_shard(

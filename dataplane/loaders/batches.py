@@ -117,10 +117,8 @@ class BatchLoader(DataLoader):
     sampler
         The order of samples (default ``ShuffleSampler(dataset)``); resume and epochs go
         through it as usual (``sampler.set_epoch``, ``state_dict``).
-    num_workers, multiprocessing_context, persistent_workers, prefetch_factor, timeout,
-    worker_init_fn
-        As for ``DataLoader``, except that workers persist by default (starting them anew
-        each epoch costs more than a warm epoch of small samples).
+    num_workers
+        As for ``DataLoader``.
     pin_memory
         Batches in page-locked memory (ignored, with a warning, without an accelerator).
     device
@@ -132,6 +130,11 @@ class BatchLoader(DataLoader):
         ``"main"``: workers fetch shards into the cache, the main process gathers batches from
         it (needs a cache and no transform); ``"workers"``: workers gather and send batches;
         ``"auto"``: ``"main"`` where it can be used.
+    **kwargs
+        Passed to ``DataLoader`` (``multiprocessing_context``, ``prefetch_factor``,
+        ``timeout``, ``worker_init_fn``, ...), except that workers persist by default
+        (``persistent_workers=True``: starting them anew each epoch costs more than a warm
+        epoch of small samples).
     """
 
     def __init__(

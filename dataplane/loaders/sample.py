@@ -15,7 +15,7 @@ import torch
 
 import dataplane.api as api
 from dataplane.cache import NodeCache, Prefetcher
-from dataplane.errors import OptionError, SchemaError, VariableNotFoundError
+from dataplane.errors import OptionError
 from dataplane.loaders._batch import collate as _collate
 from dataplane.loaders._batch import empty
 from dataplane.loaders._batch import stack as _stack
@@ -28,17 +28,11 @@ from dataplane.loaders._common import (
     shape_sample,
     vars_config,
 )
-from dataplane.loaders._shards import ShardSource, read_shard, step_runs
-from dataplane.model import Step
+from dataplane.loaders._gather import from_cache, rows_from_source, steps_from_source
+from dataplane.loaders._shards import ShardSource, read_shard
+from dataplane.loaders._snapshot import Snapshot
 
 __all__ = ["SampleDataset"]
-
-#: Rows between two wanted rows are read along (one call instead of two) while the gap is
-#: smaller than this: a second call costs more than reading this many bytes on any filesystem.
-GAP_BYTES = 256 << 10
-#: Rows at least this big are gathered one by one (a copy each); smaller ones with one fancy
-#: index (a gather and a scatter, but no per-row Python).
-ROW_BY_ROW = 16 << 10
 
 
 class SampleDataset(torch.utils.data.Dataset):
@@ -118,12 +112,7 @@ class SampleDataset(torch.utils.data.Dataset):
         self._prefetch_spec: str | None = None  # what the prefetch process reads now
         self._plan: str | None = None  # the plan this dataset last published to the cache
         self._table: tuple[np.ndarray, np.ndarray, list[str]] | None = None
-        self._versions: list[str | None] = []
-        # The snapshot: per step, its samples (rows, or 1) and bytes.
-        self._counts: list[int] = []
-        self._step_bytes: list[int] = []
-        self._offsets = np.zeros(1, np.int64)
-        self._rows: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}  # row dtype and shape
+        self._snap = Snapshot(url, self.names, self.sample)
         self._arc: api.Archive | None = None
         self._pid = -1
         self._present: set[str] = set()  # shards seen in the cache at generation _present_at
@@ -140,75 +129,27 @@ class SampleDataset(torch.utils.data.Dataset):
         # of a file per process): close it so that the look below is a fresh one.
         self._close_archive()
         with api.open(self.url, **self.opts) as arc:
-            for i in range(len(self._counts), len(arc)):
-                self._take(i, arc[i])
-                if self.cache is not None:
-                    self._versions.append(arc.version(i))
-        self._offsets = np.concatenate(([0], np.cumsum(self._counts, dtype=np.int64)))
+            self._snap.take_in(arc, versions=self.cache is not None)
         self._table = None
-        if self.cache is not None and self._counts:
+        if self.cache is not None and self._snap.counts:
             # An entry is a shard plus a header and per-array alignment.
             self.cache.require(int(self.shard_nbytes().max()) + 4096 + 64 * len(self.names))
         return len(self)
 
-    def _take(self, i: int, step: Step) -> None:
-        missing = [n for n in self.names if n not in step.vars]
-        if missing:
-            raise VariableNotFoundError(
-                f"step {i} of {self.url} has no variable {missing[0]!r} (it has: "
-                f"{', '.join(sorted(step.vars)) or 'none'}); every step must hold every "
-                f"variable the dataset reads"
-            )
-        nbytes = 0
-        rows = None
-        for name in self.names:
-            spec = step.vars[name]
-            nbytes += spec.nbytes
-            if self.sample == "step":
-                continue
-            if not spec.shape:
-                raise SchemaError(
-                    f"variable {name!r} is a scalar in step {i} of {self.url}; sample='row' "
-                    f"needs arrays with rows (axis 0): use sample='step'"
-                )
-            row = (spec.dtype, spec.shape[1:])
-            known = self._rows.setdefault(name, row)
-            if known != row:
-                raise SchemaError(
-                    f"rows of {name!r} are {known[1]} {known[0]} before step {i} of {self.url} "
-                    f"but {row[1]} {row[0]} in it; samples of a dataset need one shape and dtype"
-                )
-            if rows is None:
-                rows = spec.shape[0]
-            elif spec.shape[0] != rows:
-                raise SchemaError(
-                    f"step {i} of {self.url} has {rows} rows of {self.names[0]!r} but "
-                    f"{spec.shape[0]} of {name!r}; with sample='row' the variables of a step "
-                    f"must have the same number of rows"
-                )
-        self._counts.append(1 if self.sample == "step" else int(rows or 0))
-        self._step_bytes.append(nbytes)
-
     def __len__(self) -> int:
-        return int(self._offsets[-1])
+        return len(self._snap)
 
     @property
     def steps(self) -> int:
         """Steps in the snapshot."""
-        return len(self._counts)
+        return self._snap.steps
 
     def shard_bounds(self, samples: int | None = None) -> np.ndarray:
         """Boundaries of the shards (see :mod:`dataplane.loaders.order`); with ``samples``, of
         the snapshot that had that many samples (to resume an order taken before growth)."""
         if samples is None or samples == len(self):
             return self._shard_table()[0]
-        steps = int(np.searchsorted(self._offsets, samples))
-        if steps >= len(self._offsets) or int(self._offsets[steps]) != samples:
-            raise OptionError(
-                f"{self.url} never had exactly {samples} samples (step sizes differ from when "
-                f"the order was taken): was it rewritten?"
-            )
-        return self._shards(steps)[0]
+        return self._snap.layout(self.shard_bytes, self._snap.steps_with(samples))[0]
 
     def shard_nbytes(self) -> np.ndarray:
         """Bytes of each shard."""
@@ -216,71 +157,14 @@ class SampleDataset(torch.utils.data.Dataset):
 
     def _shard_table(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if self._table is None:
-            bounds, nbytes = self._shards()
-            keys = [self._shard_key(bounds, s) for s in range(len(bounds) - 1)]
+            bounds, nbytes = self._snap.layout(self.shard_bytes)
+            keys = (
+                [self._snap.key(bounds, s) for s in range(len(bounds) - 1)]
+                if self.cache is not None
+                else []
+            )
             self._table = bounds, nbytes, keys
         return self._table
-
-    def _shard_key(self, bounds: np.ndarray, s: int) -> str:
-        """What identifies shard ``s``: the source, what it holds, and its steps' versions."""
-        if self.cache is None:
-            return ""
-        a, b = int(bounds[s]), int(bounds[s + 1])
-        if self.sample == "step":
-            what: list = ["step", a, b, self._versions[a:b]]
-        else:
-            what = ["row"] + [
-                [i, r0, r1, self._versions[i]] for i, r0, r1 in step_runs(self._offsets, a, b)
-            ]
-        return NodeCache.key(self.url, self.names, what)
-
-    def _shards(self, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Shard boundaries and bytes over the first ``steps`` steps (default all), a pure
-        function of the step sizes. Growth can extend the last pack of small steps, so a
-        resumed order asks for its old snapshot's layout (``shard_bounds(samples=)``)."""
-        n = len(self._counts) if steps is None else steps
-        counts, step_bytes = self._counts[:n], self._step_bytes[:n]
-        total = int(self._offsets[n])
-        starts: list[np.ndarray] = []
-        sizes: list[np.ndarray] = []
-        if self.sample == "row":
-            # Small steps are packed whole into a shard; big ones are cut into runs of rows.
-            pack_start, pack_bytes = -1, 0
-            for off, count, nbytes in zip(self._offsets[:n], counts, step_bytes):
-                if not count:
-                    continue
-                big = nbytes >= self.shard_bytes
-                if pack_start >= 0 and (big or pack_bytes + nbytes > self.shard_bytes):
-                    starts.append(np.array([pack_start]))
-                    sizes.append(np.array([pack_bytes]))
-                    pack_start, pack_bytes = -1, 0
-                if not big:
-                    if pack_start < 0:
-                        pack_start = int(off)
-                    pack_bytes += nbytes
-                    continue
-                row = nbytes // count
-                per = max(1, self.shard_bytes // max(row, 1))
-                s = np.arange(0, count, per, dtype=np.int64)
-                starts.append(off + s)
-                sizes.append((np.minimum(s + per, count) - s) * row)
-            if pack_start >= 0:
-                starts.append(np.array([pack_start]))
-                sizes.append(np.array([pack_bytes]))
-        else:  # consecutive steps up to shard_bytes
-            begin, acc = 0, 0
-            for i, nbytes in enumerate(step_bytes):
-                if i > begin and acc + nbytes > self.shard_bytes:
-                    starts.append(np.array([begin]))
-                    sizes.append(np.array([acc]))
-                    begin, acc = i, 0
-                acc += nbytes
-            if step_bytes:
-                starts.append(np.array([begin]))
-                sizes.append(np.array([acc]))
-        bounds = np.concatenate([*starts, [total]]).astype(np.int64)
-        nbytes_arr = np.concatenate(sizes).astype(np.int64) if sizes else np.zeros(0, np.int64)
-        return bounds, nbytes_arr
 
     # -- reading -----------------------------------------------------------------------------
     def _archive(self) -> api.Archive:
@@ -366,55 +250,23 @@ class SampleDataset(torch.utils.data.Dataset):
         return self._read_rows(idx, memory)
 
     def _outputs(self, n: int, memory: str) -> list[torch.Tensor]:
+        rows = self._snap.rows
         return [
-            empty((n, *self._rows[name][1]), self._dtypes[name] or self._rows[name][0], memory)
-            for name in self.names
+            empty((n, *rows[n_][1]), self._dtypes[n_] or rows[n_][0], memory) for n_ in self.names
         ]
 
     def _read_steps(self, idx: np.ndarray) -> list[list[torch.Tensor]]:
-        arc = self._archive()
-        columns: list[list[torch.Tensor]] = [[] for _ in self.names]
-        for i in idx:
-            step = arc[int(i)]
-            for k, name in enumerate(self.names):
-                arr = step[name]
-                self.reads += 1
-                self.bytes_read += arr.nbytes
-                d = self._dtypes[name]
-                if d is not None and arr.dtype != d:
-                    arr = arr.astype(d)
-                columns[k].append(as_tensor(arr))
-        return columns
+        columns, nbytes = steps_from_source(self._archive(), self.names, self._dtypes, idx)
+        self.reads += len(idx) * len(self.names)
+        self.bytes_read += nbytes
+        return [[as_tensor(a) for a in col] for col in columns]
 
     def _read_rows(self, idx: np.ndarray, memory: str) -> list[torch.Tensor]:
-        arc = self._archive()
         tensors = self._outputs(len(idx), memory)
         outs = [t.numpy() for t in tensors]
-        row_bytes = sum(
-            int(np.prod(self._rows[n][1], dtype=np.int64)) * self._rows[n][0].itemsize
-            for n in self.names
-        )
-        gap = max(1, GAP_BYTES // max(row_bytes, 1))
-        steps = np.searchsorted(self._offsets, idx, side="right") - 1
-        local = idx - self._offsets[steps]
-        order = np.lexsort((local, steps))
-        steps, local = steps[order], local[order]
-        # Runs: same step, and the next wanted row is within `gap` rows of the last one.
-        cut = np.flatnonzero((np.diff(steps) != 0) | (np.diff(local) > gap)) + 1
-        for run in np.split(np.arange(len(idx)), cut):
-            if not len(run):
-                continue
-            s = int(steps[run[0]])
-            first, last = int(local[run[0]]), int(local[run[-1]])
-            step = arc[s]
-            where = order[run]
-            pick = local[run] - first
-            for out, name in zip(outs, self.names):
-                shape = self._rows[name][1]
-                block = step.read(name, (first, *(0,) * len(shape)), (last - first + 1, *shape))
-                self.reads += 1
-                self.bytes_read += block.nbytes
-                out[where] = block[pick]
+        reads, nbytes = rows_from_source(self._archive(), self._snap, idx, outs)
+        self.reads += reads
+        self.bytes_read += nbytes
         return tensors
 
     # -- through the cache --------------------------------------------------------------------
@@ -425,8 +277,8 @@ class SampleDataset(torch.utils.data.Dataset):
             self._archive(),
             self.sample,
             self.names,
-            self._rows,
-            self._offsets,
+            self._snap.rows,
+            self._snap.offsets,
             int(bounds[s]),
             int(bounds[s + 1]),
         )
@@ -443,8 +295,8 @@ class SampleDataset(torch.utils.data.Dataset):
             self.opts,
             self.sample,
             self.names,
-            self._rows,
-            self._offsets,
+            self._snap.rows,
+            self._snap.offsets,
             bounds,
             nbytes,
             self.cache,
@@ -452,35 +304,19 @@ class SampleDataset(torch.utils.data.Dataset):
 
     def _read_cached(self, idx: np.ndarray, memory: str) -> list[Any]:
         assert self.cache is not None
-        bounds, _, keys = self._shard_table()
-        shard = np.searchsorted(bounds, idx, side="right") - 1
-        if self.sample == "step":
-            columns: list[list[torch.Tensor]] = [[None] * len(idx) for _ in self.names]  # type: ignore[list-item]
-        else:
-            tensors = self._outputs(len(idx), memory)
-            outs = [t.numpy() for t in tensors]
-        wanted = np.unique(shard).tolist()
-        batch = {keys[s] for s in wanted}  # not evicted while this batch is gathered
-        for s in wanted:
-            where = np.flatnonzero(shard == s)
-            arrays = self.cache.fetch(keys[s], functools.partial(self._read_shard, s), keep=batch)
-            if self.sample == "step":
-                for j in where.tolist():
-                    for k, name in enumerate(self.names):
-                        arr = arrays[f"{int(idx[j])}/{name}"]
-                        d = self._dtypes[name]
-                        columns[k][j] = as_tensor(arr.astype(d) if d is not None else arr)
-            else:
-                local = idx[where] - bounds[s]
-                for out, name in zip(outs, self.names):
-                    src = arrays[name]
-                    if out[0:1].nbytes >= ROW_BY_ROW:
-                        for w, r in zip(where.tolist(), local.tolist()):
-                            out[w] = src[r]  # one copy (fancy indexing would make two)
-                    else:
-                        out[where] = src[local]
-        if self.sample == "step":
-            return columns
+        tensors = None if self.sample == "step" else self._outputs(len(idx), memory)
+        columns = from_cache(
+            self.cache,
+            self._snap,
+            self._dtypes,
+            self._shard_table(),
+            idx,
+            None if tensors is None else [t.numpy() for t in tensors],
+            lambda s: functools.partial(self._read_shard, s),
+        )
+        if columns is not None:
+            return [[as_tensor(a) for a in col] for col in columns]
+        assert tensors is not None
         return tensors
 
     def start_prefetch(self, wait: float | None = None) -> bool:

@@ -1,0 +1,200 @@
+"""The format of a cache entry, and the record that vouches for one.
+
+An entry is one file: a header (magic, table length, payload length, xxh3-64 of the payload),
+a JSON table of its arrays (name, dtype, shape, offset), then the payload, each array 64-byte
+aligned. A record (``seen/<key>``) holds the entry's identity (inode, size, modification and
+change times) when its payload last matched its checksum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import stat
+import struct
+import time
+from collections.abc import Callable
+
+import numpy as np
+import xxhash
+
+from dataplane.cache._files import NOFOLLOW, Mapping, open_file
+
+MAGIC = b"DPCACHE1"
+HEADER = struct.Struct("<8sQQQ")  # magic, table length, payload length, xxh3-64 of payload
+ALIGN = 64
+
+
+class Damaged(Exception):
+    """An entry that cannot be used; the message says why."""
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def layout(arrays: dict[str, np.ndarray]) -> tuple[int, bytes, list[int]]:
+    """(file size, table, payload offset of each array) of an entry holding ``arrays``."""
+    offsets = []
+    pos = 0
+    for a in arrays.values():
+        offsets.append(pos)
+        pos += _padded(a.nbytes)
+    table = json.dumps(
+        [[n, a.dtype.str, list(a.shape), o] for (n, a), o in zip(arrays.items(), offsets)]
+    ).encode()
+    return _padded(HEADER.size + len(table)) + pos, table, offsets
+
+
+def write(fd: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write the entry of ``arrays`` into ``fd`` (its space already reserved), checksum
+    computed from the bytes written."""
+    size, table, offsets = layout(arrays)
+    head = size - sum(_padded(a.nbytes) for a in arrays.values())
+    h = xxhash.xxh3_64()
+    for a, o in zip(arrays.values(), offsets):
+        flat = a.reshape(-1).view(np.uint8)
+        if a.nbytes:
+            os.pwrite(fd, flat.data, head + o)
+        h.update(flat.data if a.nbytes else b"")
+        h.update(b"\0" * (_padded(a.nbytes) - a.nbytes))
+    os.pwrite(fd, HEADER.pack(MAGIC, len(table), size - head, h.intdigest()) + table, 0)
+
+
+class Mapped:
+    """An entry mapped read-only, its header checked (not yet its payload)."""
+
+    def __init__(self, path: str) -> None:
+        """Raises FileNotFoundError (no entry) or :class:`Damaged`."""
+        try:
+            fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise Damaged("it is a symbolic link") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < HEADER.size:
+                raise Damaged("it is shorter than its header")
+            self.bytes = np.asarray(Mapping(fd, st.st_size))
+        finally:
+            os.close(fd)
+        self.stat = st
+        magic, self._tlen, plen, self._checksum = HEADER.unpack_from(self.bytes.data, 0)
+        self._head = _padded(HEADER.size + self._tlen)
+        if magic != MAGIC or self._head + plen != st.st_size:
+            raise Damaged("its header does not match its size")
+
+    def payload_matches(self) -> bool:
+        return xxhash.xxh3_64_intdigest(self.bytes[self._head :].data) == self._checksum
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Read-only views of the entry's arrays (they keep the mapping alive)."""
+        out = {}
+        table = json.loads(bytes(self.bytes[HEADER.size : HEADER.size + self._tlen]))
+        for name, dtype, shape, offset in table:
+            dt = np.dtype(dtype)
+            start = self._head + offset
+            count = int(np.prod(shape, dtype=np.int64))
+            out[name] = self.bytes[start : start + count * dt.itemsize].view(dt).reshape(shape)
+        return out
+
+
+def identity(st: os.stat_result) -> str:
+    """What a record says of an entry: any write, truncation or replacement changes it."""
+    return f"{st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n"
+
+
+def read_record(path: str) -> str | None:
+    try:
+        fd = open_file(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.read(fd, 128).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def write_record(path: str, st: os.stat_result) -> None:
+    """Record that the entry ``st`` describes matched its checksum. A reader that sees a
+    half-written record sees no match and hashes the entry itself. The record's time is the
+    entry's last use (eviction reads it), which recording is not."""
+    fd = open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, identity(st).encode())
+        os.utime(fd, ns=(st.st_mtime_ns, st.st_mtime_ns))
+    finally:
+        os.close(fd)
+
+
+_COARSE_CLOCK = 5  # CLOCK_REALTIME_COARSE: the clock file times are taken from
+
+
+class Checks:
+    """Which entries one process knows to be sound: hashed here, or vouched for by a record
+    (``seen/<key>``) that still describes the file. Each entry is hashed once per node."""
+
+    def __init__(self, seen: str) -> None:
+        self.seen = seen
+        self._known: set[str] = set()
+        # Sound here but not yet recorded: key -> the entry's change time.
+        self._unrecorded: dict[str, int] = {}
+
+    def record_path(self, key: str) -> str:
+        return os.path.join(self.seen, key)
+
+    def check(self, key: str, mapped: Mapped) -> str:
+        """``"known"``, ``"vouched"`` (a record matches), ``"hashed"`` (its checksum matched
+        now) or ``"bad"``."""
+        if key in self._known:
+            return "known"
+        st = mapped.stat
+        if read_record(self.record_path(key)) == identity(st):
+            self._known.add(key)
+            return "vouched"
+        # A write after this moment gives the file a later change time than it has now, so
+        # recording what we hash now is safe; within the same clock tick it is not.
+        settled = time.clock_gettime_ns(_COARSE_CLOCK) > st.st_ctime_ns
+        if not mapped.payload_matches():
+            return "bad"
+        self.written(key, st)
+        if settled:
+            self._record(key, st)
+        return "hashed"
+
+    def written(self, key: str, st: os.stat_result) -> None:
+        """This process wrote the entry (``st``, after its rename): sound, recorded later."""
+        self._known.add(key)
+        self._unrecorded[key] = st.st_ctime_ns
+
+    def _record(self, key: str, st: os.stat_result) -> None:
+        self._unrecorded.pop(key, None)
+        # Not written (a full disk): the next process hashes the entry too.
+        with contextlib.suppress(OSError):
+            write_record(self.record_path(key), st)
+
+    def settle(self, reopen: Callable[[str], Mapped | None], wait: bool = False) -> list[str]:
+        """Record the entries that became sound here within the file clock's last tick, once
+        it has moved on, hashing each again then (``reopen(key)``: it mapped, or None).
+        ``wait``: let the clock move on first. Returns the keys found bad."""
+        if not self._unrecorded:
+            return []
+        if wait:
+            time.sleep(0.005)
+        now = time.clock_gettime_ns(_COARSE_CLOCK)
+        bad = []
+        for key, changed in list(self._unrecorded.items()):
+            if changed >= now or self._unrecorded.pop(key, None) is None:
+                continue  # not yet, or another thread took it
+            self._known.discard(key)
+            mapped = reopen(key)
+            if mapped is not None and self.check(key, mapped) == "bad":
+                bad.append(key)
+        return bad
+
+    def forget(self, key: str) -> None:
+        self._known.discard(key)
+        self._unrecorded.pop(key, None)

@@ -1,0 +1,109 @@
+"""Gathering a batch's samples into its buffers, from the source or from cached shards."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from dataplane.cache import NodeCache
+from dataplane.loaders._snapshot import Snapshot
+
+#: Rows between two wanted rows are read along (one call instead of two) while the gap is
+#: smaller than this: a second call costs more than reading this many bytes on any filesystem.
+GAP_BYTES = 256 << 10
+#: Rows at least this big are gathered one by one (a copy each); smaller ones with one fancy
+#: index (a gather and a scatter, but no per-row Python).
+ROW_BY_ROW = 16 << 10
+
+Dtypes = dict[str, "np.dtype | None"]
+
+
+def rows_from_source(
+    arc: Any, snap: Snapshot, idx: np.ndarray, outs: list[np.ndarray]
+) -> tuple[int, int]:
+    """Rows ``idx`` into ``outs`` (one per variable), with one hyperslab read per variable
+    per run of nearby rows of a step. Returns the reads and bytes read."""
+    row_bytes = sum(
+        int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for dtype, shape in snap.rows.values()
+    )
+    gap = max(1, GAP_BYTES // max(row_bytes, 1))
+    steps = np.searchsorted(snap.offsets, idx, side="right") - 1
+    local = idx - snap.offsets[steps]
+    order = np.lexsort((local, steps))
+    steps, local = steps[order], local[order]
+    # Runs: same step, and the next wanted row is within `gap` rows of the last one.
+    cut = np.flatnonzero((np.diff(steps) != 0) | (np.diff(local) > gap)) + 1
+    reads = nbytes = 0
+    for run in np.split(np.arange(len(idx)), cut):
+        if not len(run):
+            continue
+        first, last = int(local[run[0]]), int(local[run[-1]])
+        step = arc[int(steps[run[0]])]
+        where = order[run]
+        pick = local[run] - first
+        for out, name in zip(outs, snap.names):
+            shape = snap.rows[name][1]
+            block = step.read(name, (first, *(0,) * len(shape)), (last - first + 1, *shape))
+            reads += 1
+            nbytes += block.nbytes
+            out[where] = block[pick]
+    return reads, nbytes
+
+
+def steps_from_source(
+    arc: Any, names: tuple[str, ...], dtypes: Dtypes, idx: np.ndarray
+) -> tuple[list[list[np.ndarray]], int]:
+    """Whole steps ``idx``: one list of arrays per variable, and the bytes read."""
+    columns: list[list[np.ndarray]] = [[] for _ in names]
+    nbytes = 0
+    for i in idx.tolist():
+        step = arc[i]
+        for k, name in enumerate(names):
+            arr = step[name]
+            nbytes += arr.nbytes
+            columns[k].append(_cast(arr, dtypes[name]))
+    return columns, nbytes
+
+
+def from_cache(
+    cache: NodeCache,
+    snap: Snapshot,
+    dtypes: Dtypes,
+    table: tuple[np.ndarray, np.ndarray, list[str]],
+    idx: np.ndarray,
+    outs: list[np.ndarray] | None,
+    produce: Callable[[int], Callable[[], dict[str, np.ndarray]]],
+) -> list[list[np.ndarray]] | None:
+    """Samples ``idx`` from the cached shards (fetching missing ones with ``produce(s)``):
+    rows into ``outs``, or (``outs=None``, whole steps) one list of arrays per variable."""
+    bounds, _, keys = table
+    shard = np.searchsorted(bounds, idx, side="right") - 1
+    columns: list[list[Any]] | None = (
+        [[None] * len(idx) for _ in snap.names] if outs is None else None
+    )
+    wanted = np.unique(shard).tolist()
+    batch = {keys[s] for s in wanted}  # not evicted while this batch is gathered
+    for s in wanted:
+        where = np.flatnonzero(shard == s)
+        arrays = cache.fetch(keys[s], produce(s), keep=batch)
+        if columns is not None:
+            for j in where.tolist():
+                for k, name in enumerate(snap.names):
+                    columns[k][j] = _cast(arrays[f"{int(idx[j])}/{name}"], dtypes[name])
+            continue
+        assert outs is not None
+        local = idx[where] - bounds[s]
+        for out, name in zip(outs, snap.names):
+            src = arrays[name]
+            if out[0:1].nbytes >= ROW_BY_ROW:
+                for w, r in zip(where.tolist(), local.tolist()):
+                    out[w] = src[r]  # one copy (fancy indexing would make two)
+            else:
+                out[where] = src[local]
+    return columns
+
+
+def _cast(arr: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    return arr.astype(dtype) if dtype is not None and arr.dtype != dtype else arr
