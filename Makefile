@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_loaders.py
 	$(PY) bench/bench_cache.py
 	$(PY) bench/bench_batches.py
+	$(PY) bench/bench_many_files.py
 
 # Not in CI: 10 minutes of streaming per transport, then 20 cached epochs (about 35 minutes).
 soak: $(STAMP)

@@ -66,6 +66,36 @@ def test_bench_loaders_compares_with_the_naive_reader(tmp_path) -> None:
     assert "x naive" in stdout
 
 
+def test_bench_batches_reports_the_loaders_side_by_side(tmp_path) -> None:
+    stdout, report = run_bench(
+        "bench_batches.py",
+        tmp_path / "report.json",
+        *("--samples", "640", "--sample-kib", "4", "--repeat", "1", "--workers", "0", "1"),
+    )
+    (size,) = report["sizes"]
+    assert report["memcpy_gbs"] > 0 and size["sample_kib"] == 4
+    for w in (0, 1):
+        row = size[f"workers={w}"]
+        assert set(row) == {"memory", "naive", "dataplane", "batches"}
+        assert all(v > 0 for v in row.values())
+    for kind in ("dataplane", "batches"):
+        assert size[f"new_process_{kind}"]["new"] > 0 and size[f"new_process_{kind}"]["same"] > 0
+    assert "of memcpy" in stdout and "new process" in stdout
+
+
+def test_bench_many_files_reports_cold_and_warm(tmp_path) -> None:
+    stdout, report = run_bench(
+        "bench_many_files.py",
+        tmp_path / "report.json",
+        *("--files", "6", "--rows", "10", "--sample-kib", "4", "--repeat", "1"),
+    )
+    assert report["samples"] == 6 * 2 * 10
+    assert [r["workers"] for r in report["results"]] == [0, 2]
+    for r in report["results"]:
+        assert min(r[k] for k in r if k != "workers") > 0
+    assert "cold" in stdout and "warm" in stdout
+
+
 def test_bench_cache_reports_limits_readers_and_belady(tmp_path) -> None:
     out = tmp_path / "rows.jsonl"
     result = subprocess.run(

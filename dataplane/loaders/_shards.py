@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 
-import dataplane.api as api
 from dataplane.cache import NodeCache
 from dataplane.loaders._snapshot import step_runs
+from dataplane.loaders._sources import open_steps
 
 
 def read_shard(
-    arc: api.Archive,
+    arc: Any,
     sample: str,
     names: tuple[str, ...],
     rows: dict[str, tuple[np.dtype, tuple[int, ...]]],
@@ -57,8 +57,11 @@ class ShardSource:
         bounds: np.ndarray,
         nbytes: np.ndarray,
         cache: NodeCache,
+        files: list[str] | None = None,
+        file_counts: list[int] | None = None,
     ) -> None:
         self.url, self.opts, self.sample, self.names = url, opts, sample, names
+        self.files, self.file_counts = files, list(file_counts or [])
         self.rows, self.offsets, self.bounds, self.nbytes = rows, offsets, bounds, nbytes
         self.cache: NodeCache | None = cache
         self._reset()
@@ -67,7 +70,7 @@ class ShardSource:
         # One handle and one reader at a time per process. adios2 engines are not thread-safe,
         # and h5py returned wrong rows (caught by the checksums) when two threads read one
         # file through two handles; fetch threads overlap their cache writes instead.
-        self._arc: api.Archive | None = None
+        self._arc: Any = None
         self._pid = -1
         self._lock = threading.Lock()
 
@@ -89,6 +92,8 @@ class ShardSource:
                 "bounds": self.bounds.tolist(),
                 "nbytes": self.nbytes.tolist(),
                 "cache": [self.cache.path, self.cache.capacity],
+                "files": self.files,
+                "file_counts": self.file_counts,
             },
         }
 
@@ -104,6 +109,8 @@ class ShardSource:
         bounds: list[int],
         nbytes: list[int],
         cache: list,
+        files: list[str] | None = None,
+        file_counts: list[int] | None = None,
     ) -> ShardSource:
         return cls(
             url,
@@ -115,12 +122,15 @@ class ShardSource:
             np.asarray(bounds, np.int64),
             np.asarray(nbytes, np.int64),
             NodeCache(cache[0], capacity=cache[1]),
+            files,
+            file_counts,
         )
 
-    def _archive(self) -> api.Archive:
+    def _archive(self) -> Any:
         """This process's handle (call with the lock held)."""
         if self._arc is None or self._pid != os.getpid():
-            self._arc, self._pid = api.open(self.url, **self.opts), os.getpid()
+            self._arc = open_steps(self.url, self.opts, self.files, self.file_counts)
+            self._pid = os.getpid()
         return self._arc
 
     def prepare(self) -> None:

@@ -84,8 +84,13 @@ class Snapshot:
     """Per step of a stored channel: its samples (rows, or 1), bytes and version, and the row
     dtype and shape of each variable. Steps are only ever appended."""
 
-    def __init__(self, url: str, names: tuple[str, ...], sample: str) -> None:
+    def __init__(
+        self, url: Any, names: tuple[str, ...], sample: str, files: list[str] | None = None
+    ) -> None:
         self.url, self.names, self.sample = url, names, sample
+        self.files = files  # several channels read as one (the list grows; see _sources)
+        self.where: list[tuple[int, int]] = []  # per step: (file, step in the file)
+        self.file_counts: list[int] = []  # steps of each file taken in
         self.counts: list[int] = []
         self.step_bytes: list[int] = []
         self.versions: list[str | None] = []
@@ -101,10 +106,15 @@ class Snapshot:
 
     def take_in(self, arc: Any, versions: bool) -> None:
         """Take in the steps of ``arc`` (an open archive) beyond those known."""
+        many = self.files is not None
         for i in range(len(self.counts), len(arc)):
             self.take(i, arc[i])
             if versions:
                 self.versions.append(arc.version(i))
+            if many:
+                self.where.append(arc.where(i))
+        if many:
+            self.file_counts = list(arc.counts)
         self.offsets = np.concatenate(([0], np.cumsum(self.counts, dtype=np.int64)))
 
     def take(self, i: int, step: Step) -> None:
@@ -164,10 +174,24 @@ class Snapshot:
         """What identifies shard ``s`` in a cache: the source, what it holds, its steps'
         versions."""
         a, b = int(bounds[s]), int(bounds[s + 1])
+        if self.files is not None:  # where each step is, not its place in this list
+            if self.sample == "step":
+                what: list = ["steps"] + [[*self._step(i), self.versions[i]] for i in range(a, b)]
+            else:
+                what = ["rows"] + [
+                    [*self._step(i), r0, r1, self.versions[i]]
+                    for i, r0, r1 in step_runs(self.offsets, a, b)
+                ]
+            return NodeCache.key(self.names, what)
         if self.sample == "step":
-            what: list = ["step", a, b, self.versions[a:b]]
+            what = ["step", a, b, self.versions[a:b]]
         else:
             what = ["row"] + [
                 [i, r0, r1, self.versions[i]] for i, r0, r1 in step_runs(self.offsets, a, b)
             ]
         return NodeCache.key(self.url, self.names, what)
+
+    def _step(self, i: int) -> tuple[str, int]:
+        assert self.files is not None
+        k, j = self.where[i]
+        return self.files[k], j

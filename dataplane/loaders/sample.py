@@ -15,7 +15,7 @@ import torch
 
 import dataplane.api as api
 from dataplane.cache import NodeCache, Prefetcher
-from dataplane.errors import OptionError
+from dataplane.errors import DataplaneError, OptionError
 from dataplane.loaders._batch import collate as _collate
 from dataplane.loaders._batch import empty
 from dataplane.loaders._batch import stack as _stack
@@ -31,6 +31,7 @@ from dataplane.loaders._common import (
 from dataplane.loaders._gather import from_cache, rows_from_source, steps_from_source
 from dataplane.loaders._shards import ShardSource, read_shard
 from dataplane.loaders._snapshot import Snapshot
+from dataplane.loaders._sources import expand, is_many, open_steps
 
 __all__ = ["SampleDataset"]
 
@@ -93,6 +94,7 @@ class SampleDataset(torch.utils.data.Dataset):
         **opts: Any,
     ) -> None:
         self.url = url
+        self._files = expand(url) if is_many(url) else None
         self.opts = dict(opts)
         self.names, self._keys, self._single = parse_vars(vars)
         self.sample = check_sample(sample)
@@ -112,8 +114,8 @@ class SampleDataset(torch.utils.data.Dataset):
         self._prefetch_spec: str | None = None  # what the prefetch process reads now
         self._plan: str | None = None  # the plan this dataset last published to the cache
         self._table: tuple[np.ndarray, np.ndarray, list[str]] | None = None
-        self._snap = Snapshot(url, self.names, self.sample)
-        self._arc: api.Archive | None = None
+        self._snap = Snapshot(url, self.names, self.sample, self._files)
+        self._arc: Any = None  # an api.Archive, or _sources.Sources
         self._pid = -1
         self._present: set[str] = set()  # shards seen in the cache at generation _present_at
         self._present_at = -1
@@ -128,13 +130,28 @@ class SampleDataset(torch.utils.data.Dataset):
         # Our own read handle may show the file as it was when opened (HDF5 shares one view
         # of a file per process): close it so that the look below is a fresh one.
         self._close_archive()
-        with api.open(self.url, **self.opts) as arc:
-            self._snap.take_in(arc, versions=self.cache is not None)
+        if self._files is not None:
+            self._take_in_files()
+        snap = self._snap
+        with open_steps(self.url, self.opts, self._files, snap.file_counts, look=True) as arc:
+            snap.take_in(arc, versions=self.cache is not None)
         self._table = None
         if self.cache is not None and self._snap.counts:
             # An entry is a shard plus a header and per-array alignment.
             self.cache.require(int(self.shard_nbytes().max()) + 4096 + 64 * len(self.names))
         return len(self)
+
+    def _take_in_files(self) -> None:
+        """Files a glob matches now that it did not before join at the end (in order)."""
+        assert self._files is not None
+        now = expand(self.url)
+        gone = [f for f in self._files if f not in now]
+        if gone:
+            raise DataplaneError(
+                f"{gone[0]} was read as part of {self.url} and is gone; the dataset's samples "
+                f"would change under the sampler's order: make a new dataset"
+            )
+        self._files += [f for f in now if f not in self._files]
 
     def __len__(self) -> int:
         return len(self._snap)
@@ -170,7 +187,7 @@ class SampleDataset(torch.utils.data.Dataset):
     def _archive(self) -> api.Archive:
         if self._arc is None or self._pid != os.getpid():
             # A handle inherited through fork belongs to the parent: open our own.
-            self._arc = api.open(self.url, **self.opts)
+            self._arc = open_steps(self.url, self.opts, self._files, self._snap.file_counts)
             self._pid = os.getpid()
         return self._arc
 
@@ -300,6 +317,8 @@ class SampleDataset(torch.utils.data.Dataset):
             bounds,
             nbytes,
             self.cache,
+            self._files,
+            self._snap.file_counts,
         )
 
     def _read_cached(self, idx: np.ndarray, memory: str) -> list[Any]:

@@ -1,0 +1,168 @@
+"""Many files as one training set: ``SampleDataset("h5://.../*.h5")`` against a per-sample
+h5py Dataset that keeps every file open.
+
+``--files`` jobs each wrote ``--steps`` steps of ``--rows`` samples of ``--sample-kib`` KiB:
+through ``dp.publish`` for dataplane, as one contiguous dataset per file with plain h5py for
+the naive reader (what such a user writes). Shuffled epochs, batch 32, samples/s:
+
+- ``cold``: the files' pages dropped from the page cache (``posix_fadvise(DONTNEED)``) and
+  an empty ``NodeCache``: the first epoch of a job;
+- ``warm``: the next epoch (median of ``--repeat``), page cache and node cache full.
+
+Dataplane reads through ``ShuffleSampler(block=16)`` and ``loader()``; the naive reader through
+a uniform ``RandomSampler``. ``num_workers`` 0 and 2.
+
+    python bench/bench_many_files.py [--files 400] [--steps 2] [--rows 25] [--sample-kib 16]
+                                     [--repeat 3] [--dir PATH] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+import dataplane as dp
+from dataplane.bench._common import evict
+from dataplane.cache import NodeCache
+from dataplane.loaders import SampleDataset, ShuffleSampler, loader
+
+BATCH = 32
+
+
+class OpenFiles(Dataset):
+    """The naive reader: every file open (lazily, per process), one row per ``__getitem__``."""
+
+    def __init__(self, paths: list[str], rows: int) -> None:
+        self.paths, self.rows = paths, rows
+        self._files: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths) * self.rows
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        k, r = divmod(i, self.rows)
+        f = self._files.get(k)
+        if f is None:
+            f = self._files[k] = h5py.File(self.paths[k], "r")
+        return f["x"][r]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_files": {}}
+
+
+def write(root: str, files: int, steps: int, rows: int, kib: int) -> tuple[str, list[str]]:
+    width = kib * 1024 // 4
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal((rows, width), dtype=np.float32)
+    os.makedirs(f"{root}/dp")
+    os.makedirs(f"{root}/plain")
+    plain = []
+    for j in range(files):
+        with dp.publish(f"h5://{root}/dp/job-{j:05d}.h5") as pub:
+            for s in range(steps):
+                pub.write({"x": block + j + s / 100})
+        path = f"{root}/plain/job-{j:05d}.h5"
+        with h5py.File(path, "w") as f:
+            f["x"] = np.concatenate([block + j + s / 100 for s in range(steps)])
+        plain.append(path)
+    return f"h5://{root}/dp/job-*.h5", plain
+
+
+def epoch(ld: Any) -> float:
+    n = 0
+    t0 = time.perf_counter()
+    for batch in ld:
+        n += len(batch)
+    return n / (time.perf_counter() - t0)
+
+
+def run(make, order, cold: list[str], repeat: int) -> tuple[float, float]:
+    """(cold samples/s, warm samples/s) of one loader: a first epoch after ``cold`` is
+    dropped from the page cache, then the median of ``repeat`` epochs."""
+    evict(cold, "fadvise")
+    ld = make()
+    first = epoch(ld)
+    rates = []
+    for e in range(repeat):
+        if hasattr(order, "set_epoch"):
+            order.set_epoch(e + 1)
+        rates.append(epoch(ld))
+    return first, statistics.median(rates)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--files", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--sample-kib", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--dir", help="where the files and the cache go (default: a temporary dir)")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    root = tempfile.mkdtemp(prefix="dp-bench-many-", dir=args.dir)
+    try:
+        pattern, plain = write(root, args.files, args.steps, args.rows, args.sample_kib)
+        n = args.files * args.steps * args.rows
+        print(
+            f"{args.files} files x {args.steps} steps x {args.rows} samples of "
+            f"{args.sample_kib} KiB = {n} samples ({n * args.sample_kib / 2**20:.2f} GiB); "
+            f"batch {BATCH}; samples/s"
+        )
+        results = []
+        for w in args.workers:
+            g = torch.Generator().manual_seed(0)
+            naive_ds = OpenFiles(plain, args.steps * args.rows)
+            sampler = RandomSampler(naive_ds, generator=g)
+            naive = run(
+                lambda d=naive_ds, s=sampler, w=w: DataLoader(d, BATCH, sampler=s, num_workers=w),
+                sampler,
+                plain,
+                args.repeat,
+            )
+            cache_dir = os.path.join(root, f"cache-{w}")
+            ds = SampleDataset(pattern, vars="x", cache=NodeCache(cache_dir, capacity="64GB"))
+            order = ShuffleSampler(ds, seed=0, block=16)
+            ours = run(
+                lambda d=ds, s=order, w=w: loader(d, BATCH, sampler=s, num_workers=w),
+                order,
+                [os.path.join(root, "dp")],
+                args.repeat,
+            )
+            ds.close()
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            row = {
+                "workers": w,
+                "naive_cold": naive[0],
+                "naive_warm": naive[1],
+                "dataplane_cold": ours[0],
+                "dataplane_warm": ours[1],
+            }
+            results.append(row)
+            print(
+                f"workers={w}: cold  naive {naive[0]:8.0f}  dataplane {ours[0]:8.0f} "
+                f"({ours[0] / naive[0]:.1f}x) | warm  naive {naive[1]:8.0f}  dataplane "
+                f"{ours[1]:8.0f} ({ours[1] / naive[1]:.1f}x)"
+            )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"samples": n, "results": results}, f, indent=1)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""Many stored channels read as one: a glob or a list of URLs, their steps one after another.
+
+Training sets are often thousands of files written by many jobs. ``Sources`` gives the read
+paths one archive-like object over all of them (``len``, ``[i]`` a step, ``version(i)``), so that
+shards, the cache, the sampler and the prefetcher work on them as on one channel. Only the
+files a read touches are open, at most ``OPEN_AT_ONCE`` per process.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+import dataplane.api as api
+from dataplane.errors import OptionError
+from dataplane.model import ChannelURL, Step
+
+#: Files kept open per process (each an open HDF5/ADIOS2/zarr handle).
+OPEN_AT_ONCE = 64
+_GLOB = set("*?[")
+
+
+def is_many(url: Any) -> bool:
+    """Whether ``url`` names several channels (a list, or a path with a glob pattern)."""
+    if isinstance(url, (list, tuple)):
+        return True
+    return isinstance(url, str) and "://" in url and bool(_GLOB & set(_path(url)))
+
+
+def _path(url: str) -> str:
+    return url.split("://", 1)[1].split("?", 1)[0]
+
+
+def expand(url: Any) -> list[str]:
+    """The channels ``url`` names, in order: a list as given, a glob's matches sorted."""
+    if isinstance(url, (list, tuple)):
+        urls = list(url)
+        if not urls:
+            raise OptionError("an empty list of URLs: give at least one channel to read")
+        for u in urls:
+            if not isinstance(u, str) or is_many(u):
+                raise OptionError(f"a list of URLs holds channel URLs, got {u!r}")
+            ChannelURL.parse(u)
+        if len(set(urls)) != len(urls):
+            dup = next(u for u in urls if urls.count(u) > 1)
+            raise OptionError(f"{dup} is in the list twice: each channel is read once")
+        return urls
+    parsed = ChannelURL.parse(url)
+    if parsed.protocol is not None:
+        raise OptionError(
+            f"{url}: a glob over a remote store ({parsed.protocol}) is not supported; list "
+            f"the URLs instead"
+        )
+    scheme, query = url.split("://", 1)[0], url.split("?", 1)[1] if "?" in url else ""
+    matches = sorted(glob.glob(parsed.path))
+    if not matches:
+        raise OptionError(f"{url} matches nothing (no file or directory {parsed.path})")
+    return [f"{scheme}://{os.path.abspath(m)}" + (f"?{query}" if query else "") for m in matches]
+
+
+class Sources:
+    """The steps of ``urls`` one after another: ``len``, ``[i]``, ``version(i)``.
+
+    ``counts`` are the steps of each file a snapshot took in before: every file but the last of
+    them is fixed at that (steps it gained since would change every later step's number, so
+    they are not read, with a warning); the last one, and files not in it, count as they are.
+    """
+
+    def __init__(
+        self, urls: Sequence[str], opts: dict[str, Any], counts: Sequence[int], look: bool
+    ) -> None:
+        """``look=False``: ``counts`` covers every file (a worker reading a snapshot: no file
+        is opened before a read needs it)."""
+        self.urls = list(urls)
+        self.opts = opts
+        self._open: OrderedDict[int, api.Archive] = OrderedDict()
+        if not look:
+            seen = [int(c) for c in counts]
+            assert len(seen) == len(self.urls)
+        else:
+            seen = []
+            for k, url in enumerate(self.urls):
+                now = len(self._archive(k))
+                if k < len(counts) - 1:
+                    known = int(counts[k])
+                    if now > known:
+                        warnings.warn(
+                            f"{url} gained {now - known} steps after the dataset took it in; "
+                            f"they are not read (only the last file of a dataset may grow, "
+                            f"else every later step's number would change)",
+                            RuntimeWarning,
+                            stacklevel=4,
+                        )
+                    now = min(now, known)
+                seen.append(now)
+        self.counts = seen
+        self.offsets = np.concatenate(([0], np.cumsum(seen, dtype=np.int64)))
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def where(self, i: int) -> tuple[int, int]:
+        """(file, step in the file) of step ``i``."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"step {i} is out of range: the files hold {len(self)} steps")
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return k, i - int(self.offsets[k])
+
+    def __getitem__(self, i: int) -> Step:
+        k, j = self.where(int(i))
+        return self._archive(k)[j]
+
+    def version(self, i: int) -> str | None:
+        k, j = self.where(int(i))
+        return self._archive(k).version(j)
+
+    def _archive(self, k: int) -> api.Archive:
+        arc = self._open.get(k)
+        if arc is None:
+            arc = self._open[k] = api.open(self.urls[k], **self.opts)
+            while len(self._open) > OPEN_AT_ONCE:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(k)
+        return arc
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+    def __enter__(self) -> Sources:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_steps(
+    url: Any, opts: dict[str, Any], files: list[str] | None, counts: list[int], look: bool = False
+) -> Any:
+    """The dataset's steps as one archive: ``url`` itself, or ``files`` one after another
+    (``counts``: each file's steps in the snapshot; ``look``: count them anew)."""
+    if files is None:
+        return api.open(url, **opts)
+    return Sources(files, opts, counts, look)

@@ -1,0 +1,132 @@
+"""Many files as one dataset: ``SampleDataset("h5:///data/*.h5")`` or a list of URLs, read
+through the same shards, cache, sampler and batches as one channel; every value compared
+with what was written."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+import dataplane as dp
+from dataplane.cache import NodeCache
+from dataplane.loaders import SampleDataset, ShuffleSampler, loader
+
+pytestmark = [
+    pytest.mark.timeout(240),
+    pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes"),
+]
+
+ROWS, COLS = 12, 5
+
+
+def write_file(url: str, job: int, steps: int = 2, mode: str = "w", first: int = 0) -> None:
+    """Row r of step s of job j holds j*10000 + s*100 + r; its label is j."""
+    with dp.publish(url, mode=mode) as pub:
+        for s in range(first, first + steps):
+            v = job * 10000 + s * 100 + np.arange(ROWS, dtype=np.float64)
+            pub.write({"x": np.repeat(v[:, None], COLS, axis=1), "job": np.full(ROWS, job)})
+
+
+def values(x) -> list[int]:
+    """The value each row holds (checking its columns agree)."""
+    x = np.asarray(x)
+    assert (x == x[:, :1]).all()
+    return [int(v) for v in x[:, 0]]
+
+
+def expected(jobs: list[int], steps: int = 2) -> list[int]:
+    return [j * 10000 + s * 100 + r for j in jobs for s in range(steps) for r in range(ROWS)]
+
+
+@pytest.fixture()
+def files(tmp_path) -> list[str]:
+    urls = [f"h5://{tmp_path}/data/run-{j:03d}.h5" for j in range(7)]
+    os.makedirs(tmp_path / "data")
+    for j, u in enumerate(urls):
+        write_file(u, j)
+    return urls
+
+
+def test_a_glob_reads_every_file_in_order(tmp_path, files) -> None:
+    ds = SampleDataset(f"h5://{tmp_path}/data/run-*.h5", vars=("x", "job"))
+    assert ds.steps == 14 and len(ds) == 14 * ROWS
+    x, job = ds.batch(list(range(len(ds))))
+    assert values(x) == expected(list(range(7)))
+    assert job.tolist() == [j for j in range(7) for _ in range(2 * ROWS)]
+    # A list of URLs in its own order.
+    order = [files[3], files[0], files[6]]
+    ds = SampleDataset(order, vars="x")
+    assert values(ds.batch(list(range(len(ds))))) == expected([3, 0, 6])
+    assert values(np.stack([ds[i] for i in (0, ROWS * 2, len(ds) - 1)])) == [
+        30000,
+        0,
+        60000 + 100 + ROWS - 1,
+    ]
+
+
+@pytest.mark.parametrize("workers,context", [(0, None), (2, "fork"), (2, "spawn")])
+def test_shuffled_epochs_through_the_cache_with_workers(tmp_path, files, workers, context) -> None:
+    cache = NodeCache(tmp_path / "cache", capacity="64MiB")
+    ds = SampleDataset(
+        f"h5://{tmp_path}/data/*.h5", vars="x", cache=cache, shard_bytes=4 * COLS * 8
+    )
+    sampler = ShuffleSampler(ds, seed=2, block=3)
+    plain = DataLoader(
+        ds, batch_size=10, sampler=sampler, num_workers=workers, multiprocessing_context=context
+    )
+    batches = loader(ds, 10, sampler=sampler, num_workers=workers, multiprocessing_context=context)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        got = [v for x in plain for v in values(x)]
+        sampler.set_epoch(epoch)
+        again = [v for x in batches for v in values(x)]
+        assert got == again and sorted(got) == sorted(expected(list(range(7))))
+        assert got != sorted(got)
+
+
+def test_files_written_later_join_at_the_next_epoch(tmp_path, files) -> None:
+    ds = SampleDataset(f"h5://{tmp_path}/data/*.h5", vars="x")
+    sampler = ShuffleSampler(ds, seed=0, block=None)
+    sampler.set_epoch(0)
+    assert len(sampler) == 14 * ROWS
+    write_file(f"h5://{tmp_path}/data/run-100.h5", 100)  # a new job's output
+    write_file(files[-1], 6, steps=1, mode="a", first=2)  # the last file grows
+    assert len(ds) == 14 * ROWS, "a snapshot within an epoch"
+    sampler.set_epoch(1)
+    got = sorted(v for x in DataLoader(ds, batch_size=16, sampler=sampler) for v in values(x))
+    want = expected(list(range(7))) + [60000 + 200 + r for r in range(ROWS)]
+    assert got == sorted(want + expected([100]))
+
+
+def test_an_earlier_file_that_grows_is_not_misread(tmp_path, files) -> None:
+    ds = SampleDataset(f"h5://{tmp_path}/data/*.h5", vars="x")
+    before = values(ds.batch(list(range(len(ds)))))
+    ds.close()  # its read handles (HDF5 lets no writer in while a file is open)
+    write_file(files[2], 2, steps=1, mode="a", first=2)
+    with pytest.warns(RuntimeWarning, match="gained 1 steps after the dataset took it in"):
+        assert ds.refresh() == len(before)
+    assert values(ds.batch(list(range(len(ds))))) == before
+
+
+def test_mixed_formats_and_bad_lists(tmp_path, files) -> None:
+    z = f"zarr://{tmp_path}/extra.zarr"
+    write_file(z, 50)
+    ds = SampleDataset([files[1], z], vars="x")
+    assert values(ds.batch(list(range(len(ds))))) == expected([1, 50])
+    with pytest.raises(dp.OptionError, match="matches nothing"):
+        SampleDataset(f"h5://{tmp_path}/none-*.h5", vars="x")
+    with pytest.raises(dp.OptionError, match="empty list"):
+        SampleDataset([], vars="x")
+    with pytest.raises(dp.OptionError, match="twice"):
+        SampleDataset([files[0], files[0]], vars="x")
+    with pytest.raises(dp.OptionError, match="remote store"):
+        SampleDataset("zarr+s3://bucket/run-*.zarr", vars="x")
+    ds = SampleDataset(f"h5://{tmp_path}/data/*.h5", vars="x")
+    os.unlink(files[4][len("h5://") :])
+    with pytest.raises(dp.DataplaneError, match="run-004.h5 .*gone"):
+        ds.refresh()
+    with pytest.raises(dp.DataplaneError):
+        SampleDataset(files[3:5], vars="x")
