@@ -91,6 +91,7 @@ class Snapshot:
         self.files = files  # several channels read as one (the list grows; see _sources)
         self.where: list[tuple[int, int]] = []  # per step: (file, step in the file)
         self.file_counts: list[int] = []  # steps of each file taken in
+        self.file_sigs: list[str | None] = []  # and what each file looked like then
         self.counts: list[int] = []
         self.step_bytes: list[int] = []
         self.versions: list[str | None] = []
@@ -114,7 +115,7 @@ class Snapshot:
             if many:
                 self.where.append(arc.where(i))
         if many:
-            self.file_counts = list(arc.counts)
+            self.file_counts, self.file_sigs = list(arc.counts), list(arc.sigs)
         self.offsets = np.concatenate(([0], np.cumsum(self.counts, dtype=np.int64)))
 
     def take(self, i: int, step: Step) -> None:

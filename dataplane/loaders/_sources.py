@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -64,6 +65,16 @@ def expand(url: Any) -> list[str]:
     return [f"{scheme}://{os.path.abspath(m)}" + (f"?{query}" if query else "") for m in matches]
 
 
+def signature(url: str) -> str | None:
+    """Size and modification time of a channel stored as one file; None for a directory (a
+    BP5 or zarr store changes inside without changing its own times) or no file."""
+    try:
+        st = os.stat(ChannelURL.parse(url).path)
+    except OSError:
+        return None
+    return f"{st.st_size} {st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else None
+
+
 class Sources:
     """The steps of ``urls`` one after another: ``len``, ``[i]``, ``version(i)``.
 
@@ -73,21 +84,36 @@ class Sources:
     """
 
     def __init__(
-        self, urls: Sequence[str], opts: dict[str, Any], counts: Sequence[int], look: bool
+        self,
+        urls: Sequence[str],
+        opts: dict[str, Any],
+        counts: Sequence[int],
+        look: bool,
+        sigs: Sequence[str | None] = (),
     ) -> None:
         """``look=False``: ``counts`` covers every file (a worker reading a snapshot: no file
-        is opened before a read needs it)."""
+        is opened before a read needs it). ``sigs``: each file's :func:`signature` when the
+        snapshot took it in; a fixed file whose signature is unchanged is not opened again
+        (else every epoch would open every file)."""
         self.urls = list(urls)
         self.opts = opts
         self._open: OrderedDict[int, api.Archive] = OrderedDict()
+        self.sigs: list[str | None] = list(sigs)
         if not look:
             seen = [int(c) for c in counts]
             assert len(seen) == len(self.urls)
         else:
             seen = []
+            self.sigs = []
             for k, url in enumerate(self.urls):
+                sig = signature(url)  # before looking: a change meanwhile shows next time
+                self.sigs.append(sig)
+                fixed = k < len(counts) - 1
+                if fixed and sig is not None and k < len(sigs) and sigs[k] == sig:
+                    seen.append(int(counts[k]))
+                    continue
                 now = len(self._archive(k))
-                if k < len(counts) - 1:
+                if fixed:
                     known = int(counts[k])
                     if now > known:
                         warnings.warn(
@@ -142,10 +168,15 @@ class Sources:
 
 
 def open_steps(
-    url: Any, opts: dict[str, Any], files: list[str] | None, counts: list[int], look: bool = False
+    url: Any,
+    opts: dict[str, Any],
+    files: list[str] | None,
+    counts: list[int],
+    look: bool = False,
+    sigs: Sequence[str | None] = (),
 ) -> Any:
     """The dataset's steps as one archive: ``url`` itself, or ``files`` one after another
     (``counts``: each file's steps in the snapshot; ``look``: count them anew)."""
     if files is None:
         return api.open(url, **opts)
-    return Sources(files, opts, counts, look)
+    return Sources(files, opts, counts, look, sigs)

@@ -133,7 +133,8 @@ class SampleDataset(torch.utils.data.Dataset):
         if self._files is not None:
             self._take_in_files()
         snap = self._snap
-        with open_steps(self.url, self.opts, self._files, snap.file_counts, look=True) as arc:
+        counts, sigs = snap.file_counts, snap.file_sigs
+        with open_steps(self.url, self.opts, self._files, counts, True, sigs) as arc:
             snap.take_in(arc, versions=self.cache is not None)
         self._table = None
         if self.cache is not None and self._snap.counts:
