@@ -52,10 +52,10 @@ class OpenFiles(Dataset):
 
     def __getitem__(self, i: int) -> np.ndarray:
         k, r = divmod(i, self.rows)
-        f = self._files.get(k)
-        if f is None:
-            f = self._files[k] = h5py.File(self.paths[k], "r")
-        return f["x"][r]
+        d = self._files.get(k)
+        if d is None:  # the file and its dataset kept open
+            d = self._files[k] = h5py.File(self.paths[k], "r")["x"]
+        return d[r]
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_files": {}}

@@ -72,6 +72,24 @@ def test_files_round_trip_what_they_accept(tmp_path_factory, a: np.ndarray) -> N
             assert same_bits(np.asarray(arc.read("a", step=0)), a), url
 
 
+@pytest.mark.parametrize("scheme", ["h5", "zarr", "bp5"])
+def test_signed_zeros_round_trip_in_files(tmp_path, scheme) -> None:
+    """Zarr skipped chunks equal to its fill value by ==, so a complex -0.0 came back +0.0
+    (an IntegrityError, found by the property test above)."""
+    arrays = [
+        np.array([complex(-0.0, 0.0)]),
+        np.array(complex(0.0, -0.0)),
+        np.full((3, 4), complex(-0.0, -0.0), np.complex64),
+        np.array([-0.0, 0.0], np.float16),
+    ]
+    for k, a in enumerate(arrays):
+        url = f"{scheme}://{tmp_path}/z{k}.{scheme}"
+        with dp.publish(url) as pub:
+            pub.write({"a": a})
+        with dp.open(url) as arc:
+            assert same_bits(np.asarray(arc.read("a", step=0)), a), (url, a)
+
+
 @SETTINGS
 @given(st.text(min_size=0, max_size=140))
 def test_names_are_accepted_exactly_by_the_rule_or_refused_with_a_reason(name: str) -> None:

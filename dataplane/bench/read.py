@@ -63,6 +63,7 @@ class NaiveH5Dataset(Dataset):
         self.rows = shape[1] if step_axis else 1
         self.n = shape[0] * shape[1] if step_axis else shape[0]
         self._f: Any = None
+        self._d: Any = None
 
     def __len__(self) -> int:
         return self.n
@@ -72,11 +73,13 @@ class NaiveH5Dataset(Dataset):
             import h5py
 
             self._f = h5py.File(self.path, "r")
-        d = self._f[self.name]
+            # Kept, as a careful user does: looking it up per sample is 4x slower.
+            self._d = self._f[self.name]
+        d = self._d
         return d[i // self.rows, i % self.rows] if self.step_axis else d[i]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_f": None}
+        return {**self.__dict__, "_f": None, "_d": None}
 
 
 class NaiveZarrDataset(Dataset):

@@ -31,8 +31,11 @@ __all__ = ["BatchLoader", "loader"]
 
 GATHER = ("auto", "main", "workers")
 #: Batches per work item when the main process gathers: a worker's answer costs the main
-#: process about as much as gathering a batch, so it answers for several at once.
+#: process about as much as gathering a 64 KiB-sample batch, so it answers for several at
+#: once: at least GROUP, and about GROUP_BYTES of samples (small samples, more batches).
 GROUP = 8
+GROUP_BYTES = 16 << 20
+MAX_GROUP = 64
 
 
 class _Ticket:
@@ -195,7 +198,7 @@ class BatchLoader(DataLoader):
         super().__init__(
             work,
             batch_sampler=(
-                _Groups(self.order, int(batch_size), bool(drop_last), GROUP)
+                _Groups(self.order, int(batch_size), bool(drop_last), self._group(dataset))
                 if in_main
                 else self._batches
             ),
@@ -208,6 +211,12 @@ class BatchLoader(DataLoader):
 
     def __len__(self) -> int:
         return len(self._batches)
+
+    def _group(self, dataset: SampleDataset) -> int:
+        nbytes = dataset.shard_nbytes()
+        per_sample = int(nbytes.sum()) // max(len(dataset), 1) if len(nbytes) else 0
+        per_batch = max(per_sample * self._batch_size, 1)
+        return max(GROUP, min(MAX_GROUP, GROUP_BYTES // per_batch))
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         for item in super().__iter__():
