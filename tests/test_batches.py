@@ -242,6 +242,8 @@ def test_bad_options_are_refused(url, tmp_path) -> None:
             loader(ds, **kwargs)
     with pytest.raises(dp.OptionError, match="needs a dataset with a cache"):
         loader(dataset(url, tmp_path, cache=False), 4, gather="main")
+    with pytest.raises(dp.OptionError, match="no transform"):
+        loader(ds, 4, gather="main", batch_transform=_worker_pid_batch, num_workers=2)
     with pytest.raises(dp.OptionError, match="SampleDataset"):
         loader(list(range(10)), 4)  # type: ignore[arg-type]
     with pytest.raises(dp.OptionError, match="memory must be"):

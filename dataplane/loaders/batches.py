@@ -167,15 +167,16 @@ class BatchLoader(DataLoader):
             raise OptionError(f"batch_transform must be callable, got {batch_transform!r}")
         if gather not in GATHER:
             raise OptionError(f"gather must be one of {', '.join(GATHER)}, got {gather!r}")
-        can_main = dataset.cache is not None and dataset.transform is None
+        can_main = (
+            dataset.cache is not None and dataset.transform is None and batch_transform is None
+        )
         if gather == "main" and not can_main:
             raise OptionError(
-                "gather='main' needs a dataset with a cache and no per-sample transform (the "
-                "main process gathers batches from the cache); use gather='workers'"
+                "gather='main' needs a dataset with a cache and no transform (the main process "
+                "gathers batches from the cache; transforms run in the workers); use "
+                "gather='workers'"
             )
-        in_main = can_main and batch_transform is None and gather != "workers" and num_workers > 0
-        if gather == "main":
-            in_main = num_workers > 0
+        in_main = can_main and gather != "workers" and num_workers > 0
         self.device = None if device is None else torch.device(device)
         if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
             raise OptionError(f"device={device!r} but torch sees no CUDA device here")
