@@ -32,15 +32,16 @@ import sys
 import tempfile
 import time
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-import dataplane as dp
 from dataplane.bench.read import NaiveH5Dataset
 from dataplane.cache import NodeCache
 from dataplane.loaders import SampleDataset, ShuffleSampler, loader
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_loaders import epoch, write_files  # noqa: E402  (bench/ is not a package)
 
 BATCH = 32
 BLOCK = 16
@@ -58,39 +59,20 @@ class InMemory(Dataset):
 
 
 def write(root: str, samples: int, kib: int, steps: int = 8) -> tuple[str, str]:
-    per = samples // steps
-    width = kib * 1024 // 4
-    block = np.random.default_rng(0).standard_normal((per, width), dtype=np.float32)
-    url = f"h5://{root}/dataplane.h5"
-    with dp.publish(url) as pub:
-        for s in range(steps):
-            pub.write({"x": block + s})
-    plain = os.path.join(root, "plain.h5")
-    with h5py.File(plain, "w") as f:
-        d = f.create_dataset("x", (per * steps, width), dtype=np.float32)
-        for s in range(steps):
-            d[s * per : (s + 1) * per] = block + s
-    return url, plain
-
-
-def epoch_seconds(loader_: DataLoader) -> tuple[float, int]:
-    n = 0
-    t0 = time.perf_counter()
-    for batch in loader_:
-        n += len(batch)
-    return time.perf_counter() - t0, n
+    dp_path, plain, _ = write_files(root, samples, kib, steps)
+    return f"h5://{dp_path}", plain
 
 
 def measure(make, repeat: int) -> float:
     """Median samples/s over ``repeat`` epochs after one warm-up epoch of the same loader."""
     ld = make()
     order = getattr(ld, "order", ld.sampler)
-    epoch_seconds(ld)
+    epoch(ld)
     rates = []
     for e in range(repeat):
         if hasattr(order, "set_epoch"):
             order.set_epoch(e + 1)
-        t, n = epoch_seconds(ld)
+        t, n = epoch(ld)
         rates.append(n / t)
     return statistics.median(rates)
 
@@ -115,7 +97,7 @@ def child(url: str, cache: str, batches: bool) -> None:
         ld: DataLoader = loader(ds, BATCH, sampler=sampler)
     else:
         ld = DataLoader(ds, batch_size=BATCH, sampler=sampler)
-    t, n = epoch_seconds(ld)
+    t, n = epoch(ld)
     print(json.dumps({"rate": n / t}))
 
 
