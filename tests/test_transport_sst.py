@@ -69,3 +69,26 @@ def test_a_crashed_reader_relay_is_reported_not_waited_for(tmp_path):
     finally:
         writer.kill()
         writer.wait(10)
+
+
+@pytest.mark.timeout(120)
+def test_a_fast_reader_gets_a_clean_end_while_the_writer_waits_for_a_slow_one(tmp_path):
+    """SST's close waits until every reader has taken every step, so a fast reader sees the
+    end long before the writer's lease says "closed" (flaky before: a slow subscriber process
+    on a busy machine made the fast one report ChannelBroken after every step). The writer
+    says it is closing first: the fast reader's end is clean, the slow one still gets all."""
+    url = f"sst://{tmp_path}/run"
+    with dp.subscribe(url, timeout=60) as slow, dp.subscribe(url, timeout=60) as fast:
+        writer = run_proc("publish", url, "--steps", "3", "--opt", "rendezvous=2")
+        got = [fast.next().index]
+        relay = slow._reader._stream._proc  # the process that runs the slow SST reader
+        os.kill(relay.pid, signal.SIGSTOP)  # the slowest reader there is
+        try:
+            while (step := fast.next()) is not None:
+                got.append(step.index)
+            assert writer.poll() is None  # still closing: the end came before "closed"
+        finally:
+            os.kill(relay.pid, signal.SIGCONT)
+        assert got == [0, 1, 2]
+        assert [s.index for s in iter(slow.next, None)] == [0, 1, 2]
+        assert read_events(writer, 60)[-1] == {"closed": True}

@@ -9,7 +9,9 @@ every format:
   heartbeat time, state). A subscriber that finds no new step looks at it: ``closed`` means end
   of stream, ``failed`` or a writer that is gone (its pid on this host, or its heartbeat
   elsewhere) means ``ChannelBroken``, and otherwise it waits until its timeout and raises
-  ``StepTimeoutError``. The formats themselves cannot tell a dead writer from a slow one.
+  ``StepTimeoutError``. The formats themselves cannot tell a dead writer from a slow one. A
+  stream format's own end (SST's, BP5's) is clean once the lease says ``closed`` or that its
+  live writer is closing, having committed every step.
 - **One writer per channel.** A lease held by a live writer refuses a second one.
 - **Integrity.** Every array is written with the xxh3-64 checksums of its blocks
   (:mod:`dataplane.transports._checksums`); readers verify every read, whole or partial, in
@@ -230,6 +232,15 @@ class Lease:
             if os.getpid() != self._info["pid"]:
                 return
             self._write()
+
+    def closing(self) -> None:
+        """Every step is committed and the writer is closing its format: a subscriber that the
+        format has already told of the end takes that end as clean. (An SST writer's close
+        waits for its slowest reader; its fast readers see the end long before the lease
+        says "closed".)"""
+        with self._lock:  # the heartbeat thread serialises this dict
+            self._info["closing"] = True
+        self._write()
 
     def release(self, state: str) -> None:
         self._stop.set()
@@ -620,6 +631,8 @@ class _FileWriter(Writer):
         if self._pool is not None:
             self._pool.shutdown()
         try:
+            if not failed:
+                self._lease.closing()
             storage_errors(self._fw.close)
         except BaseException:
             self._lease.release("failed")
@@ -716,7 +729,7 @@ class _FileReader(Reader):
         while True:
             # Read now: the one read before looking for steps may predate the writer's close.
             lease, state = lease_state(self._lease_io)
-            if state in ("closed", "none"):
+            if state in ("closed", "none") or (state == "alive" and lease and lease.get("closing")):
                 return None
             if state in ("failed", "dead"):
                 raise self._broken(lease, state)
