@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                     if workers:
                         run_epoch(loader, args.max_seconds / 3)  # start the workers
                     figure(f"{kib}KiB dataplane {fmt} warm w={workers}", loader, workers=workers)
-                if ds._prefetcher is not None:
-                    ds._prefetcher.close()
+                if ds._epochs.prefetcher is not None:
+                    ds._epochs.prefetcher.close()
                 cache.close()
                 shutil.rmtree(cdir, ignore_errors=True)
         # A dataset twice the cache (the big samples): shard reads from the source in one

@@ -159,8 +159,8 @@ def soak_epochs(epochs: int, workdir: str) -> dict[str, Any]:
         for batch in loader:
             n += len(batch)
         pids = [os.getpid()]
-        if ds._prefetcher is not None:
-            pids.append(ds._prefetcher.pid)
+        if ds._epochs.prefetcher is not None:
+            pids.append(ds._epochs.prefetcher.pid)
         samples.append(
             (
                 time.monotonic() - t0,

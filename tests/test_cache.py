@@ -337,8 +337,8 @@ def test_prefetcher_fills_the_cache_ahead_and_a_warm_epoch_reads_nothing(tmp_pat
     assert cache_stats(str(tmp_path / "cache"))["bytes_from_source"] == before
     plans = [n for n in os.listdir(tmp_path / "cache" / "plans") if n.endswith(".npz")]
     assert len(plans) == 1, "the epoch before's plan was dropped"
-    assert ds._prefetcher is not None and ds._prefetcher.alive
-    ds._prefetcher.close()
+    assert ds._epochs.prefetcher is not None and ds._epochs.prefetcher.alive
+    ds._epochs.prefetcher.close()
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -350,8 +350,8 @@ def test_uniform_shuffle_fetches_every_shard_once_with_prefetch(tmp_path, worker
     sampler = ShuffleSampler(ds, seed=5, block=None)
     loader = DataLoader(ds, batch_size=32, sampler=sampler, num_workers=workers)
     assert sorted(i for x in loader for i in ident(x)) == all_ids(4, 256)
-    assert ds._prefetcher is not None
-    ds._prefetcher.close()  # writes its counters
+    assert ds._epochs.prefetcher is not None
+    ds._epochs.prefetcher.close()  # writes its counters
     cache.flush_stats()
     stats = cache_stats(str(tmp_path / "cache"))
     # The reader, its workers and the prefetcher together read each of the 8 shards once.
@@ -366,14 +366,14 @@ def test_prefetch_starts_early_and_stops_cleanly_while_workers_live(tmp_path) ->
     cache = NodeCache(tmp_path / "cache", capacity="64MiB")
     ds = SampleDataset(url, vars="x", cache=cache, shard_bytes=128 * 1024)
     assert ds.start_prefetch(wait=60), "the prefetch process opened the source"
-    prefetcher = ds._prefetcher
+    prefetcher = ds._epochs.prefetcher
     sampler = ShuffleSampler(ds, seed=0, block=None, shuffle=False)
     loader = DataLoader(ds, batch_size=32, sampler=sampler, num_workers=2, persistent_workers=True)
     assert [i for x in loader for i in ident(x)] == all_ids(2, 256)  # storage order
-    assert ds._prefetcher is prefetcher, "the epoch used the process started early"
+    assert ds._epochs.prefetcher is prefetcher, "the epoch used the process started early"
     ds.close()  # the workers are alive and hold a copy of the pipe
     assert prefetcher is not None and prefetcher._proc.returncode == 0, "stopped, not killed"
-    assert ds._prefetcher is None
+    assert ds._epochs.prefetcher is None
     del loader  # the workers exit and write their counters
     cache.flush_stats()
     assert cache_stats(str(tmp_path / "cache"))["misses"] == 4, "each shard fetched once"
@@ -388,8 +388,8 @@ def test_readers_go_on_when_the_prefetcher_is_killed(tmp_path) -> None:
     loader = DataLoader(ds, batch_size=32, sampler=sampler)
     it = iter(loader)
     got = ident(next(it))
-    assert ds._prefetcher is not None
-    os.kill(ds._prefetcher.pid, signal.SIGKILL)
+    assert ds._epochs.prefetcher is not None
+    os.kill(ds._epochs.prefetcher.pid, signal.SIGKILL)
     got += [i for x in it for i in ident(x)]
     assert sorted(got) == all_ids(2, 256)
 

@@ -70,9 +70,9 @@ def test_batches_come_back_in_the_asked_order_with_few_reads(stored) -> None:
     assert all(s["inp"].dtype == torch.float64 for s in batch)
     assert [int(s["y"]) for s in batch] == [i // ROWS for i in want]
     # One run per step touched, one read per variable per run: steps 0, 1, 2, 3.
-    ds.reads = 0
+    before = ds.reads
     ds.__getitems__(list(range(60, 92)))
-    assert ds.reads == 2  # 32 rows of one step: one hyperslab per variable
+    assert ds.reads - before == 2  # 32 rows of one step: one hyperslab per variable
     # The samples of a batch are views of one array (no copy per sample).
     one = ds.__getitems__([5, 9, 1])
     ptrs = {s["inp"].untyped_storage().data_ptr() for s in one}
@@ -135,7 +135,7 @@ def test_pickles_as_how_to_reopen(stored) -> None:
     ds = SampleDataset(stored, vars=("x",))
     ds[0]  # opens a handle in this process
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone._arc is None and len(clone) == len(ds)
+    assert clone._io._arc is None and len(clone) == len(ds)
     assert float(clone[ROWS][0][0]) == row_value(1, 0)
     assert clone.get_config()["samples"] == len(ds)
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 import dataplane as dp
 from dataplane.loaders import StreamDataset
-from dataplane.loaders.stream import _Buffer
+from dataplane.loaders._buffer import Buffer as _Buffer
 from dataplane.testing import read_events, run_proc
 
 pytestmark = pytest.mark.timeout(180)

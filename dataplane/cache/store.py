@@ -29,10 +29,8 @@ import multiprocessing.util
 import os
 import re
 import secrets
-import threading
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -47,6 +45,7 @@ from dataplane.cache._files import (
     owned_dir,
     parse_size,
 )
+from dataplane.cache._maps import Maps
 from dataplane.cache.plans import Plans
 from dataplane.cache.policy import Plan
 from dataplane.cache.space import Space
@@ -94,11 +93,8 @@ class NodeCache:
     # -- per-process state -------------------------------------------------------------------
     def _reset(self) -> None:
         self._pid = os.getpid()
-        self._mutex = threading.Lock()
         self._locks = KeyLocks(os.path.join(self.path, "keys.lock"), self.lock_timeout)
-        # key -> (inode, generation when last seen live, arrays viewing its mapping)
-        self._maps: OrderedDict[str, tuple[int, int, dict[str, np.ndarray]]] = OrderedDict()
-        self._maps_gen = -1  # the generation the mappings were last checked at
+        self._maps = Maps(self._entry)
         self._checks = entry.Checks(os.path.join(self.path, "seen"))
         self._plans = Plans(os.path.join(self.path, "plans"))
         self._space = Space(self.path, self.capacity, self._plans)
@@ -167,59 +163,19 @@ class NodeCache:
         self._check_process()
         return self._space.generation()
 
-    def _prune_maps(self, gen: int) -> None:
-        """Let go of the mappings of entries removed since the last look: an unlinked file
-        keeps its disk space (and a descriptor) while it is mapped, so holding evicted
-        entries would put the cache over its capacity on disk (the soak found 1 descriptor
-        per epoch held this way)."""
-        with self._mutex:
-            if gen == self._maps_gen:
-                return
-            self._maps_gen = gen
-            held = [(k, v[0]) for k, v in self._maps.items()]
-        gone = []
-        for k, ino in held:
-            try:
-                if os.stat(self._entry(k)).st_ino != ino:
-                    gone.append(k)
-            except FileNotFoundError:
-                gone.append(k)
-        with self._mutex:
-            for k in gone:
-                self._maps.pop(k, None)  # readers' views keep their own mapping alive
-
     def _map(self, key: str) -> dict[str, np.ndarray] | None:
         gen = self._space.generation()
-        self._prune_maps(gen)
-        with self._mutex:
-            got = self._maps.get(key)
-        if got is not None and got[1] == gen:
-            return got[2]  # nothing was removed since we last saw it live
-        path = self._entry(key)
-        try:
-            ino = os.stat(path).st_ino
-        except FileNotFoundError:
-            return None
-        if got is not None and got[0] == ino:
-            # Still the live entry. An evicted one is never served from an old mapping, so
-            # what readers hold through the cache stays within what its capacity allows.
-            with self._mutex:
-                self._maps[key] = (ino, gen, got[2])
-                self._maps.move_to_end(key)
-            return got[2]
+        arrays = self._maps.live(key, gen)
+        if arrays is not None:
+            return arrays
         mapped = self._open_entry(key)
-        if mapped is None:
-            return None
-        if not self._checked(key, mapped):
+        if mapped is None or not self._checked(key, mapped):
             return None
         arrays = mapped.arrays()
         with contextlib.suppress(OSError):
             # Last use, for LRU order: on the record, since the entry's own times vouch for it.
             os.utime(self._checks.record_path(key), follow_symlinks=False)
-        with self._mutex:
-            self._maps[key] = (mapped.stat.st_ino, gen, arrays)
-            while len(self._maps) > 512:
-                self._maps.popitem(last=False)  # the arrays keep their mapping alive
+        self._maps.add(key, mapped.stat.st_ino, gen, arrays)
         return arrays
 
     def _open_entry(self, key: str) -> entry.Mapped | None:
@@ -266,8 +222,7 @@ class NodeCache:
         )
         self._unlink_entry(key)
         self._checks.forget(key)
-        with self._mutex:
-            self._maps.pop(key, None)
+        self._maps.drop(key)
 
     # -- fetching -----------------------------------------------------------------------------
     def fetch(
@@ -394,9 +349,7 @@ class NodeCache:
         self.flush_stats()
         mine = self._pid == os.getpid()
         self._locks.close()
-        with self._mutex:
-            self._maps.clear()
-            self._maps_gen = -1
+        self._maps.clear()
         self._space.close(mine)
         self._plans.close(mine)
 

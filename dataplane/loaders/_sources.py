@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import dataplane.api as api
-from dataplane.errors import OptionError
+from dataplane.errors import DataplaneError, OptionError
 from dataplane.model import ChannelURL, Step
 
 #: Files kept open per process (each an open HDF5/ADIOS2/zarr handle).
@@ -180,3 +180,16 @@ def open_steps(
     if files is None:
         return api.open(url, **opts)
     return Sources(files, opts, counts, look, sigs)
+
+
+def grow(url: str, files: list[str]) -> None:
+    """Append to ``files`` (in place: a snapshot shares the list) those the glob ``url``
+    matches now and did not, in order."""
+    now = expand(url)
+    gone = [f for f in files if f not in now]
+    if gone:
+        raise DataplaneError(
+            f"{gone[0]} was read as part of {url} and is gone; the dataset's samples "
+            f"would change under the sampler's order: make a new dataset"
+        )
+    files += [f for f in now if f not in files]

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import functools
-import json
-import os
-import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-import dataplane.api as api
-from dataplane.cache import NodeCache, Prefetcher
-from dataplane.errors import DataplaneError, OptionError
+from dataplane.cache import NodeCache
+from dataplane.errors import OptionError
 from dataplane.loaders._batch import collate as _collate
-from dataplane.loaders._batch import empty
 from dataplane.loaders._batch import stack as _stack
 from dataplane.loaders._common import (
-    as_tensor,
     check_sample,
     check_transform,
     parse_dtypes,
@@ -28,10 +21,11 @@ from dataplane.loaders._common import (
     shape_sample,
     vars_config,
 )
-from dataplane.loaders._gather import from_cache, rows_from_source, steps_from_source
-from dataplane.loaders._shards import ShardSource, read_shard
+from dataplane.loaders._epochs import Epochs
+from dataplane.loaders._reads import Reads
+from dataplane.loaders._shards import ShardSource
 from dataplane.loaders._snapshot import Snapshot
-from dataplane.loaders._sources import expand, is_many, open_steps
+from dataplane.loaders._sources import expand, grow, is_many, open_steps
 
 __all__ = ["SampleDataset"]
 
@@ -108,20 +102,13 @@ class SampleDataset(torch.utils.data.Dataset):
         if cache is not None and not isinstance(cache, NodeCache):
             raise OptionError(f"cache must be a dataplane.cache.NodeCache, got {cache!r}")
         self.cache = cache
-        self.prefetch = bool(prefetch)
         self.prefetch_window = int(prefetch_window)
-        self._prefetcher: Prefetcher | None = None
-        self._prefetch_spec: str | None = None  # what the prefetch process reads now
-        self._plan: str | None = None  # the plan this dataset last published to the cache
+        self._epochs = Epochs(cache, bool(prefetch), self.prefetch_window)
         self._table: tuple[np.ndarray, np.ndarray, list[str]] | None = None
         self._snap = Snapshot(url, self.names, self.sample, self._files)
-        self._arc: Any = None  # an api.Archive, or _sources.Sources
-        self._pid = -1
+        self._io = Reads(url, self.opts, self._snap, self._dtypes, cache)
         self._present: set[str] = set()  # shards seen in the cache at generation _present_at
         self._present_at = -1
-        #: I/O calls and bytes this process read (for benchmarks and tests).
-        self.reads = 0
-        self.bytes_read = 0
         self.refresh()
 
     # -- the snapshot ------------------------------------------------------------------------
@@ -129,9 +116,9 @@ class SampleDataset(torch.utils.data.Dataset):
         """Take in steps committed since the last look; returns the new ``len()``."""
         # Our own read handle may show the file as it was when opened (HDF5 shares one view
         # of a file per process): close it so that the look below is a fresh one.
-        self._close_archive()
+        self._io.close()
         if self._files is not None:
-            self._take_in_files()
+            grow(self.url, self._files)
         snap = self._snap
         counts, sigs = snap.file_counts, snap.file_sigs
         with open_steps(self.url, self.opts, self._files, counts, True, sigs) as arc:
@@ -141,18 +128,6 @@ class SampleDataset(torch.utils.data.Dataset):
             # An entry is a shard plus a header and per-array alignment.
             self.cache.require(int(self.shard_nbytes().max()) + 4096 + 64 * len(self.names))
         return len(self)
-
-    def _take_in_files(self) -> None:
-        """Files a glob matches now that it did not before join at the end (in order)."""
-        assert self._files is not None
-        now = expand(self.url)
-        gone = [f for f in self._files if f not in now]
-        if gone:
-            raise DataplaneError(
-                f"{gone[0]} was read as part of {self.url} and is gone; the dataset's samples "
-                f"would change under the sampler's order: make a new dataset"
-            )
-        self._files += [f for f in now if f not in self._files]
 
     def __len__(self) -> int:
         return len(self._snap)
@@ -185,13 +160,6 @@ class SampleDataset(torch.utils.data.Dataset):
         return self._table
 
     # -- reading -----------------------------------------------------------------------------
-    def _archive(self) -> api.Archive:
-        if self._arc is None or self._pid != os.getpid():
-            # A handle inherited through fork belongs to the parent: open our own.
-            self._arc = open_steps(self.url, self.opts, self._files, self._snap.file_counts)
-            self._pid = os.getpid()
-        return self._arc
-
     def _indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
@@ -255,89 +223,8 @@ class SampleDataset(torch.utils.data.Dataset):
             if key in self._present:
                 continue
             if key not in self.cache:
-                self.cache.fetch(key, functools.partial(self._read_shard, s), keep=batch)
+                self.cache.fetch(key, functools.partial(self._io.shard, s, bounds), keep=batch)
             self._present.add(key)
-
-    def _columns(self, idx: np.ndarray, memory: str) -> list[Any]:
-        """One column per variable: a tensor of the rows (``sample="row"``), or a list of
-        one tensor per step (``sample="step"``)."""
-        if self.cache is not None:
-            return self._read_cached(idx, memory)
-        if self.sample == "step":
-            return self._read_steps(idx)
-        return self._read_rows(idx, memory)
-
-    def _outputs(self, n: int, memory: str) -> list[torch.Tensor]:
-        rows = self._snap.rows
-        return [
-            empty((n, *rows[n_][1]), self._dtypes[n_] or rows[n_][0], memory) for n_ in self.names
-        ]
-
-    def _read_steps(self, idx: np.ndarray) -> list[list[torch.Tensor]]:
-        columns, nbytes = steps_from_source(self._archive(), self.names, self._dtypes, idx)
-        self.reads += len(idx) * len(self.names)
-        self.bytes_read += nbytes
-        return [[as_tensor(a) for a in col] for col in columns]
-
-    def _read_rows(self, idx: np.ndarray, memory: str) -> list[torch.Tensor]:
-        tensors = self._outputs(len(idx), memory)
-        outs = [t.numpy() for t in tensors]
-        reads, nbytes = rows_from_source(self._archive(), self._snap, idx, outs)
-        self.reads += reads
-        self.bytes_read += nbytes
-        return tensors
-
-    # -- through the cache --------------------------------------------------------------------
-    def _read_shard(self, s: int) -> dict[str, np.ndarray]:
-        """Shard ``s`` from the source: rows ``a:b`` of one step, or whole steps."""
-        bounds = self._shard_table()[0]
-        out = read_shard(
-            self._archive(),
-            self.sample,
-            self.names,
-            self._snap.rows,
-            self._snap.offsets,
-            int(bounds[s]),
-            int(bounds[s + 1]),
-        )
-        self.reads += len(out)
-        self.bytes_read += sum(x.nbytes for x in out.values())
-        return out
-
-    def _shard_source(self) -> ShardSource:
-        """What the prefetch process needs to read this snapshot's shards (no torch)."""
-        assert self.cache is not None
-        bounds, nbytes, _ = self._shard_table()
-        return ShardSource(
-            self.url,
-            self.opts,
-            self.sample,
-            self.names,
-            self._snap.rows,
-            self._snap.offsets,
-            bounds,
-            nbytes,
-            self.cache,
-            self._files,
-            self._snap.file_counts,
-        )
-
-    def _read_cached(self, idx: np.ndarray, memory: str) -> list[Any]:
-        assert self.cache is not None
-        tensors = None if self.sample == "step" else self._outputs(len(idx), memory)
-        columns = from_cache(
-            self.cache,
-            self._snap,
-            self._dtypes,
-            self._shard_table(),
-            idx,
-            None if tensors is None else [t.numpy() for t in tensors],
-            lambda s: functools.partial(self._read_shard, s),
-        )
-        if columns is not None:
-            return [[as_tensor(a) for a in col] for col in columns]
-        assert tensors is not None
-        return tensors
 
     def start_prefetch(self, wait: float | None = None) -> bool:
         """Start the prefetch process now rather than at the first epoch, so that its start
@@ -345,37 +232,30 @@ class SampleDataset(torch.utils.data.Dataset):
         ``wait``: seconds to wait until it has opened the source. Returns whether it runs
         (and is ready, with ``wait``); without a cache or with ``prefetch=False`` nothing runs.
         """
-        prefetcher = self._start_prefetch(update=False)
+        prefetcher = self._epochs.start(self._source, update=False)
         if prefetcher is None:
             return False
         return prefetcher.wait_ready(wait) if wait is not None else prefetcher.alive
 
-    def _start_prefetch(self, update: bool) -> Prefetcher | None:
-        if self.cache is None or not self.prefetch:
-            return None
-        try:
-            source = self._shard_source()
-            spec = json.dumps(source.spec(), sort_keys=True)
-            if self._prefetcher is None or not self._prefetcher.alive:
-                self._prefetcher = Prefetcher(source, self.prefetch_window)
-                self._prefetch_spec = spec
-                weakref.finalize(self, self._prefetcher.close)
-            elif update and spec != self._prefetch_spec:
-                # Only a new snapshot (grown data) is a new source: the prefetch process
-                # opens it anew, and re-sending the same one every epoch leaked a file
-                # handle per epoch there (found by the soak: 29 -> 101 fds in 20 epochs).
-                self._prefetcher.update(source)
-                self._prefetch_spec = spec
-        except TypeError as exc:  # options that JSON cannot carry to the prefetch process
-            self.prefetch = False
-            warnings.warn(
-                f"prefetch is off for {self.url}: its options cannot be passed to the "
-                f"prefetch process ({exc}); give JSON-safe options to prefetch",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
-        return self._prefetcher
+    def _source(self) -> ShardSource:
+        return self._io.source(self._shard_table())
+
+    def _columns(self, idx: np.ndarray, memory: str) -> list[Any]:
+        return self._io.columns(idx, memory, self._shard_table())
+
+    @property
+    def reads(self) -> int:
+        """I/O calls this process made to the source (for benchmarks and tests)."""
+        return self._io.reads
+
+    @property
+    def bytes_read(self) -> int:
+        return self._io.bytes_read
+
+    @property
+    def prefetch(self) -> bool:
+        """Whether a prefetch process follows the epochs (off where options cannot reach it)."""
+        return self._epochs.enabled
 
     def plan_epoch(self, order: np.ndarray, tag: str) -> Callable[[int], None] | None:
         """Publish the epoch's ``order`` to the cache (for eviction by future use) and have
@@ -384,36 +264,15 @@ class SampleDataset(torch.utils.data.Dataset):
             return None
         bounds, _, keys = self._shard_table()
         uses = np.searchsorted(bounds, order, side="right") - 1
-        if self._plan is not None:  # the previous epoch's future is the past now
-            self.cache.drop_plan(self._plan)
-        plan = self._plan = self.cache.set_plan(f"{id(self):x}-{tag}", keys, uses)
-        prefetcher = self._start_prefetch(update=True)
-        if prefetcher is not None:
-            prefetcher.follow(plan)
-        cache = self.cache
-        return lambda position: cache.advance(plan, position)
-
-    def _close_archive(self) -> None:
-        if self._arc is not None and self._pid == os.getpid():
-            self._arc.close()
-        self._arc = None
+        return self._epochs.plan(f"{id(self):x}-{tag}", keys, uses, self._source)
 
     def close(self) -> None:
         """Close this process's handle and stop its prefetcher (both start again when used)."""
-        self._close_archive()
-        if self._prefetcher is not None:
-            self._prefetcher.close()
-            self._prefetcher = None
-            self._prefetch_spec = None
+        self._io.close()
+        self._epochs.close()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_arc"] = None
-        state["_pid"] = -1
-        state["_prefetcher"] = None
-        state["_prefetch_spec"] = None
-        state["_plan"] = None  # the publishing process's, not a copy's to drop
-        state["reads"] = state["bytes_read"] = 0
         state["_present"], state["_present_at"] = set(), -1
         return state
 

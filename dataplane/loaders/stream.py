@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import multiprocessing.context
 import threading
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 
 import dataplane.api as api
-from dataplane.errors import OptionError, SchemaError, StepTimeoutError, VariableNotFoundError
+from dataplane.errors import OptionError, StepTimeoutError
+from dataplane.loaders._buffer import BUFFER_MODES, POLL, Buffer, free_running, step_samples
 from dataplane.loaders._common import (
     as_tensor,
     check_sample,
@@ -29,74 +31,8 @@ from dataplane.model import Step
 
 __all__ = ["StreamDataset"]
 
-BUFFER_MODES = ("fifo", "reservoir")
 #: Consumers (DataLoader workers of one rank) whose stream position the dataset can report.
 MAX_CONSUMERS = 256
-_POLL = 0.2  # seconds between checks for "stop" while a background reader waits for a step
-
-
-class _Buffer:
-    """At most ``capacity`` samples (tuples of arrays, one per variable), stored as copies."""
-
-    def __init__(self, capacity: int, mode: str, rng: np.random.Generator) -> None:
-        self.capacity = capacity
-        self.mode = mode
-        self.rng = rng
-        self.samples: list[tuple[np.ndarray, ...] | None] = []
-        self.steps = np.zeros(capacity, np.int64)  # the step each slot's sample came from
-        self.seen = 0  # samples ever offered (reservoir sampling needs it)
-        self._head = 0
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _store(self, slot: int, sample: tuple[np.ndarray, ...], step: int) -> None:
-        if slot == len(self.samples):
-            self.samples.append(sample)
-        else:
-            self.samples[slot] = sample
-        self.steps[slot] = step
-
-    def add(self, sample: tuple[np.ndarray, ...], step: int) -> None:
-        """Keep ``sample`` (FIFO: evict the oldest; reservoir: keep a uniform sample of all)."""
-        self.seen += 1
-        if len(self.samples) < self.capacity:
-            self._store(len(self.samples), sample, step)
-        elif self.mode == "fifo":
-            self._store(self._head, sample, step)
-            self._head = (self._head + 1) % self.capacity
-        else:
-            slot = int(self.rng.integers(0, self.seen))
-            if slot < self.capacity:
-                self._store(slot, sample, step)
-
-    def swap(self, sample: tuple[np.ndarray, ...], step: int) -> tuple[np.ndarray, ...] | None:
-        """Shuffle buffer: store ``sample``; once full, hand back a random stored one in its
-        place."""
-        if len(self.samples) < self.capacity:
-            self._store(len(self.samples), sample, step)
-            return None
-        slot = int(self.rng.integers(0, self.capacity))
-        out = self.samples[slot]
-        self._store(slot, sample, step)
-        return out
-
-    def draw(self) -> tuple[np.ndarray, ...]:
-        """A uniformly drawn sample, with replacement (a copy: the slot may be overwritten)."""
-        sample = self.samples[int(self.rng.integers(0, len(self.samples)))]
-        assert sample is not None
-        return tuple(a.copy() for a in sample)
-
-    def drain(self) -> Iterator[tuple[np.ndarray, ...]]:
-        """What is left, in random order (the end of a shuffle buffer)."""
-        for slot in self.rng.permutation(len(self.samples)):
-            sample = self.samples[slot]
-            assert sample is not None
-            yield sample
-        self.samples.clear()
-
-    def oldest_step(self) -> int | None:
-        return int(self.steps[: len(self.samples)].min()) if self.samples else None
 
 
 class StreamDataset(torch.utils.data.IterableDataset):
@@ -216,7 +152,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         me, consumers, slot = self._consumer()
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, me, self._resume_at]))
-        buf = _Buffer(self.buffer, self.mode, rng)
+        buf = Buffer(self.buffer, self.mode, rng)
         self._mark(slot, self._resume_at)
         sub = api.subscribe(
             self.url, vars=self.names, timeout=self.timeout, start=self.start, **self.opts
@@ -225,8 +161,9 @@ class StreamDataset(torch.utils.data.IterableDataset):
             seen = [self._resume_at - 1]  # the last step index the channel delivered
             stop = threading.Event() if self.replacement and self.samples_per_step is None else None
             mine = self._mine(sub, me, consumers, seen, stop)
+            samples = step_samples(mine, self.names, self._dtypes, self.sample, self.url)
             if not self.replacement:
-                for sample, step in self._samples(mine):
+                for sample, step in samples:
                     out = buf.swap(sample, step)
                     oldest = buf.oldest_step()
                     self._mark(slot, step if oldest is None else oldest)
@@ -238,7 +175,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
                 per_step = float(self.samples_per_step or 0)
                 credit = 0.0
                 last = None
-                for sample, step in self._samples(mine):
+                for sample, step in samples:
                     if last is not None and step != last:
                         credit += per_step
                         while credit >= 1:
@@ -253,7 +190,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
                         credit -= 1
                         yield self._emit(buf.draw())
             else:
-                yield from self._free_running(buf, mine, slot, stop)
+                mark = functools.partial(self._mark, slot)
+                yield from free_running(buf, samples, mark, stop, self._emit)
             self._mark(slot, seen[0] + 1)  # the stream ended: everything before its end is used
 
     def _mine(
@@ -269,7 +207,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
         last_step = time.monotonic()
         while stop is None or not stop.is_set():
             try:
-                step = sub.next() if stop is None else sub.next(_POLL)
+                step = sub.next() if stop is None else sub.next(POLL)
             except StepTimeoutError:
                 if stop is None:
                     raise
@@ -287,72 +225,6 @@ class StreamDataset(torch.utils.data.IterableDataset):
                 self._stats["steps"] += 1
                 self._stats["bytes"] += sum(spec.nbytes for spec in step.vars.values())
                 yield step
-
-    def _samples(self, steps: Iterator[Step]) -> Iterator[tuple[tuple[np.ndarray, ...], int]]:
-        """(sample as arrays in this dataset's dtypes, its step index), copied out of the step."""
-        for step in steps:
-            arrays = []
-            for name in self.names:
-                if name not in step.vars:
-                    raise VariableNotFoundError(
-                        f"step {step.index} of {self.url} has no variable {name!r} (it has: "
-                        f"{', '.join(sorted(step.vars)) or 'none'})"
-                    )
-                arr = step[name]
-                d = self._dtypes[name]
-                arrays.append(arr.astype(d) if d is not None and arr.dtype != d else arr)
-            if self.sample == "step":
-                yield tuple(np.array(a) for a in arrays), step.index
-                continue
-            rows = {a.shape[0] if a.ndim else -1 for a in arrays}
-            if len(rows) != 1 or -1 in rows:
-                raise SchemaError(
-                    f"step {step.index} of {self.url}: with sample='row' every variable needs "
-                    f"rows (axis 0) and the same number of them; got shapes "
-                    f"{[a.shape for a in arrays]}"
-                )
-            for j in range(rows.pop()):
-                yield tuple(np.array(a[j]) for a in arrays), step.index
-
-    def _free_running(
-        self, buf: _Buffer, steps: Iterator[Step], slot: int, stop: threading.Event
-    ) -> Iterator[Any]:
-        """Draw as fast as the consumer asks while a thread takes in steps as they come."""
-        cond = threading.Condition()
-        state: dict[str, Any] = {"done": False, "error": None}
-
-        def take() -> None:
-            try:
-                for sample, step in self._samples(steps):
-                    with cond:
-                        buf.add(sample, step)
-                        self._mark(slot, step)
-                        cond.notify_all()
-            except BaseException as exc:  # travels to the consumer as a value
-                state["error"] = exc
-            finally:
-                with cond:
-                    state["done"] = True
-                    cond.notify_all()
-
-        thread = threading.Thread(target=take, name=f"dataplane-stream-{self.url}", daemon=True)
-        thread.start()
-        try:
-            while True:
-                with cond:
-                    while not len(buf) and not state["done"]:
-                        cond.wait(_POLL)
-                    if state["error"] is not None:
-                        raise state["error"]
-                    if state["done"]:
-                        return
-                    sample = buf.draw()
-                yield self._emit(sample)
-        finally:
-            # The reader thread holds the subscription: it must leave before the ``with sub``
-            # around us closes it. It polls, so it sees ``stop`` within a fraction of a second.
-            stop.set()
-            thread.join()
 
     def _emit(self, sample: tuple[np.ndarray, ...]) -> Any:
         self._stats["samples"] += 1

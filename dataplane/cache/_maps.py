@@ -1,0 +1,81 @@
+"""One process's mappings of cache entries, held while the entries are live."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+
+
+class Maps:
+    """Entry key -> (inode, the removal generation it was last seen live at, arrays viewing
+    its mapping). An evicted entry is never served from an old mapping, so what readers hold
+    through the cache stays within what its capacity allows."""
+
+    def __init__(self, entry_path: Callable[[str], str], limit: int = 512) -> None:
+        self._path = entry_path
+        self._limit = limit
+        self._mutex = threading.Lock()
+        self._maps: OrderedDict[str, tuple[int, int, Arrays]] = OrderedDict()
+        self._gen = -1  # the generation the mappings were last checked at
+
+    def live(self, key: str, gen: int) -> Arrays | None:
+        """The arrays of ``key``'s mapping if it is still of the live entry, else None."""
+        self._prune(gen)
+        with self._mutex:
+            got = self._maps.get(key)
+        if got is None:
+            return None
+        if got[1] == gen:
+            return got[2]  # nothing was removed since we last saw it live
+        try:
+            ino = os.stat(self._path(key)).st_ino
+        except FileNotFoundError:
+            return None
+        if got[0] != ino:
+            return None
+        with self._mutex:
+            self._maps[key] = (ino, gen, got[2])
+            self._maps.move_to_end(key)
+        return got[2]
+
+    def add(self, key: str, ino: int, gen: int, arrays: Arrays) -> None:
+        with self._mutex:
+            self._maps[key] = (ino, gen, arrays)
+            while len(self._maps) > self._limit:
+                self._maps.popitem(last=False)  # the arrays keep their mapping alive
+
+    def drop(self, key: str) -> None:
+        with self._mutex:
+            self._maps.pop(key, None)
+
+    def clear(self) -> None:
+        with self._mutex:
+            self._maps.clear()
+            self._gen = -1
+
+    def _prune(self, gen: int) -> None:
+        """Let go of the mappings of entries removed since the last look: an unlinked file
+        keeps its disk space (and a descriptor) while it is mapped, so holding evicted
+        entries would put the cache over its capacity on disk (the soak found 1 descriptor
+        per epoch held this way)."""
+        with self._mutex:
+            if gen == self._gen:
+                return
+            self._gen = gen
+            held = [(k, v[0]) for k, v in self._maps.items()]
+        gone = []
+        for k, ino in held:
+            try:
+                if os.stat(self._path(k)).st_ino != ino:
+                    gone.append(k)
+            except FileNotFoundError:
+                gone.append(k)
+        with self._mutex:
+            for k in gone:
+                self._maps.pop(k, None)  # readers' views keep their own mapping alive
