@@ -36,6 +36,7 @@ COUNTERS = (
     "degraded",
     "corrupt",
     "verified",
+    "mapped",
 )
 
 

@@ -172,6 +172,7 @@ class NodeCache:
         if mapped is None or not self._checked(key, mapped):
             return None
         arrays = mapped.arrays()
+        self._count("mapped", 1)
         with contextlib.suppress(OSError):
             # Last use, for LRU order: on the record, since the entry's own times vouch for it.
             os.utime(self._checks.record_path(key), follow_symlinks=False)
