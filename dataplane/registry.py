@@ -119,7 +119,7 @@ def resolve(url: str | ChannelURL) -> tuple[ChannelURL, type[Transport]]:
     """Parse ``url`` and find its transport class."""
     parsed = url if isinstance(url, ChannelURL) else ChannelURL.parse(url)
     cls = get_transport(parsed.scheme)
-    if parsed.protocol is not None and not getattr(cls, "accepts_protocol", False):
+    if parsed.protocol is not None and not cls.accepts_protocol:
         raise UnknownSchemeError(f"{parsed.url!r}: {parsed.scheme}:// takes no '+protocol' part")
     return parsed, cls
 

@@ -15,13 +15,33 @@ ALLOWED = {
     "dataplane.model": ["dataplane.errors"],
     "dataplane.transports": ["dataplane.errors", "dataplane.model", "dataplane.transports"],
     "dataplane.registry": ["dataplane.errors", "dataplane.model", "dataplane.transports.base"],
-    # MPI collectives: plain data in, plain data out; mpi4py only through the user's comm.
-    "dataplane.parallel": ["dataplane.errors", "dataplane.model"],
-    "dataplane.api": [
+    # MPI planning and collectives: plain data in, plain data out; mpi4py only through the
+    # user's comm. The parallel publisher drives a Publisher; never the front door (api).
+    "dataplane.parallel": ["dataplane.errors", "dataplane.model", "dataplane.parallel"],
+    "dataplane.parallel.publisher": [
         "dataplane.errors",
         "dataplane.model",
         "dataplane.parallel",
+        "dataplane.publisher",
+        "dataplane.transports.base",
+    ],
+    "dataplane._sigterm": ["dataplane.errors"],
+    "dataplane.publisher": ["dataplane.errors", "dataplane.model", "dataplane.transports.base"],
+    "dataplane.subscriber": [
+        "dataplane.errors",
+        "dataplane.model",
+        "dataplane.parallel.plan",
+        "dataplane.transports.base",
+    ],
+    # The front door: publish, subscribe, open and their option checks.
+    "dataplane.api": [
+        "dataplane.errors",
+        "dataplane.model",
+        "dataplane._sigterm",
+        "dataplane.parallel",
+        "dataplane.publisher",
         "dataplane.registry",
+        "dataplane.subscriber",
         "dataplane.transports.base",
     ],
     "dataplane.cache": ["dataplane.errors", "dataplane.model", "dataplane.cache"],

@@ -27,7 +27,7 @@ from dataplane.loaders._common import (
     vars_config,
     world_defaults,
 )
-from dataplane.model import Step
+from dataplane.model import Step, check_timeout
 
 __all__ = ["StreamDataset"]
 
@@ -115,7 +115,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
             raise OptionError(f"samples_per_step must be > 0 or None, got {samples_per_step!r}")
         if start not in ("first", "latest"):
             raise OptionError(f"start must be 'first' or 'latest', got {start!r}")
-        api._check_timeout(timeout)
+        check_timeout(timeout)
         self.buffer = int(buffer)
         self.mode = mode
         self.replacement = bool(replacement)

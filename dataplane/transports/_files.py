@@ -50,7 +50,7 @@ from dataplane.errors import (
 from dataplane.model import AttrValue, Selection, StepMeta, VarSpec, check_seconds
 from dataplane.transports import _posix
 from dataplane.transports._checksums import Corrupt, block_sums, verified_read
-from dataplane.transports.base import Archive, Reader, Transport, Writer
+from dataplane.transports.base import Archive, RankedWriter, Reader, Transport, Writer
 
 __all__ = [
     "END",
@@ -448,19 +448,8 @@ class FileTransport(Transport):
     #: streams): the lease is consulted at that end, not while steps may still be in flight.
     stream_tells_end: ClassVar[bool] = False
 
-    #: MPI ranks may write their blocks of a step straight into the store (``put_block``)
-    #: between the root's ``begin_ranked`` and ``end_ranked``; see ``dataplane.parallel``.
-    supports_rank_writes: bool = False
-
     verify: bool
     heartbeat: float
-
-    def put_block(
-        self, row: int, name: str, start: tuple[int, ...], block: np.ndarray
-    ) -> dict[str, Any]:
-        """Write ``block`` at ``start`` of variable ``name`` in the step at ``row`` of the
-        file, from any rank, after the root began that step; returns its block checksums."""
-        raise NotImplementedError(f"{self.scheme}:// does not take blocks from several ranks")
 
     def _init_common(self, verify: bool, heartbeat: float) -> None:
         self.verify = bool(verify)
@@ -543,7 +532,7 @@ class FileTransport(Transport):
 _HASH_IN_THREAD = 1 << 20  # arrays this big are hashed beside the write, not before it
 
 
-class _FileWriter(Writer):
+class _FileWriter(RankedWriter):
     def __init__(self, t: FileTransport, fw: FormatWriter, lease: Lease) -> None:
         self._t = t
         self._fw = fw

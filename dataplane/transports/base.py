@@ -85,6 +85,12 @@ class Transport:
     same_process_pairs: ClassVar[bool] = True
     #: A subscriber that joins late can replay what a stream still keeps (start="first").
     supports_replay: ClassVar[bool] = False
+    #: MPI ranks may write their blocks of a step straight into the channel (``put_block``)
+    #: between the root writer's ``begin_ranked`` and ``end_ranked`` (its writer is then a
+    #: :class:`RankedWriter`); see :mod:`dataplane.parallel`. An instance may narrow it.
+    supports_rank_writes: bool = False
+    #: The URL may name an fsspec protocol (``zarr://s3://bucket/run.zarr``).
+    accepts_protocol: ClassVar[bool] = False
 
     @classmethod
     def steps_ahead(cls, queue_limit: int) -> int:
@@ -150,6 +156,14 @@ class Transport:
     def open_reader(self, *, start: str, vars: tuple[str, ...] | None) -> Reader:
         raise DataplaneError(f"{self.scheme}:// cannot be subscribed to")
 
+    def put_block(
+        self, row: int, name: str, start: tuple[int, ...], block: np.ndarray
+    ) -> dict[str, Any]:
+        """Write ``block`` at ``start`` of variable ``name`` in the step at ``row``, from any
+        rank, after the root began that step; returns its block checksums
+        (``supports_rank_writes`` only)."""
+        raise OptionError(f"{self.scheme}:// does not take blocks from several ranks")
+
     def open_archive(self) -> Archive:
         raise DataplaneError(
             f"{self.url.url} is a stream: its steps are not stored, so it cannot be opened for "
@@ -198,6 +212,31 @@ class Writer(ABC):
     def close(self, failed: bool = False) -> None:
         """End the channel. ``failed`` marks it broken: readers get ``ChannelBroken`` after the
         steps that completed. Must be idempotent."""
+
+
+class RankedWriter(Writer):
+    """The writer of a channel that MPI ranks write into (``supports_rank_writes``): the root
+    begins a step, every rank writes its blocks with ``Transport.put_block``, the root commits
+    it with their checksums."""
+
+    @abstractmethod
+    def begin_ranked(
+        self,
+        index: int,
+        specs: dict[str, VarSpec],
+        attrs: dict[str, AttrValue],
+        chunks: dict[str, tuple[int, ...]],
+    ) -> int:
+        """Begin a step whose arrays the ranks write (``chunks`` fixes the chunking of arrays
+        created now); returns the step's row in the store."""
+
+    @abstractmethod
+    def chunks_of(self, name: str) -> tuple[int, ...] | None:
+        """The chunk shape of a variable's array (without the step axis), if it has one."""
+
+    @abstractmethod
+    def end_ranked(self, blocks: dict[str, list]) -> None:
+        """Commit a ranked step: ``blocks`` holds each variable's block checksums."""
 
 
 class Reader(ABC):

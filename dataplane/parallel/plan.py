@@ -1,54 +1,18 @@
-"""Publishing from MPI ranks: blocks of one global array per variable, one logical channel.
-
-Every ``write`` is collective. The ranks first exchange a small description of their blocks
-(names, dtypes, where each block sits) and check it together, so a bad block on any rank makes
-*every* rank raise the same ``SchemaError`` before anything is written (holes, overlaps and
-disagreeing shapes or dtypes included). Then, per variable:
-
-- **Ranks write their own chunks** (``zarr://`` on a shared filesystem or object store) when
-  every rank's block starts on a chunk boundary and ends on one or at the array's edge. The
-  chunk shape is fixed at the first step from the blocks (the largest block extent along each
-  axis), so an even decomposition whose blocks all have the same size, or differ only in the
-  last block, qualifies. Rank 0 begins the step, the ranks write their chunks concurrently
-  (no chunk is shared, so none is read-modified-written by two ranks), each block's xxh3
-  checksum goes to rank 0, and rank 0 commits. Readers verify each block.
-- **Otherwise the blocks travel to rank 0** (``Gatherv`` of raw bytes; blocks of whole rows
-  land directly in the global array) and rank 0 writes the global array: unaligned Zarr
-  blocks, and every variable of ``h5://``, ``bp5://``, ``sst://``, ``shm://`` and ``mem://``
-  with the serial adios2 and h5py from PyPI. Rank 0 needs memory for those global arrays.
-
-Either way the channel looks exactly as if one process had written the global arrays: plain
-h5py, zarr and adios2 read them as such, and readers read any hyperslab of them, only the
-chunks or blocks they need. A step becomes visible only after every rank's part is in: a rank
-that raises makes every rank raise and the step is dropped; a rank that dies takes the MPI
-job with it before rank 0 commits. Single values (0-d arrays, Python numbers) and channel
-attributes are rank 0's.
-
-MPI-enabled builds of h5py and adios2 are not used for native parallel I/O yet: they work,
-through the same aggregation.
-
-The metadata travels with mpi4py's pickle-based lowercase methods as our own small JSON
-strings between ranks of one job, never as data read from a channel.
-"""
+"""Planning a parallel step: how the ranks' blocks tile each global array, checked alike on
+every rank (pure functions of the ranks' descriptions)."""
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
-import dataplane.errors as errors
-from dataplane.errors import DataplaneError, SchemaError
+from dataplane.errors import SchemaError
 from dataplane.model import Block, as_array, check_name
 
-__all__ = ["aligned_chunks", "grid_dims", "plan_step", "split"]
-
-# Gatherv counts are C ints; larger blocks go to rank 0 point to point, in pieces of this size.
-_PIECE = 1 << 30
+__all__ = ["aligned_chunks", "describe_local", "grid_dims", "plan_step", "split"]
 
 
 def grid_dims(parts: int, ndims: int) -> tuple[int, ...]:
@@ -239,117 +203,7 @@ def _check_tiling(name: str, shape: list[int], parts: list[tuple[list[int], list
         )
 
 
-class Collective:
-    """The MPI side of a parallel publisher: agree, gather, report errors to every rank."""
-
-    def __init__(self, comm: Any) -> None:
-        self.comm = comm
-        self.rank = comm.Get_rank()
-        self.size = comm.Get_size()
-        self._buffers: dict[str, np.ndarray] = {}
-
-    def arrive(self) -> None:
-        """Wait, sleeping, until every rank got here.
-
-        MPI implementations spin while they wait in a collective. Ranks that wait for rank 0
-        to finish writing would take the cores it needs where ranks outnumber cores (a
-        laptop, a shared node, CI); a non-blocking barrier polled with short sleeps first
-        makes the blocking collective after it quick. It costs a barrier per collective."""
-        req = self.comm.Ibarrier()
-        delay = 50e-6
-        while not req.Test():
-            time.sleep(delay)
-            delay = min(delay * 2, 2e-3)
-
-    def agree(self, local: dict | None, error: BaseException | None) -> list[dict]:
-        """Everyone's description; raises the first rank's error on every rank."""
-        self.arrive()
-        mine = {"error": encode_error(error) if error else None, "desc": local}
-        everyone = [json.loads(s) for s in self.comm.allgather(json.dumps(mine))]
-        for rank, theirs in enumerate(everyone):
-            if theirs["error"]:
-                if rank == self.rank and error is not None:
-                    raise error
-                raise decode_error(theirs["error"], f"rank {rank}: ")
-        return [e["desc"] for e in everyone]
-
-    def outcome(self, error: BaseException | None, root: int = 0) -> Any:
-        """Root's success or error, on every rank (root re-raises its own)."""
-        self.arrive()
-        msg = self.comm.bcast(encode_error(error) if error else None, root=root)
-        if msg is None:
-            return
-        if self.rank == root and error is not None:
-            raise error
-        raise decode_error(msg, f"rank {root}: ")
-
-    def gather_reports(
-        self, value: Any, error: BaseException | None
-    ) -> list[tuple[Any, str | None]] | None:
-        """Rank 0 gets every rank's (JSON-able value, encoded error or None)."""
-        mine = json.dumps([value, encode_error(error) if error else None])
-        self.arrive()
-        got = self.comm.gather(mine, root=0)
-        return None if got is None else [tuple(json.loads(g)) for g in got]
-
-    def any(self, flag: bool) -> bool:
-        self.arrive()
-        return bool(self.comm.allreduce(1 if flag else 0, op=_mpi().MAX))
-
-    def _buffer(self, key: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        buf = self._buffers.get(key)
-        if buf is None or buf.dtype != dtype or buf.shape != shape:
-            buf = self._buffers[key] = np.empty(shape, dtype)
-        return buf
-
-    def gather_array(
-        self, name: str, entry: dict[str, Any], local: np.ndarray | None
-    ) -> np.ndarray | None:
-        """Rank 0 gets the global array of ``name``; other ranks send their block."""
-        MPI = _mpi()
-        dtype = np.dtype(entry["dtype"])
-        parts = entry["parts"]
-        sizes = [math.prod(c) * dtype.itemsize for _, c in parts]
-        rows = _row_blocks(entry["shape"], parts)
-        if self.rank != 0:
-            block = np.ascontiguousarray(local) if local is not None else np.empty(0, dtype)
-            if max(sizes) < 2**31 - 1:
-                self.comm.Gatherv([block.view(np.uint8).reshape(-1), MPI.BYTE], None, root=0)
-            else:
-                flat = block.view(np.uint8).reshape(-1)
-                for off in range(0, flat.size, _PIECE):
-                    self.comm.Send([flat[off : off + _PIECE], MPI.BYTE], dest=0, tag=7)
-            return None
-        # Buffers are kept from step to step: a write hands its arrays over before it returns,
-        # and fresh memory costs a page fault per 4 KiB (a third of the step time, measured).
-        out = self._buffer(name, dtype, tuple(entry["shape"]))
-        own = np.ascontiguousarray(local)
-        displs = [sum(sizes[:r]) for r in range(self.size)]
-        if rows:  # blocks of whole rows, in rank order: receive straight into place
-            recv = out.reshape(-1).view(np.uint8)
-        else:
-            recv = self._buffer(name + "/staging", np.dtype(np.uint8), (sum(sizes),))
-        if max(sizes) < 2**31 - 1:
-            send = own.view(np.uint8).reshape(-1)
-            self.comm.Gatherv([send, MPI.BYTE], [recv, (sizes, displs), MPI.BYTE], root=0)
-        else:
-            recv[displs[0] : displs[0] + sizes[0]] = own.view(np.uint8).reshape(-1)
-            for r in range(1, self.size):
-                for off in range(0, sizes[r], _PIECE):
-                    end = min(off + _PIECE, sizes[r])
-                    self.comm.Recv(
-                        [recv[displs[r] + off : displs[r] + end], MPI.BYTE], source=r, tag=7
-                    )
-        if not rows:
-            for (start, count), d in zip(parts, displs):
-                if all(count):
-                    n = math.prod(count) * dtype.itemsize
-                    block = recv[d : d + n].view(dtype).reshape(count)
-                    out[tuple(slice(s, s + c) for s, c in zip(start, count))] = block
-        return out
-
-
-def _row_blocks(shape: list[int], parts: list[tuple[list[int], list[int]]]) -> bool:
+def row_blocks(shape: list[int], parts: list[tuple[list[int], list[int]]]) -> bool:
     """True when the ranks' blocks are runs of whole rows in rank order (contiguous memory)."""
     row = 0
     for start, count in parts:
@@ -359,21 +213,3 @@ def _row_blocks(shape: list[int], parts: list[tuple[list[int], list[int]]]) -> b
             return False
         row += count[0]
     return True
-
-
-def _mpi() -> Any:
-    from mpi4py import MPI
-
-    return MPI
-
-
-def encode_error(exc: BaseException) -> str:
-    return json.dumps([type(exc).__name__, str(exc)])
-
-
-def decode_error(text: str, prefix: str) -> BaseException:
-    name, message = json.loads(text)
-    cls = getattr(errors, name, None)
-    if isinstance(cls, type) and issubclass(cls, DataplaneError):
-        return cls(prefix + message)
-    return DataplaneError(f"{prefix}{name}: {message}")

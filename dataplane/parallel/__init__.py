@@ -1,0 +1,48 @@
+"""Publishing from MPI ranks: blocks of one global array per variable, one logical channel.
+
+Every ``write`` is collective. The ranks first exchange a small description of their blocks
+(names, dtypes, where each block sits) and check it together, so a bad block on any rank makes
+*every* rank raise the same ``SchemaError`` before anything is written (holes, overlaps and
+disagreeing shapes or dtypes included). Then, per variable:
+
+- **Ranks write their own chunks** (``zarr://`` on a shared filesystem or object store) when
+  every rank's block starts on a chunk boundary and ends on one or at the array's edge. The
+  chunk shape is fixed at the first step from the blocks (the largest block extent along each
+  axis), so an even decomposition whose blocks all have the same size, or differ only in the
+  last block, qualifies. Rank 0 begins the step, the ranks write their chunks concurrently
+  (no chunk is shared, so none is read-modified-written by two ranks), each block's xxh3
+  checksum goes to rank 0, and rank 0 commits. Readers verify each block.
+- **Otherwise the blocks travel to rank 0** (``Gatherv`` of raw bytes; blocks of whole rows
+  land directly in the global array) and rank 0 writes the global array: unaligned Zarr
+  blocks, and every variable of ``h5://``, ``bp5://``, ``sst://``, ``shm://`` and ``mem://``
+  with the serial adios2 and h5py from PyPI. Rank 0 needs memory for those global arrays.
+
+Either way the channel looks exactly as if one process had written the global arrays: plain
+h5py, zarr and adios2 read them as such, and readers read any hyperslab of them, only the
+chunks or blocks they need. A step becomes visible only after every rank's part is in: a rank
+that raises makes every rank raise and the step is dropped; a rank that dies takes the MPI
+job with it before rank 0 commits. Single values (0-d arrays, Python numbers) and channel
+attributes are rank 0's.
+
+MPI-enabled builds of h5py and adios2 are not used for native parallel I/O yet: they work,
+through the same aggregation.
+
+The metadata travels with mpi4py's pickle-based lowercase methods as our own small JSON
+strings between ranks of one job, never as data read from a channel.
+"""
+
+from __future__ import annotations
+
+from dataplane.parallel.collective import Collective, decode_error, encode_error
+from dataplane.parallel.plan import aligned_chunks, describe_local, grid_dims, plan_step, split
+
+__all__ = [
+    "Collective",
+    "aligned_chunks",
+    "decode_error",
+    "describe_local",
+    "encode_error",
+    "grid_dims",
+    "plan_step",
+    "split",
+]

@@ -1,0 +1,213 @@
+"""``ParallelPublisher``: ``publish(url, comm=comm)`` over more than one MPI rank."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from dataplane.errors import DataplaneError, SchemaError, Terminated
+from dataplane.model import VarSpec, check_attrs
+from dataplane.parallel.collective import Collective, decode_error
+from dataplane.parallel.plan import aligned_chunks, describe_local, plan_step
+from dataplane.publisher import ChannelAttrs, Publisher
+from dataplane.transports.base import Transport
+
+__all__ = ["ParallelPublisher"]
+
+
+class ParallelPublisher:
+    """``publish(url, comm=comm)`` with more than one rank: every rank writes its blocks of
+    each step, rank 0 writes the global step (see :mod:`dataplane.parallel` for why).
+
+    ``write``, ``flush`` and ``close`` are collective: call them on every rank, in the same
+    order. Channel attributes set on rank 0 are published; single values are rank 0's.
+    """
+
+    def __init__(self, comm: Any, open_root: Any, transport: Transport) -> None:
+        self.comm = comm
+        self._transport = transport  # every rank's, for writing its own blocks
+        self._coll = Collective(comm)
+        self.rank = self._coll.rank
+        self._inner: Publisher | None = None
+        self._closed = False
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                self._inner = open_root()
+            except Exception as exc:
+                error = exc
+        self._coll.outcome(error)
+        info = comm.bcast(
+            None if self._inner is None else [self._inner.url, self._inner.next_index], root=0
+        )
+        self.url, self._index = info
+        self.attrs: ChannelAttrs = self._inner.attrs if self._inner is not None else ChannelAttrs()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def next_index(self) -> int:
+        return self._index
+
+    def write(
+        self, data: Mapping[str, Any] | Iterable[tuple[str, Any]], attrs: Mapping | None = None
+    ) -> int:
+        """Collective: publish this rank's blocks of one global step; returns its index."""
+        if self._closed:
+            raise DataplaneError(f"publisher of {self.url} is closed")
+        desc: dict | None = None
+        arrays: dict[str, np.ndarray] = {}
+        error: BaseException | None = None
+        try:
+            if isinstance(data, (str, bytes)) or not isinstance(data, (Mapping, Iterable)):
+                raise SchemaError(
+                    f"write() takes a mapping of variable name to array, got {type(data).__name__}"
+                )
+            desc, arrays = describe_local(data)
+            check_attrs(attrs)
+        except Exception as exc:  # every rank must hear of it, or the others wait forever
+            error = exc
+        descs = self._coll.agree(desc, error)
+        plan = plan_step(descs)  # the same on every rank: all raise, or none
+        chunks = self._rank_chunks(plan)
+        if chunks is not None:
+            return self._write_ranked(plan, chunks, arrays, attrs)
+        out = self._to_root(plan, arrays, skip={})
+        error = None
+        if self._inner is not None:
+            try:
+                ordered = {name: out[name] for name in descs[0]}  # the writer's order
+                self._inner.write(ordered, attrs)
+            except Exception as exc:
+                error = exc
+        self._coll.outcome(error)
+        index = self._index
+        self._index += 1
+        return index
+
+    def _to_root(
+        self, plan: dict[str, dict[str, Any]], arrays: dict[str, np.ndarray], skip: Mapping
+    ) -> dict[str, np.ndarray]:
+        """On rank 0, the global arrays of the variables not in ``skip`` (single values are
+        rank 0's own); empty elsewhere. Collective: every rank gathers in the same order."""
+        out: dict[str, np.ndarray] = {}
+        for name in sorted(plan):
+            entry = plan[name]
+            if entry["kind"] == "scalar":
+                if self.rank == 0:
+                    out[name] = arrays[name]
+            elif name not in skip:
+                got = self._coll.gather_array(name, entry, arrays[name])
+                if got is not None:
+                    out[name] = got
+        return out
+
+    def _rank_chunks(self, plan: dict[str, dict[str, Any]]) -> dict[str, tuple[int, ...]] | None:
+        """Rank 0 decides, for all: the chunks of the arrays whose blocks every rank can write
+        into the store itself (blocks aligned with chunks); None if there are none."""
+        chunks: dict[str, tuple[int, ...]] | None = None
+        inner = self._inner
+        if inner is not None and inner.transport.supports_rank_writes:
+            chunks = {}
+            for name, entry in plan.items():
+                if entry["kind"] == "scalar":
+                    continue
+                chunk = aligned_chunks(entry["shape"], entry["parts"], inner.chunks_of(name))
+                if chunk is not None:
+                    chunks[name] = chunk
+        return self.comm.bcast(chunks or None, root=0)
+
+    def _write_ranked(
+        self,
+        plan: dict[str, dict[str, Any]],
+        chunks: dict[str, tuple[int, ...]],
+        arrays: dict[str, np.ndarray],
+        attrs: Mapping | None,
+    ) -> int:
+        """Rank 0 begins the step, every rank writes its blocks, rank 0 commits: a step is
+        visible only once every rank's blocks are in (a rank that dies leaves it invisible)."""
+        specs = {n: VarSpec(np.dtype(e["dtype"]), tuple(e["shape"])) for n, e in plan.items()}
+        # Arrays whose blocks are not aligned with chunks, and single values: rank 0 writes.
+        by_root = self._to_root(plan, arrays, skip=chunks)
+        row = None
+        error: BaseException | None = None
+        if self._inner is not None:
+            try:
+                row = self._inner.begin_ranked(specs, attrs, chunks, by_root)
+            except Exception as exc:
+                error = exc
+        self._coll.outcome(error)
+        row = self.comm.bcast(row, root=0)
+        sums: dict[str, list] = {}
+        error = None
+        transport = self._transport
+        try:
+            for name in sorted(chunks):
+                start, count = plan[name]["parts"][self.rank]
+                if all(count):
+                    sums[name] = [
+                        start,
+                        count,
+                        transport.put_block(row, name, tuple(start), arrays[name]),
+                    ]
+        except Exception as exc:
+            error = exc
+        reports = self._coll.gather_reports(sums, error)
+        error = None
+        if self._inner is not None:
+            assert reports is not None
+            failed = next(((r, e) for r, (_, e) in enumerate(reports) if e), None)
+            blocks: dict[str, list] = {name: [] for name in chunks}
+            for rank_sums, _ in reports:
+                for name, entry in rank_sums.items():
+                    blocks[name].append(entry)
+            try:
+                self._inner.end_ranked(specs, None if failed else blocks)
+                if failed is not None:
+                    error = decode_error(failed[1], f"rank {failed[0]}: ")
+            except Exception as exc:
+                error = exc
+        self._coll.outcome(error)
+        index = self._index
+        self._index += 1
+        return index
+
+    def flush(self) -> None:
+        """Collective: wait until rank 0 handed every step to the transport."""
+        error: BaseException | None = None
+        if self._inner is not None:
+            try:
+                self._inner.flush()
+            except Exception as exc:
+                error = exc
+        self._coll.outcome(error)
+
+    def close(self, failed: bool = False) -> None:
+        """Collective. The channel ends as failed if any rank says so."""
+        if self._closed:
+            return
+        self._closed = True
+        failed = self._coll.any(failed)
+        error: BaseException | None = None
+        if self._inner is not None:
+            try:
+                self._inner.close(failed=failed)
+            except Exception as exc:
+                error = exc
+        self._coll.outcome(error)
+
+    def __enter__(self) -> ParallelPublisher:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # SIGTERM is the scheduler ending the job, not the writer failing: a clean end.
+        failed = exc_type is not None and not issubclass(exc_type, Terminated)
+        self.close(failed=failed)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"next step {self._index}"
+        return f"<ParallelPublisher {self.url} rank {self.rank} {state}>"
