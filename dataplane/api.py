@@ -8,6 +8,7 @@ drop accounting, statistics) and :mod:`dataplane.parallel` (MPI ranks writing on
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,13 +16,13 @@ import numpy as np
 
 from dataplane._sigterm import end_cleanly_on_sigterm
 from dataplane.errors import DataplaneError, OptionError, SchemaError
-from dataplane.model import check_timeout
+from dataplane.model import ChannelURL, check_timeout
 from dataplane.parallel.collective import Collective
 from dataplane.parallel.publisher import ParallelPublisher
 from dataplane.publisher import ChannelAttrs, Publisher
 from dataplane.registry import resolve
 from dataplane.subscriber import Archive, Subscriber, SubscriberStats
-from dataplane.transports.base import POLICIES, Transport
+from dataplane.transports.base import POLICIES, Transport, coerce_option
 
 __all__ = [
     "Archive",
@@ -39,9 +40,47 @@ __all__ = [
 MAX_QUEUE_LIMIT = 4096
 
 
-def _transport(url: str, options: dict[str, Any]) -> Transport:
+#: Options of ``publish`` and ``subscribe`` that the URL may carry too (``?queue_limit=8``).
+_PUBLISH_URL_OPTIONS: dict[str, tuple[type, ...]] = {
+    "policy": (str,),
+    "queue_limit": (int,),
+    "asynchronous": (bool,),
+    "mode": (str,),
+}
+_SUBSCRIBE_URL_OPTIONS: dict[str, tuple[type, ...]] = {
+    "timeout": (float,),
+    "start": (str,),
+    "vars": (str,),
+}
+
+
+def _transport(url: str | ChannelURL, options: dict[str, Any]) -> Transport:
     parsed, cls = resolve(url)
     return cls.from_url(parsed, options)
+
+
+def _url_options(
+    url: str, table: dict[str, tuple[type, ...]], given: dict[str, Any], defaults: dict[str, Any]
+) -> tuple[ChannelURL, dict[str, Any]]:
+    """Take the options in ``table`` out of the URL's query (the rest are the transport's):
+    the URL's value wins over a default, and one given both ways must agree."""
+    parsed = ChannelURL.parse(url)
+    out = dict(given)
+    for key, kinds in table.items():
+        if key not in parsed.query:
+            continue
+        raw = parsed.query[key]
+        value: Any = tuple(v for v in raw.split(",") if v) if key == "vars" else None
+        if value is None:
+            value = coerce_option(key, raw, kinds)
+        if given[key] != defaults[key] and given[key] != value:
+            raise OptionError(
+                f"option {key!r} is given both in the URL ({value!r}) and as a keyword "
+                f"({given[key]!r}); give it once"
+            )
+        out[key] = value
+    rest = {k: v for k, v in parsed.query.items() if k not in table}
+    return dataclasses.replace(parsed, query=rest), out
 
 
 def publish(
@@ -78,10 +117,25 @@ def publish(
 
     Notes
     -----
+    ``policy``, ``queue_limit``, ``asynchronous`` and ``mode`` may also be given in the URL
+    (``shm://run?queue_limit=8``), as may every transport option.
+
     Where SIGTERM has its default action, the first ``publish`` of the main thread makes it
     raise :class:`dataplane.Terminated` in this process instead, so that ``with publish(...)``
     ends the channel cleanly when a scheduler ends the job (exit status 143 all the same).
     """
+    parsed, got = _url_options(
+        url,
+        _PUBLISH_URL_OPTIONS,
+        {"policy": policy, "queue_limit": queue_limit, "asynchronous": asynchronous, "mode": mode},
+        {"policy": "block", "queue_limit": 4, "asynchronous": False, "mode": "w"},
+    )
+    policy, queue_limit, asynchronous, mode = (
+        got["policy"],
+        got["queue_limit"],
+        got["asynchronous"],
+        got["mode"],
+    )
     if policy not in POLICIES:
         raise OptionError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if isinstance(queue_limit, bool) or not isinstance(queue_limit, (int, np.integer)):
@@ -91,7 +145,7 @@ def publish(
     if mode not in ("w", "a"):
         raise OptionError(f"mode must be 'w' (new channel) or 'a' (append), got {mode!r}")
     if comm is not None and comm.Get_size() > 1:
-        transport = _transport(url, dict(opts))  # checks the URL and options on every rank
+        transport = _transport(parsed, dict(opts))  # checks the URL and options on every rank
         return ParallelPublisher(
             comm,
             lambda: publish(
@@ -104,7 +158,7 @@ def publish(
             ),
             transport,
         )
-    transport = _transport(url, opts)
+    transport = _transport(parsed, opts)
     end_cleanly_on_sigterm()
     if policy == "drop-oldest" and not transport.supports_drop_policy:
         raise OptionError(
@@ -140,12 +194,22 @@ def subscribe(
         and :meth:`Subscriber.part` reads this rank's even share of a variable. Each rank
         follows the channel itself; use ``policy="block"`` on the writer so that every rank
         sees every step.
+
+    ``vars`` (``?vars=a,b``), ``timeout`` and ``start`` may also be given in the URL, as may
+    every transport option.
     """
+    parsed, got = _url_options(
+        url,
+        _SUBSCRIBE_URL_OPTIONS,
+        {"vars": vars, "timeout": timeout, "start": start},
+        {"vars": None, "timeout": None, "start": "first"},
+    )
+    vars, timeout, start = got["vars"], got["timeout"], got["start"]
     if start not in ("first", "latest"):
         raise OptionError(f"start must be 'first' or 'latest', got {start!r}")
     names = None if vars is None else _var_filter(vars)
     timeout = check_timeout(timeout)
-    transport = _transport(url, opts)
+    transport = _transport(parsed, opts)
     if comm is not None and comm.Get_size() > 1 and transport.scope == "process":
         raise OptionError(
             f"{transport.scheme}:// lives inside one process; reader ranks in other processes "

@@ -371,3 +371,41 @@ def test_sigterm_handler_is_the_publishing_process_only(tmp_path) -> None:
         assert signal.getsignal(signal.SIGTERM) is own
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_typed_options_in_the_url_take_their_declared_types(tmp_path) -> None:
+    """``?compression=gzip`` failed with "not a valid int": an option typed ``str | int`` takes
+    text and numbers alike, ``Any`` takes numbers as numbers, a plain ``int`` only numbers."""
+    import h5py
+
+    data = np.arange(4096, dtype=np.float64).reshape(64, 64)
+    for i, query in enumerate(["compression=gzip&compression_opts=4", "compression=4"]):
+        with dp.publish(f"h5://{tmp_path}/c{i}.h5?{query}") as pub:
+            pub.write({"x": data})
+        with h5py.File(tmp_path / f"c{i}.h5", "r") as f:
+            assert (f["x"].compression, f["x"].compression_opts) == ("gzip", 4)
+        with dp.open(f"h5://{tmp_path}/c{i}.h5") as arc:
+            assert_same_array(arc[0]["x"], data)
+    with pytest.raises(dp.OptionError, match=r"threads='many' in the URL is not a valid int"):
+        dp.publish(f"sst://{tmp_path}/s?threads=many")
+
+
+def test_publish_and_subscribe_options_work_in_the_url_as_keywords(tmp_path) -> None:
+    url = f"h5://{tmp_path}/run.h5"
+    with dp.publish(f"{url}?asynchronous=yes&queue_limit=2") as pub:
+        assert pub._async is not None  # asynchronous, from the URL
+        pub.write({"a": np.arange(3), "b": np.ones(2)})
+    with dp.publish(f"{url}?mode=a") as pub:  # appends after step 0
+        assert pub.write({"a": np.arange(3) + 1, "b": np.zeros(2)}) == 1
+    with dp.subscribe(f"{url}?vars=a&timeout=5") as sub:
+        assert sub.timeout == 5.0
+        steps = [(s.index, sorted(s.vars), s["a"].tolist()) for s in sub]
+    assert steps == [(0, ["a"], [0, 1, 2]), (1, ["a"], [1, 2, 3])]
+    with pytest.raises(dp.OptionError, match="queue_limit must be between"):
+        dp.publish(f"shm://q-{os.getpid()}?queue_limit=5000")
+    with pytest.raises(dp.OptionError, match="given both in the URL"):
+        dp.publish(f"{url}?queue_limit=2", queue_limit=3)
+    with pytest.raises(dp.OptionError, match="queue_limit='two' in the URL is not a valid int"):
+        dp.publish(f"{url}?queue_limit=two")
+    with pytest.raises(dp.OptionError, match="start must be"):
+        dp.subscribe(f"{url}?start=middle")

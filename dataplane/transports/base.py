@@ -21,6 +21,7 @@ What the core may rely on:
 from __future__ import annotations
 
 import inspect
+import typing
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -38,27 +39,35 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _coerce(name: str, raw: str, default: Any, annotation: Any) -> Any:
-    """Turn a ``?key=value`` string into the type the option's default or annotation says."""
-    kind: type | None = type(default) if default is not None else None
-    if kind is None and isinstance(annotation, str):
-        for candidate in (bool, int, float):
-            if candidate.__name__ in annotation:
-                kind = candidate
-                break
-    if kind is None or kind is str:
-        return raw
-    try:
+def option_kinds(default: Any, hint: Any) -> tuple[type, ...]:
+    """The plain types an option takes, from its default and its (evaluated) annotation:
+    ``str | int | None`` gives (str, int); ``Any`` or no annotation gives ()."""
+    kinds: list[type] = [] if default is None else [type(default)]
+    for t in typing.get_args(hint) or (hint,):
+        if t in (bool, int, float, str) and t not in kinds:
+            kinds.append(t)
+    return tuple(kinds)
+
+
+def coerce_option(name: str, raw: str, kinds: tuple[type, ...]) -> Any:
+    """Turn a ``?key=value`` string into one of ``kinds``: a number or a boolean where the
+    option takes one and the text is one, else the text where it takes text. Options of no
+    declared type (``Any``) take numbers as numbers and the rest as text."""
+    candidates = [k for k in (bool, int, float) if k in kinds] if kinds else [int, float]
+    for kind in candidates:
         if kind is bool:
             low = raw.lower()
             if low in _TRUE | _FALSE:
                 return low in _TRUE
-            raise ValueError(raw)
-        return kind(raw)
-    except ValueError:
-        raise OptionError(
-            f"option {name}={raw!r} in the URL is not a valid {kind.__name__}"
-        ) from None
+            continue
+        try:
+            return kind(raw)
+        except ValueError:
+            continue
+    if not kinds or str in kinds:
+        return raw
+    want = " or ".join(k.__name__ for k in kinds)
+    raise OptionError(f"option {name}={raw!r} in the URL is not a valid {want}")
 
 
 class Transport:
@@ -111,12 +120,16 @@ class Transport:
             for p in inspect.signature(cls.__init__).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
+        try:
+            hints = typing.get_type_hints(cls.__init__)
+        except Exception:  # an annotation that names what is imported only for type checkers
+            hints = {}
         merged: dict[str, Any] = {}
         for key, raw in url.query.items():
             p = params.get(key)
             if p is None:
                 raise cls._unknown(key, params)
-            merged[key] = _coerce(key, raw, p.default, p.annotation)
+            merged[key] = coerce_option(key, raw, option_kinds(p.default, hints.get(key)))
         for key, value in options.items():
             if key not in params:
                 raise cls._unknown(key, params)
