@@ -100,6 +100,27 @@ def check_seconds(value: Any, what: str, *, zero: bool = True, _or: str = "") ->
     return seconds
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+_SIZE_UNITS.update({"KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40})
+
+
+def parse_size(size: Any, what: str = "a size") -> int:
+    """Bytes (> 0) from an int or a string such as ``"4096"``, ``"64KiB"``, ``"40GB"`` or
+    ``"1.5G"``: the one size parser of the package (cache capacities, benchmark sizes)."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        value = int(size)
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?I?)B?\s*", str(size).upper())
+        if not m or isinstance(size, bool):
+            raise OptionError(
+                f"not a size: {size!r}; write a number of bytes such as 4096, 64KiB or 40GB"
+            )
+        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    if value <= 0:
+        raise OptionError(f"{what} must be positive, got {size!r}")
+    return value
+
+
 def check_timeout(value: Any, what: str = "timeout") -> float | None:
     """As :func:`check_seconds`, or None: wait forever."""
     return None if value is None else check_seconds(value, what, _or=" or None (no limit)")

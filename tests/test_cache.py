@@ -130,7 +130,7 @@ def test_a_capacity_below_one_shard_is_refused_up_front(tmp_path) -> None:
         pub.write({"x": np.zeros((64, 1024))})
     with pytest.raises(dp.OptionError, match="below a shard .* at least 52"):
         SampleDataset(url, vars="x", cache=NodeCache(tmp_path / "c", capacity="100KB"))
-    with pytest.raises(dp.OptionError, match="not a number of bytes"):
+    with pytest.raises(dp.OptionError, match="not a size"):
         NodeCache(tmp_path / "c", capacity="lots")
     assert parse_size("40GB") == 40 * 10**9 and parse_size("512MiB") == 512 * MIB
 

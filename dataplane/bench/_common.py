@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import numpy as np
 
 import dataplane as dp
+from dataplane.model import parse_size
 
 __all__ = [
     "Config",
@@ -33,27 +34,7 @@ FILE_TRANSPORTS = ("bp5", "h5", "zarr")
 STREAM_TRANSPORTS = ("shm", "sst")
 TRANSPORTS = FILE_TRANSPORTS + STREAM_TRANSPORTS
 SUFFIX = {"bp5": ".bp", "h5": ".h5", "zarr": ".zarr"}
-_UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
-
-
-def parse_size(text: str | int) -> int:
-    """``"64KiB"``, ``"1MiB"``, ``"4096"`` -> bytes."""
-    if isinstance(text, int):
-        return text
-    t = text.strip()
-    for unit, factor in _UNITS.items():
-        if t.endswith(unit):
-            t, scale = t[: -len(unit)], factor
-            break
-    else:
-        scale = 1
-    try:
-        n = int(float(t) * scale)
-    except ValueError:
-        raise dp.OptionError(f"not a size: {text!r}; write it as 4096, 64KiB or 1MiB") from None
-    if n <= 0:
-        raise dp.OptionError(f"a size must be positive, got {text!r}")
-    return n
+_UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
 def fmt_size(n: int) -> str:

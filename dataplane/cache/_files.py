@@ -10,7 +10,6 @@ import fcntl
 import json
 import mmap
 import os
-import re
 import secrets
 import stat
 import threading
@@ -19,12 +18,8 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
+from dataplane.errors import DataplaneError
 
-from dataplane.errors import DataplaneError, OptionError
-
-_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
-_UNITS.update({"KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40})
 COUNTERS = (
     "hits",
     "misses",
@@ -38,20 +33,6 @@ COUNTERS = (
     "verified",
     "mapped",
 )
-
-
-def parse_size(size: Any) -> int:
-    """Bytes from an int or a string such as ``"40GB"``, ``"512MiB"``, ``"1.5G"``."""
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        value = int(size)
-    else:
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?I?)B?\s*", str(size).upper())
-        if not m:
-            raise OptionError(f"size {size!r} is not a number of bytes such as 40GB or 512MiB")
-        value = int(float(m.group(1)) * _UNITS[m.group(2)])
-    if value <= 0:
-        raise OptionError(f"a cache capacity must be positive, got {size!r}")
-    return value
 
 
 def pid_alive(pid: int) -> bool:

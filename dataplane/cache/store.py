@@ -43,14 +43,13 @@ from dataplane.cache._files import (
     KeyLocks,
     open_file,
     owned_dir,
-    parse_size,
 )
 from dataplane.cache._maps import Maps
 from dataplane.cache.plans import Plans
 from dataplane.cache.policy import Plan
 from dataplane.cache.space import Space
 from dataplane.errors import DataplaneError, OptionError
-from dataplane.model import check_seconds
+from dataplane.model import check_seconds, parse_size
 
 __all__ = ["CacheWarning", "NodeCache", "cache_stats", "clear_cache", "parse_size"]
 
@@ -80,7 +79,7 @@ class NodeCache:
         self, path: str | os.PathLike, capacity: Any = "40GB", *, lock_timeout: float = 600.0
     ):
         self.path = os.path.abspath(os.fspath(path))
-        self.capacity = parse_size(capacity)
+        self.capacity = parse_size(capacity, "a cache capacity")
         self.lock_timeout = check_seconds(lock_timeout, "lock_timeout")
         # Owner-only: entries hold the data of whoever runs the job. (makedirs applies its
         # mode to the last component only, so the root is made first.) The root may be a
