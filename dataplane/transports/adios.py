@@ -203,15 +203,7 @@ class BP5Transport(_ADIOSTransport):
         operator: str | None = None,
         operator_params: dict[str, Any] | str | None = None,
     ) -> None:
-        super().__init__(
-            url,
-            verify=verify,
-            heartbeat=heartbeat,
-            params=params,
-            threads=threads,
-            operator=operator,
-            operator_params=operator_params,
-        )
+        super().__init__(url)
         self._init_common(verify, heartbeat)
         self.path = os.path.abspath(os.path.expanduser(url.path))
         self.params = _params(params)
@@ -287,16 +279,7 @@ class SSTTransport(_ADIOSTransport):
         params: dict[str, Any] | str | None = None,
         threads: int = 1,
     ) -> None:
-        super().__init__(
-            url,
-            verify=verify,
-            heartbeat=heartbeat,
-            data_transport=data_transport,
-            rendezvous=rendezvous,
-            rendezvous_timeout=rendezvous_timeout,
-            params=params,
-            threads=threads,
-        )
+        super().__init__(url)
         self._init_common(verify, heartbeat)
         self.path = os.path.abspath(os.path.expanduser(url.path))
         known = {"wan": "WAN", "rdma": "RDMA", "ucx": "UCX", "mpi": "MPI"}

@@ -20,6 +20,7 @@ What the core may rely on:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from abc import ABC, abstractmethod
@@ -108,9 +109,25 @@ class Transport:
         the transport has in between)."""
         return queue_limit
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Each transport declares its options once, as keyword-only parameters of __init__:
+        # they are recorded here (for pickling and get_config), not echoed to the base.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def __init__(self: Transport, url: ChannelURL, *args: Any, **options: Any) -> None:
+            if "options" not in self.__dict__:  # the outermost __init__ has them all
+                self.options = dict(options)
+            init(self, url, *args, **options)
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
+
     def __init__(self, url: ChannelURL, **options: Any) -> None:
         self.url = url
-        self.options = options
+        self.options: dict[str, Any] = self.__dict__.get("options", options)
 
     @classmethod
     def from_url(cls, url: ChannelURL, options: dict[str, Any]) -> Transport:

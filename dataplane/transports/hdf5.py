@@ -463,15 +463,7 @@ class HDF5Transport(FileTransport):
         shuffle: bool = False,
         layout: str = "auto",
     ) -> None:
-        super().__init__(
-            url,
-            verify=verify,
-            heartbeat=heartbeat,
-            compression=compression,
-            compression_opts=compression_opts,
-            shuffle=shuffle,
-            layout=layout,
-        )
+        super().__init__(url)
         self._init_common(verify, heartbeat)
         if layout not in ("auto", "one-step", "step-axis"):
             raise OptionError(f"layout must be 'auto', 'one-step' or 'step-axis', got {layout!r}")

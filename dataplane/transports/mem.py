@@ -86,12 +86,7 @@ class MemTransport(Transport):
         rendezvous_timeout: float = 60.0,
         block_timeout: float | None = None,
     ) -> None:
-        super().__init__(
-            url,
-            rendezvous=rendezvous,
-            rendezvous_timeout=rendezvous_timeout,
-            block_timeout=block_timeout,
-        )
+        super().__init__(url)
         self.name = check_name(url.path, "channel")
         if rendezvous < 0:
             raise DataplaneError(f"rendezvous must be >= 0, got {rendezvous}")

@@ -456,15 +456,7 @@ class ShmTransport(Transport):
         dir: str | None = None,
         start_index: int = 0,
     ) -> None:
-        super().__init__(
-            url,
-            rendezvous=rendezvous,
-            rendezvous_timeout=rendezvous_timeout,
-            block_timeout=block_timeout,
-            max_subscribers=max_subscribers,
-            dir=dir,
-            start_index=start_index,
-        )
+        super().__init__(url)
         self.start_index = int(start_index)
         self.name = check_name(url.path, "channel")
         if not 1 <= int(max_subscribers) <= 1024:

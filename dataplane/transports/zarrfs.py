@@ -166,14 +166,7 @@ class ZarrTransport(FileTransport):
         compressors: Any = None,
         layout: str = "auto",
     ) -> None:
-        super().__init__(
-            url,
-            verify=verify,
-            heartbeat=heartbeat,
-            storage_options=storage_options,
-            compressors=compressors,
-            layout=layout,
-        )
+        super().__init__(url)
         self._init_common(verify, heartbeat)
         if layout not in ("auto", "one-step", "step-axis"):
             raise OptionError(f"layout must be 'auto', 'one-step' or 'step-axis', got {layout!r}")
