@@ -195,6 +195,8 @@ def subscribe(
         follows the channel itself; use ``policy="block"`` on the writer so that every rank
         sees every step.
 
+    Notes
+    -----
     ``vars`` (``?vars=a,b``), ``timeout`` and ``start`` may also be given in the URL, as may
     every transport option.
     """

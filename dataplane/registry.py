@@ -39,9 +39,9 @@ class _Entry:
 _BUILTIN: dict[str, tuple[str, str | None]] = {
     "mem": ("dataplane.transports.mem:MemTransport", None),
     "shm": ("dataplane.transports.shm:ShmTransport", None),
-    "bp5": ("dataplane.transports.adios:BP5Transport", "pip install 'dataplane[adios2]'"),
+    "bp5": ("dataplane.transports.bp5:BP5Transport", "pip install 'dataplane[adios2]'"),
     "h5": ("dataplane.transports.hdf5:HDF5Transport", "pip install 'dataplane[hdf5]'"),
-    "sst": ("dataplane.transports.adios:SSTTransport", "pip install 'dataplane[adios2]'"),
+    "sst": ("dataplane.transports.sst:SSTTransport", "pip install 'dataplane[adios2]'"),
     "zarr": ("dataplane.transports.zarrfs:ZarrTransport", "pip install 'dataplane[zarr]'"),
 }
 

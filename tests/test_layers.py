@@ -9,11 +9,39 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dataplane"
 
+_BOTTOM = ["dataplane.errors", "dataplane.model"]
+_FILE_PIECES = [
+    "dataplane.transports.base",
+    "dataplane.transports._posix",
+    "dataplane.transports._checksums",
+    "dataplane.transports._lease",
+    "dataplane.transports._format",
+]
+_ADIOS = [*_FILE_PIECES, "dataplane.transports._files", "dataplane.transports._adios_steps"]
+
 # What each part of the package may import from dataplane itself (prefix match).
 ALLOWED = {
     "dataplane.errors": [],
     "dataplane.model": ["dataplane.errors"],
-    "dataplane.transports": ["dataplane.errors", "dataplane.model", "dataplane.transports"],
+    # A transport imports only the contract (base), the pieces the file transports share
+    # and its own helpers; sst's relay runs over a private shm:// channel (one exception).
+    "dataplane.transports": ["dataplane.errors", "dataplane.model"],
+    "dataplane.transports._lease": [*_BOTTOM, "dataplane.transports._posix"],
+    "dataplane.transports._shm_control": [*_BOTTOM, "dataplane.transports._posix"],
+    "dataplane.transports._files": [*_BOTTOM, *_FILE_PIECES],
+    "dataplane.transports.mem": [*_BOTTOM, "dataplane.transports.base"],
+    "dataplane.transports.shm": [
+        *_BOTTOM,
+        "dataplane.transports.base",
+        "dataplane.transports._posix",
+        "dataplane.transports._shm_control",
+    ],
+    "dataplane.transports.hdf5": [*_BOTTOM, *_FILE_PIECES, "dataplane.transports._files"],
+    "dataplane.transports.zarrfs": [*_BOTTOM, *_FILE_PIECES, "dataplane.transports._files"],
+    "dataplane.transports._adios_steps": [*_BOTTOM, *_FILE_PIECES, "dataplane.transports._files"],
+    "dataplane.transports.bp5": [*_BOTTOM, *_ADIOS, "dataplane.transports._bp5meta"],
+    "dataplane.transports.sst": [*_BOTTOM, *_ADIOS, "dataplane.transports.shm"],
+    "dataplane.transports._sst_relay": [*_BOTTOM, *_ADIOS, "dataplane.transports.shm"],
     "dataplane.registry": ["dataplane.errors", "dataplane.model", "dataplane.transports.base"],
     # MPI planning and collectives: plain data in, plain data out; mpi4py only through the
     # user's comm. The parallel publisher drives a Publisher; never the front door (api).
@@ -106,8 +134,17 @@ def imports(path: pathlib.Path) -> list[tuple[str, bool]]:
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
                 name = node.module or ""
-            out.append((name, id(node) in top))
+            # ``from dataplane.transports import _posix`` imports the module ..._posix.
+            subs = [f"{name}.{a.name}" for a in node.names if _is_module(f"{name}.{a.name}")]
+            out.extend((n, id(node) in top) for n in (subs or [name]))
     return out
+
+
+def _is_module(name: str) -> bool:
+    if not name.startswith("dataplane."):
+        return False
+    path = PACKAGE.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
 
 
 FILES = sorted(PACKAGE.rglob("*.py"))
@@ -132,3 +169,14 @@ def test_heavy_libraries_only_where_they_belong(path: pathlib.Path) -> None:
         root = name.split(".")[0]
         if root in HEAVY and top_level:
             assert root in allowed, f"{module} imports {root} at module level"
+
+
+def test_every_registered_scheme_has_a_conformance_class() -> None:
+    """A transport is tested by the shared suite: ``class TestX(conformance("x"))``."""
+    import re
+
+    import dataplane as dp
+
+    text = "".join(p.read_text() for p in pathlib.Path(__file__).parent.glob("test_*.py"))
+    tested = set(re.findall(r'class \w+\(conformance\("(\w+)"', text))
+    assert set(dp.known_schemes()) - tested == set()

@@ -11,7 +11,7 @@ from adios2 import FileReader
 
 import dataplane as dp
 from dataplane.testing import conformance, read_events, run_proc
-from dataplane.transports.adios import _BP5Stream
+from dataplane.transports.bp5 import _BP5Stream
 
 
 class TestBP5(conformance("bp5")):

@@ -37,13 +37,7 @@ from typing import Any
 import numpy as np
 
 from dataplane.cache import _entry as entry
-from dataplane.cache._files import (
-    COUNTERS,
-    Counters,
-    KeyLocks,
-    open_file,
-    owned_dir,
-)
+from dataplane.cache._files import COUNTERS, Counters, KeyLocks, open_file, owned_dir
 from dataplane.cache._maps import Maps
 from dataplane.cache.plans import Plans
 from dataplane.cache.policy import Plan

@@ -21,18 +21,12 @@ every format:
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import json
 import os
-import re
-import socket
-import threading
 import time
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any, ClassVar
@@ -40,16 +34,26 @@ from typing import Any, ClassVar
 import numpy as np
 import xxhash
 
-from dataplane.errors import (
-    ChannelBroken,
-    ChannelBusyError,
-    DataplaneError,
-    IntegrityError,
-    StepTimeoutError,
-)
+from dataplane.errors import ChannelBroken, DataplaneError, IntegrityError, StepTimeoutError
 from dataplane.model import AttrValue, Selection, StepMeta, VarSpec, check_seconds
-from dataplane.transports import _posix
 from dataplane.transports._checksums import Corrupt, block_sums, verified_read
+from dataplane.transports._format import (
+    END,
+    FormatWriter,
+    SourceStream,
+    StepSource,
+    StepStream,
+    guard,
+    storage_errors,
+)
+from dataplane.transports._lease import (
+    Lease,
+    LeaseIO,
+    lease_state,
+    read_lease,
+    setting_up,
+    writer_state,
+)
 from dataplane.transports.base import Archive, RankedWriter, Reader, Transport, Writer
 
 __all__ = [
@@ -57,378 +61,16 @@ __all__ = [
     "FileTransport",
     "FormatWriter",
     "Lease",
+    "LeaseIO",
     "StepSource",
     "StepStream",
+    "guard",
+    "lease_state",
+    "read_lease",
+    "setting_up",
+    "storage_errors",
+    "writer_state",
 ]
-
-#: Returned by ``StepStream.advance`` when the stream is over.
-END: Any = object()
-_HOST = socket.gethostname()
-
-
-# -- the lease -------------------------------------------------------------------------------
-class LeaseIO:
-    """Where a lease lives: a small file beside the data (atomic replace)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def make_parents(self) -> None:
-        """Create the folders the channel goes in, as ADIOS2 does for its own files."""
-        folder = os.path.dirname(os.path.abspath(self.path))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise DataplaneError(
-                f"cannot create the folder {folder} for the channel: {exc.strerror}"
-            ) from None
-
-    def read(self) -> bytes | None:
-        try:
-            with open(self.path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-
-    def write(self, data: bytes) -> None:
-        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)  # a full disk leaves no temporary lease behind
-            raise
-
-
-def read_lease(io: LeaseIO) -> dict[str, Any] | None:
-    raw = io.read()
-    if not raw:
-        return None
-    try:
-        info = json.loads(raw)
-    except ValueError:
-        return None  # being replaced; the next look will see it whole
-    return info if isinstance(info, dict) else None
-
-
-def writer_state(info: dict[str, Any] | None) -> str:
-    """``"none"`` (no lease: not written by dataplane), ``"closed"``, ``"failed"``, ``"alive"``
-    or ``"dead"``."""
-    if info is None:
-        return "none"
-    state = info.get("state")
-    if state in ("closed", "failed"):
-        return str(state)
-    if info.get("host") == _HOST:
-        return "alive" if _posix.is_alive(int(info["pid"]), int(info.get("start", 0))) else "dead"
-    # Another host: trust the heartbeat, with slack for clock skew and slow filesystems.
-    age = time.time() - float(info.get("heartbeat", 0))
-    return "alive" if age < max(10.0, 5 * float(info.get("interval", 1.0))) else "dead"
-
-
-def lease_state(io: LeaseIO) -> tuple[dict[str, Any] | None, str]:
-    """The lease and what it says of its writer (see :func:`writer_state`).
-
-    # NOTE: a writer writes "closed" and then exits. A lease read just before that, judged
-    # just after (its process is gone), would say "dead": a clean close reported as a crash
-    # (about half the runs of a bp5 writer process). So a "dead" verdict is read again.
-    """
-    info = read_lease(io)
-    state = writer_state(info)
-    if state == "dead":
-        again = read_lease(io)
-        if writer_state(again) in ("closed", "failed"):
-            return again, writer_state(again)
-    return info, state
-
-
-def setting_up(info: dict[str, Any] | None, state: str) -> bool:
-    """True while a live writer is still setting the channel up: it holds nothing yet (an old
-    channel it replaces may still be on disk, its format's files may be half made)."""
-    return state == "alive" and info is not None and info.get("ready", True) is False
-
-
-@contextlib.contextmanager
-def _directory_lock(path: str) -> Iterator[None]:
-    """An exclusive ``flock`` on a directory (released by the kernel if the holder dies)."""
-    try:
-        fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        yield  # the format creates the directory; nothing to race on yet
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-class Lease:
-    """The writer's claim on a channel, refreshed by a heartbeat thread while it is open."""
-
-    def __init__(self, io: LeaseIO, url: str, interval: float) -> None:
-        self.io = io
-        self.url = url
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._info: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def acquire(self, clear: Callable[[], None] | None = None) -> None:
-        """Claim the channel; readers take it as empty until :meth:`ready`. ``clear`` removes
-        what a writer before left behind, before the claim is visible to anyone."""
-        # NOTE: look and claim under one lock, or two writers starting together both find no
-        # live lease and both write (found by the racing-writers test: interleaved steps in
-        # BP5, h5py's own lock error in HDF5). The lock is on the directory that holds the
-        # lease, for this moment only; where the filesystem has no locks, racing is possible.
-        with _directory_lock(os.path.dirname(os.path.abspath(self.io.path))):
-            self._claim(clear)
-
-    def _claim(self, clear: Callable[[], None] | None) -> None:
-        info = read_lease(self.io)
-        if writer_state(info) == "alive":
-            assert info is not None
-            raise ChannelBusyError(
-                f"{self.url} already has a live writer (pid {info.get('pid')} on "
-                f"{info.get('host')}); one writer per channel. Its data is left untouched."
-            )
-        if clear is not None:
-            clear()
-        pid, start = _posix.my_identity()
-        self._info = {
-            "pid": pid,
-            "start": start,
-            "host": _HOST,
-            "interval": self.interval,
-            "state": "open",
-            "ready": False,
-            "heartbeat": time.time(),
-        }
-        self._write()
-        self._thread = threading.Thread(
-            target=self._beat, name=f"dataplane-lease {self.url}", daemon=True
-        )
-        self._thread.start()
-
-    def ready(self) -> None:
-        """The writer has set the channel up: readers may look at it."""
-        self._info["ready"] = True
-        self._write()
-
-    def _write(self) -> None:
-        with self._lock:
-            self._info["heartbeat"] = time.time()
-            self.io.write(json.dumps(self._info).encode())
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            if os.getpid() != self._info["pid"]:
-                return
-            self._write()
-
-    def closing(self) -> None:
-        """Every step is committed and the writer is closing its format: a subscriber that the
-        format has already told of the end takes that end as clean. (An SST writer's close
-        waits for its slowest reader; its fast readers see the end long before the lease
-        says "closed".)"""
-        with self._lock:  # the heartbeat thread serialises this dict
-            self._info["closing"] = True
-        self._write()
-
-    def release(self, state: str) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self._info and os.getpid() == self._info["pid"]:
-            self._info["state"] = state
-            try:
-                self._write()
-            except OSError:
-                if state != "failed":
-                    raise
-                # Failing already (often: the disk is full). Readers find the writer gone
-                # when this process ends; the error that brought us here is the one to see.
-
-
-# -- what a format provides --------------------------------------------------------------------
-class FormatWriter(ABC):
-    """Writes steps in one file format. Arrays given to ``put`` are C-contiguous."""
-
-    next_index: int = 0
-
-    def known_vars(self) -> dict[str, VarSpec]:
-        return {}
-
-    @abstractmethod
-    def begin(self, index: int, specs: dict[str, VarSpec], attrs: dict[str, AttrValue]) -> None: ...
-
-    @abstractmethod
-    def put(self, name: str, array: np.ndarray) -> None: ...
-
-    @abstractmethod
-    def commit(self, checksums: Callable[[], dict[str, Any]]) -> None:
-        """Store the arrays' checksums and make the step visible: the last thing written.
-
-        ``checksums()`` waits for them (they are computed beside the write): call it as late
-        as the format allows."""
-
-    @abstractmethod
-    def abort(self) -> None: ...
-
-    def begin_ranked(
-        self,
-        index: int,
-        specs: dict[str, VarSpec],
-        attrs: dict[str, AttrValue],
-        chunks: dict[str, tuple[int, ...]],
-    ) -> int:
-        raise NotImplementedError
-
-    def chunks_of(self, name: str) -> tuple[int, ...] | None:
-        return None
-
-    @abstractmethod
-    def set_attrs(self, attrs: dict[str, AttrValue]) -> None: ...
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-
-class StepSource(ABC):
-    """Random access to the committed steps of stored data."""
-
-    @abstractmethod
-    def refresh(self) -> int:
-        """Look again (new steps from a live writer); returns how many are committed."""
-
-    def finished(self) -> bool:
-        """True when the format itself knows no writer has it open (foreign files)."""
-        return True
-
-    @abstractmethod
-    def meta(self, index: int) -> tuple[StepMeta, dict[str, str]]:
-        """Metadata and per-variable checksums of committed step ``index``."""
-
-    @abstractmethod
-    def get(self, index: int, name: str, selection: Selection) -> np.ndarray: ...
-
-    def attrs(self) -> dict[str, AttrValue]:
-        return {}
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-
-class StepStream(ABC):
-    """Sequential access for formats whose live reading is a stream (ADIOS2 engines)."""
-
-    @property
-    def connected(self) -> bool:
-        """False while the stream still looks for a writer (leases it finds meanwhile are old)."""
-        return True
-
-    @abstractmethod
-    def advance(self, wait: float) -> tuple[StepMeta, dict[str, str]] | None:
-        """Move to the next step within ``wait`` seconds: its metadata, ``None`` if none came,
-        or :data:`END` once the writer has closed the stream."""
-
-    @abstractmethod
-    def get(self, name: str, selection: Selection) -> np.ndarray: ...
-
-    def attrs(self) -> dict[str, AttrValue]:
-        return {}
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-
-class _SourceStream(StepStream):
-    """A live, in-order stream over a :class:`StepSource`."""
-
-    def __init__(self, source: StepSource, poll: float) -> None:
-        self.source = source
-        self.poll = poll
-        self.cursor = 0
-        self.count = 0
-        self.current = -1
-
-    def advance(self, wait: float) -> tuple[StepMeta, dict[str, str]] | None:
-        deadline = time.monotonic() + wait
-        while True:
-            if self.cursor >= self.count:
-                self.count = self.source.refresh()
-            if self.cursor < self.count:
-                self.current = self.cursor
-                self.cursor += 1
-                return self.source.meta(self.current)
-            if self.source.finished():
-                return END
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            time.sleep(min(left, self.poll))
-
-    def get(self, name: str, selection: Selection) -> np.ndarray:
-        return self.source.get(self.current, name, selection)
-
-    def attrs(self) -> dict[str, AttrValue]:
-        return self.source.attrs()
-
-    def close(self) -> None:
-        self.source.close()
-
-
-_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-_STORAGE_TEXT = re.compile(
-    r"errno = (?P<n>28|122|27)\b|(?P<t>No space left on device|Disk quota exceeded|File too large)"
-)
-_STORAGE_BY_TEXT = {
-    "No space left on device": errno.ENOSPC,
-    "Disk quota exceeded": errno.EDQUOT,
-    "File too large": errno.EFBIG,
-}
-
-
-def storage_errors(fn: Callable[[], Any]) -> Any:
-    """Run ``fn``; a full disk, quota or file size limit met inside a format library (which
-    reports it as its own error type, errno only in the text) becomes an ``OSError`` with that
-    errno, which ``publish`` turns into ``StorageFullError``."""
-    try:
-        return fn()
-    except OSError as exc:
-        if exc.errno in _STORAGE_ERRNOS:
-            raise
-        found = _STORAGE_TEXT.search(str(exc))
-        if found is None:
-            raise
-        raise OSError(_storage_errno(found), str(exc)) from exc
-    except (RuntimeError, ValueError) as exc:
-        found = _STORAGE_TEXT.search(str(exc))
-        if found is None:
-            raise
-        raise OSError(_storage_errno(found), str(exc)) from exc
-
-
-def _storage_errno(found: re.Match) -> int:
-    return int(found["n"]) if found["n"] else _STORAGE_BY_TEXT[found["t"]]
-
-
-def guard(url: str, what: str, fn: Callable[[], Any]) -> Any:
-    """Run ``fn``; an error from the format library becomes an ``IntegrityError`` saying what
-    could not be read (damaged, truncated or foreign bytes), never a crash or a wrong value."""
-    try:
-        return fn()
-    except DataplaneError:
-        raise
-    except Exception as exc:
-        raise IntegrityError(f"{url}: cannot read {what}: {type(exc).__name__}: {exc}") from exc
 
 
 # -- the transport ---------------------------------------------------------------------------
@@ -473,7 +115,7 @@ class FileTransport(Transport):
     def format_stream(self, vars: tuple[str, ...] | None) -> StepStream | None:
         """A live stream; the default follows ``format_source`` by polling."""
         source = self.format_source()
-        return None if source is None else _SourceStream(source, self.poll_interval)
+        return None if source is None else SourceStream(source, self.poll_interval)
 
     # contract ---------------------------------------------------------------------------------
     def open_writer(self, *, policy: str, queue_limit: int, mode: str) -> Writer:

@@ -38,8 +38,7 @@ from adios2 import bindings as ab  # noqa: E402
 
 from dataplane.errors import ChannelBroken, StepTimeoutError  # noqa: E402
 from dataplane.model import ChannelURL, Selection, VarSpec  # noqa: E402
-from dataplane.transports._files import LeaseIO, read_lease, writer_state  # noqa: E402
-from dataplane.transports.adios import (  # noqa: E402
+from dataplane.transports._adios_steps import (  # noqa: E402
     _STEP_VAR,
     _channel_attrs,
     _decode_step,
@@ -48,6 +47,7 @@ from dataplane.transports.adios import (  # noqa: E402
     _read_var,
     _StepEncoder,
 )
+from dataplane.transports._files import LeaseIO, read_lease, writer_state  # noqa: E402
 from dataplane.transports.shm import ShmTransport  # noqa: E402
 
 _stop = False
