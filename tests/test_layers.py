@@ -17,6 +17,12 @@ _FILE_PIECES = [
     "dataplane.transports._lease",
     "dataplane.transports._format",
 ]
+_H5 = [
+    *_FILE_PIECES,
+    "dataplane.transports._files",
+    "dataplane.transports._h5repair",
+    "dataplane.transports._h5handles",
+]
 _ADIOS = [*_FILE_PIECES, "dataplane.transports._files", "dataplane.transports._adios_steps"]
 
 # What each part of the package may import from dataplane itself (prefix match).
@@ -36,7 +42,10 @@ ALLOWED = {
         "dataplane.transports._posix",
         "dataplane.transports._shm_control",
     ],
-    "dataplane.transports.hdf5": [*_BOTTOM, *_FILE_PIECES, "dataplane.transports._files"],
+    "dataplane.transports._h5repair": _BOTTOM,
+    "dataplane.transports._h5handles": [*_BOTTOM, *_FILE_PIECES, "dataplane.transports._h5repair"],
+    "dataplane.transports._h5writer": [*_BOTTOM, *_H5],
+    "dataplane.transports.hdf5": [*_BOTTOM, *_H5, "dataplane.transports._h5writer"],
     "dataplane.transports.zarrfs": [*_BOTTOM, *_FILE_PIECES, "dataplane.transports._files"],
     "dataplane.transports._adios_steps": [*_BOTTOM, *_FILE_PIECES, "dataplane.transports._files"],
     "dataplane.transports.bp5": [*_BOTTOM, *_ADIOS, "dataplane.transports._bp5meta"],
