@@ -36,11 +36,18 @@ ALLOWED = {
     "dataplane.transports._shm_control": [*_BOTTOM, "dataplane.transports._posix"],
     "dataplane.transports._files": [*_BOTTOM, *_FILE_PIECES],
     "dataplane.transports.mem": [*_BOTTOM, "dataplane.transports.base"],
+    "dataplane.transports._shm_reader": [
+        *_BOTTOM,
+        "dataplane.transports.base",
+        "dataplane.transports._posix",
+        "dataplane.transports._shm_control",
+    ],
     "dataplane.transports.shm": [
         *_BOTTOM,
         "dataplane.transports.base",
         "dataplane.transports._posix",
         "dataplane.transports._shm_control",
+        "dataplane.transports._shm_reader",
     ],
     "dataplane.transports._h5repair": _BOTTOM,
     "dataplane.transports._h5handles": [*_BOTTOM, *_FILE_PIECES, "dataplane.transports._h5repair"],

@@ -368,3 +368,11 @@ def sweep(directory: str | None = None) -> list[str]:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(directory, fname))
     return removed
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _left(deadline: float | None) -> float:
+    return _POLL if deadline is None else max(0.0, deadline - time.monotonic())

@@ -61,23 +61,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dataplane.errors import (
-    ChannelBroken,
     ChannelBusyError,
     DataplaneError,
     OptionError,
     SchemaError,
     StepTimeoutError,
 )
-from dataplane.model import (
-    AttrValue,
-    ChannelURL,
-    Selection,
-    StepMeta,
-    VarSpec,
-    check_name,
-    check_seconds,
-    check_timeout,
-)
+from dataplane.model import AttrValue, ChannelURL, VarSpec, check_name, check_seconds, check_timeout
 from dataplane.transports import _posix
 from dataplane.transports._shm_control import (
     _CLOSED,
@@ -89,7 +79,9 @@ from dataplane.transports._shm_control import (
     _SLOT_GRANULE,
     _align,
     _Control,
+    _deadline,
     _dir_lock,
+    _left,
     _private_dir,
     _read_channel_file,
     _slot_name,
@@ -97,6 +89,7 @@ from dataplane.transports._shm_control import (
     default_dir,
     sweep,
 )
+from dataplane.transports._shm_reader import ShmReader
 from dataplane.transports.base import Reader, Transport, Writer
 
 __all__ = ["ShmTransport", "sweep"]
@@ -146,15 +139,7 @@ class ShmTransport(Transport):
         return _ShmWriter(self, policy, queue_limit)
 
     def open_reader(self, *, start: str, vars: tuple[str, ...] | None) -> Reader:
-        return _ShmReader(self, start)
-
-
-def _deadline(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
-def _left(deadline: float | None) -> float:
-    return _POLL if deadline is None else max(0.0, deadline - time.monotonic())
+        return ShmReader(self, start)
 
 
 class _Pending(NamedTuple):
@@ -435,209 +420,4 @@ class _ShmWriter(Writer):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._t.channel_file)
         self._wslots = []
-        ctl.close()
-
-
-class _ShmReader(Reader):
-    def __init__(self, t: ShmTransport, start: str) -> None:
-        self._t = t
-        self._start = start
-        self._ctl: _Control | None = None
-        self._me = -1
-        self._maps: dict[int, tuple[int, Any]] = {}  # slot -> (gen, read-only mmap)
-        self._cur_mm: Any = None
-        self._cur_off = 0
-        self._cur_vars: dict[str, tuple[VarSpec, int]] = {}
-        self._vars_raw = b""
-        self._vars_layout: dict[str, tuple[VarSpec, int]] = {}
-        self._vars_specs: dict[str, VarSpec] = {}
-        self._closed = False
-        self._pid = os.getpid()
-        self._writer_pid = 0
-        self._alive_checked = 0.0
-        # Connect now if the channel exists, so steps written from now on are kept for us.
-        self._connect(None, wait=False)
-
-    def _connect(self, deadline: float | None, *, wait: bool = True) -> bool:
-        """Attach to the channel and register; with ``wait``, until ``deadline``."""
-        while True:
-            info = _read_channel_file(self._t.channel_file)
-            if info is not None:
-                try:
-                    ctl = _Control.attach(info["token"])
-                except FileNotFoundError:
-                    ctl = None
-                if ctl is not None and self._register(ctl):
-                    return True
-            if not wait:
-                return False
-            left = _left(deadline)
-            if left == 0.0:
-                return False
-            time.sleep(min(left, 0.02))
-
-    def _register(self, ctl: _Control) -> bool:
-        """Take a row of the subscriber table of a live channel; False if it is not live."""
-        free: int | None = None
-        live = False
-        with ctl.locked:
-            h = ctl.h
-            # A channel whose writer closed or died is not joined: a new writer may come.
-            live = not h.unlinked and h.state == _OPEN and ctl.writer_alive()
-            if live:
-                free = next((i for i, s in enumerate(ctl.subs) if not s.active), None)
-                if free is None and ctl.reap():
-                    free = next((i for i, s in enumerate(ctl.subs) if not s.active), None)
-            if free is not None:
-                s = ctl.subs[free]
-                kept = [sl.seq for sl in ctl.slots if sl.seq >= 0]
-                s.cursor = min(kept) if (self._start == "first" and kept) else h.next_seq
-                self.first_index = s.cursor
-                s.current = -1
-                s.pid, s.start = _posix.my_identity()
-                s.active = 1
-                h.sub_hwm = max(h.sub_hwm, free + 1)
-                self._writer_pid = h.writer_pid
-                ctl.bump("released")
-        if free is None:
-            nsubs = ctl.h.nsubs
-            ctl.close()
-            if live:
-                raise DataplaneError(
-                    f"{self._t.url.url} already has {nsubs} subscribers; open the publisher "
-                    f"with max_subscribers=N for more"
-                )
-            return False
-        self._ctl, self._me = ctl, free
-        self._alive_checked = time.monotonic()
-        return True
-
-    def next_step(self, timeout: float | None) -> StepMeta | None:
-        if os.getpid() != self._pid:
-            raise DataplaneError(
-                f"subscriber of {self._t.url.url} was opened in process {self._pid}; subscribe "
-                f"again in this process"
-            )
-        self._cur_mm, self._cur_vars = None, {}
-        deadline = _deadline(timeout)
-        if self._ctl is None and not self._connect(deadline):
-            raise StepTimeoutError(
-                f"{self._t.url.url}: no writer opened the channel within {timeout}s "
-                f"(looked for {self._t.channel_file})"
-            )
-        ctl = self._ctl
-        assert ctl is not None
-        me = ctl.subs[self._me]
-        while True:
-            found = None
-            with ctl.locked:
-                if not me.active or me.pid != _posix.my_identity()[0]:
-                    raise ChannelBroken(
-                        f"{self._t.url.url}: this subscriber was removed from the channel "
-                        f"(its process looked dead to the writer)"
-                    )
-                moved = me.current >= 0
-                me.current = -1
-                best, best_seq = -1, -1
-                for i, sl in enumerate(ctl.slots):
-                    seq = sl.seq
-                    if seq >= me.cursor and (best < 0 or seq < best_seq):
-                        best, best_seq = i, seq
-                if best >= 0:
-                    sl = ctl.slots[best]
-                    me.current, me.cursor = best_seq, best_seq + 1
-                    found = (best, sl.gen, best_seq, sl.vars_len, sl.attrs_len, sl.data_off)
-                    moved = True
-                if moved:
-                    ctl.bump("released")
-                state, seen = ctl.h.state, ctl.h.published
-            if found is not None:
-                return self._load(*found)
-            if state == _CLOSED:
-                return None
-            if state == _FAILED:
-                raise ChannelBroken(
-                    f"{self._t.url.url}: the writer failed (raised inside its 'with' block or was "
-                    f"abandoned without close()); every step it completed was delivered"
-                )
-            now = time.monotonic()
-            if now - self._alive_checked >= _POLL:
-                self._alive_checked = now
-                if not ctl.writer_alive():
-                    raise ChannelBroken(
-                        f"{self._t.url.url}: the writer process (pid {self._writer_pid}) died; "
-                        f"every step it completed was delivered"
-                    )
-            left = _left(deadline)
-            if left == 0.0:
-                raise StepTimeoutError(
-                    f"{self._t.url.url}: no step after {me.cursor - 1} within {timeout}s (the "
-                    f"writer, pid {self._writer_pid}, is alive)"
-                )
-            ctl.wait("published", seen, min(left, _POLL))
-
-    def _load(
-        self, slot: int, gen: int, seq: int, vars_len: int, attrs_len: int, data_off: int
-    ) -> StepMeta:
-        assert self._ctl is not None
-        known = self._maps.get(slot)
-        if known is None or known[0] != gen:
-            try:
-                fd, mm = _posix.open_segment(_slot_name(self._ctl.token, slot, gen), writable=False)
-            except FileNotFoundError:
-                raise ChannelBroken(
-                    f"{self._t.url.url}: the segment of step {seq} is gone (the channel was "
-                    f"cleaned up after its writer died)"
-                ) from None
-            os.close(fd)
-            self._maps[slot] = known = (gen, mm)
-        mm = known[1]
-        raw_vars = mm[:vars_len]
-        if raw_vars != self._vars_raw:
-            entries = json.loads(raw_vars)
-            self._vars_raw = raw_vars
-            self._vars_layout = {
-                e[0]: (VarSpec(np.dtype(e[1]), tuple(e[2])), e[3]) for e in entries
-            }
-            self._vars_specs = {k: v[0] for k, v in self._vars_layout.items()}
-        attrs = json.loads(mm[vars_len : vars_len + attrs_len]) if attrs_len > 2 else {}
-        self._cur_mm, self._cur_off, self._cur_vars = mm, data_off, self._vars_layout
-        return StepMeta(seq, attrs, self._vars_specs)
-
-    def get(self, name: str, selection: Selection) -> np.ndarray:
-        spec, off = self._cur_vars[name]
-        if spec.size == 0:
-            arr = np.empty(spec.shape, spec.dtype)
-            arr.flags.writeable = False
-        else:
-            arr = np.frombuffer(
-                self._cur_mm, spec.dtype, count=spec.size, offset=self._cur_off + off
-            ).reshape(spec.shape)
-        return selection.apply(arr)
-
-    def attrs(self) -> dict[str, AttrValue]:
-        if self._ctl is None:
-            return {}
-        with self._ctl.locked:
-            return self._ctl.read_attrs()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._cur_mm, self._cur_vars = None, {}
-        self._maps.clear()
-        ctl = self._ctl
-        if ctl is None or os.getpid() != self._pid:
-            return
-        with ctl.locked:
-            me = ctl.subs[self._me]
-            if me.active and me.pid == _posix.my_identity()[0]:
-                me.active, me.current = 0, -1
-            writer_done = ctl.h.state != _OPEN or not ctl.writer_alive()
-            if writer_done and not ctl.h.unlinked:
-                ctl.reap()
-                if not ctl.live_subscribers():
-                    ctl.unlink_all()  # the last one out after the writer ended, or crashed
-            ctl.bump("released")
         ctl.close()
