@@ -49,7 +49,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dataplane.errors import DataplaneError, IntegrityError, OptionError, SchemaError
+from dataplane.errors import DataplaneError, IntegrityError, OptionError
 from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec
 from dataplane.transports._files import (
     FileTransport,
@@ -59,6 +59,7 @@ from dataplane.transports._files import (
     read_lease,
     writer_state,
 )
+from dataplane.transports._foreign import ForeignSource
 from dataplane.transports._h5handles import _pread_rows, _Shared
 from dataplane.transports._h5repair import superblock_eof, superblock_flags
 from dataplane.transports._h5writer import _META, _from_h5_attr, _H5Writer, _locked_elsewhere
@@ -138,7 +139,7 @@ class HDF5Transport(FileTransport):
             raise
         with shared.lock:
             ours = _META in shared.file()
-        return _H5Source(self, shared) if ours else _ForeignH5Source(self, shared)
+        return _H5Source(self, shared) if ours else _foreign(self, shared)
 
     def _refusal(self) -> str:
         return (
@@ -248,62 +249,27 @@ class _H5Source(StepSource):
         self._sh.release()
 
 
-class _ForeignH5Source(StepSource):
+def _foreign(t: HDF5Transport, shared: _Shared) -> ForeignSource:
     """A file dataplane did not write, mapped by the documented rules (module docstring)."""
-
-    def __init__(self, t: HDF5Transport, shared: _Shared) -> None:
-        self._t = t
-        self._sh: _Shared | None = shared
-        found: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
-        with shared.lock:
-            shared.file().visititems(
-                lambda name, obj: (
-                    found.__setitem__(name, (np.dtype(obj.dtype), tuple(obj.shape)))
-                    if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "biufc"
-                    else None
-                )
+    found: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+    with shared.lock:
+        shared.file().visititems(
+            lambda name, obj: (
+                found.__setitem__(name, (np.dtype(obj.dtype), tuple(obj.shape)))
+                if isinstance(obj, h5py.Dataset)
+                else None
             )
-        self._step_axis = t.layout == "step-axis"
-        if self._step_axis:
-            lengths = {n: shape[0] for n, (_, shape) in found.items() if shape}
-            if len(set(lengths.values())) > 1:
-                shared.release()
-                raise SchemaError(
-                    f"{t.url.url}: layout='step-axis' needs every dataset to have the same "
-                    f"length along axis 0, got {lengths}"
-                )
-            self._count = next(iter(lengths.values()), 0)
-            found = {n: (dt, shape[1:]) for n, (dt, shape) in found.items() if shape}
-        else:
-            self._count = 1
-        self._specs = {n: VarSpec(dt, shape) for n, (dt, shape) in found.items()}
+        )
 
-    def _shared(self) -> _Shared:
-        if self._sh is None:
-            raise DataplaneError(f"{self._t.url.url} is closed")
-        return self._sh
-
-    def refresh(self) -> int:
-        return self._count
-
-    def meta(self, index: int) -> tuple[StepMeta, dict[str, str]]:
-        if not 0 <= index < self._count:
-            raise SchemaError(f"{self._t.url.url} has {self._count} steps, not {index + 1}")
-        return StepMeta(index, {}, dict(self._specs)), {}
-
-    def get(self, index: int, name: str, selection: Selection) -> np.ndarray:
-        sh = self._shared()
-        key = (index, *selection.slices) if self._step_axis else selection.slices
-        with sh.lock:
-            d = sh.dataset(name)
+    def read(name: str, key: tuple[Any, ...]) -> np.ndarray:
+        with shared.lock:
+            d = shared.dataset(name)
             return np.asarray(d[key] if key else d[()])
 
-    def attrs(self) -> dict[str, AttrValue]:
-        sh = self._shared()
-        with sh.lock:
-            return {key: _from_h5_attr(v) for key, v in sh.file().attrs.items()}
+    def attrs() -> dict[str, AttrValue]:
+        with shared.lock:
+            return {key: _from_h5_attr(v) for key, v in shared.file().attrs.items()}
 
-    def close(self) -> None:
-        sh, self._sh = self._sh, None
-        if sh is not None:
-            sh.release()
+    return ForeignSource(
+        t.url.url, found, t.layout == "step-axis", read, attrs, release=shared.release
+    )

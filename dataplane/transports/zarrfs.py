@@ -66,6 +66,7 @@ from dataplane.transports._files import (
     read_lease,
     writer_state,
 )
+from dataplane.transports._foreign import ForeignSource
 
 __all__ = ["ZarrTransport"]
 
@@ -238,7 +239,7 @@ class ZarrTransport(FileTransport):
             return _ZarrSource(self, node)
         if writer_state(read_lease(self.lease_io())) != "none":
             return None  # our writer is still creating the layout
-        return _ForeignZarrSource(self, node)
+        return _foreign(self, node)
 
 
 def _is_missing(exc: Exception) -> bool:
@@ -448,57 +449,23 @@ class _ZarrSource(StepSource):
         self._arrays.clear()
 
 
-class _ForeignZarrSource(StepSource):
+def _foreign(t: ZarrTransport, node: Any) -> ForeignSource:
     """A store dataplane did not write, mapped by the documented rules (module docstring)."""
+    if isinstance(node, zarr.Array):
+        name = t.url.path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr") or "data"
+        arrays = {name: node}
+    else:
+        arrays = {path: a for path, a in node.arrays()} | dict(_nested_arrays(node))
+    attrs = dict(node.attrs)
 
-    def __init__(self, t: ZarrTransport, node: Any) -> None:
-        self._t = t
-        self._node = node
-        if isinstance(node, zarr.Array):
-            name = t.url.path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr") or "data"
-            self._arrays = {name: node}
-            self._attrs: dict[str, Any] = dict(node.attrs)
-        else:
-            self._arrays = {path: a for path, a in node.arrays()} | {
-                path: a for path, a in _nested_arrays(node)
-            }
-            self._attrs = dict(node.attrs)
-        self._arrays = {k: v for k, v in self._arrays.items() if np.dtype(v.dtype).kind in "biufc"}
-        self._step_axis = t.layout == "step-axis"
-        if self._step_axis:
-            lengths = {n: a.shape[0] for n, a in self._arrays.items() if a.ndim}
-            if len(set(lengths.values())) > 1:
-                raise SchemaError(
-                    f"{t.url.url}: layout='step-axis' needs every array to have the same "
-                    f"length along axis 0, got {lengths}"
-                )
-            self._arrays = {n: a for n, a in self._arrays.items() if a.ndim}
-            self._count = next(iter(lengths.values()), 0)
-        else:
-            self._count = 1
-
-    def refresh(self) -> int:
-        return self._count
-
-    def meta(self, index: int) -> tuple[StepMeta, dict[str, str]]:
-        if not 0 <= index < self._count:
-            raise SchemaError(f"{self._t.url.url} has {self._count} steps, not {index + 1}")
-        cut = 1 if self._step_axis else 0
-        specs = {
-            n: VarSpec(np.dtype(a.dtype), tuple(a.shape[cut:])) for n, a in self._arrays.items()
-        }
-        return StepMeta(index, {}, specs), {}
-
-    def get(self, index: int, name: str, selection: Selection) -> np.ndarray:
-        a = self._arrays[name]
-        key: tuple[Any, ...] = (index, *selection.slices) if self._step_axis else selection.slices
+    def read(name: str, key: tuple[Any, ...]) -> np.ndarray:
+        a = arrays[name]
         return np.asarray(a[key] if key else a[()])
 
-    def attrs(self) -> dict[str, AttrValue]:
-        return dict(self._attrs)
-
-    def close(self) -> None:
-        self._arrays = {}
+    shapes = {n: (np.dtype(a.dtype), tuple(a.shape)) for n, a in arrays.items()}
+    return ForeignSource(
+        t.url.url, shapes, t.layout == "step-axis", read, lambda: dict(attrs), arrays.clear
+    )
 
 
 def _nested_arrays(group: Any, prefix: str = "") -> list[tuple[str, Any]]:
