@@ -59,11 +59,13 @@ ALLOWED = {
         "dataplane.transports._foreign",
     ],
     "dataplane.transports._foreign": [*_BOTTOM, "dataplane.transports._format"],
+    "dataplane.transports._zarrstore": [*_BOTTOM, "dataplane.transports._lease"],
     "dataplane.transports.zarrfs": [
         *_BOTTOM,
         *_FILE_PIECES,
         "dataplane.transports._files",
         "dataplane.transports._foreign",
+        "dataplane.transports._zarrstore",
     ],
     "dataplane.transports._adios_steps": [*_BOTTOM, *_FILE_PIECES, "dataplane.transports._files"],
     "dataplane.transports.bp5": [*_BOTTOM, *_ADIOS, "dataplane.transports._bp5meta"],

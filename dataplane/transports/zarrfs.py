@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -67,6 +66,7 @@ from dataplane.transports._files import (
     writer_state,
 )
 from dataplane.transports._foreign import ForeignSource
+from dataplane.transports._zarrstore import ATOMIC_PROTOCOLS, FsspecLeaseIO, parse_codecs, retrying
 
 __all__ = ["ZarrTransport"]
 
@@ -77,9 +77,6 @@ _CHUNK_TARGET = 1 << 20
 # Stores whose writes replace an object atomically. Elsewhere (fsspec's memory and local
 # filesystems) a reader can see a file while it is being written, so a chunk that already holds
 # committed steps must never be rewritten: one step per chunk there.
-_ATOMIC_PROTOCOLS = {"file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
-_RETRIES = 40  # metadata a writer is replacing in a non-atomic store: look again shortly
-_RETRY_WAIT = 0.005
 
 
 def _chunks(shape: tuple[int, ...], itemsize: int, pack: bool) -> tuple[int, ...]:
@@ -89,67 +86,6 @@ def _chunks(shape: tuple[int, ...], itemsize: int, pack: bool) -> tuple[int, ...
     if pack and step_bytes < _CHUNK_TARGET:
         rows = max(1, min(1024, _CHUNK_TARGET // max(step_bytes, 1)))
     return (rows, *dims)
-
-
-def _retrying(fn: Any) -> Any:
-    """Run ``fn``, retrying briefly: a half-written metadata object is a transient."""
-    for attempt in range(_RETRIES):
-        try:
-            return fn()
-        except Exception:
-            if attempt == _RETRIES - 1:
-                raise
-            time.sleep(_RETRY_WAIT)
-
-
-class _FsspecLeaseIO(LeaseIO):
-    def __init__(self, fs: Any, path: str) -> None:
-        super().__init__(path)
-        self.fs = fs
-
-    def make_parents(self) -> None:
-        if "/" in self.path.strip("/"):
-            self.fs.makedirs(self.path.rstrip("/").rsplit("/", 1)[0], exist_ok=True)
-
-    def read(self) -> bytes | None:
-        try:
-            return self.fs.cat_file(self.path)
-        except FileNotFoundError:
-            return None
-
-    def write(self, data: bytes) -> None:
-        self.fs.pipe_file(self.path, data)
-
-
-def _codecs(value: Any) -> Any:
-    """Codec specs as zarr takes them; names and dicts are checked now, not at the first step."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = value.strip()
-        if value.startswith(("{", "[")):
-            try:
-                value = json.loads(value)
-            except ValueError as exc:
-                raise OptionError(f"compressors: {value!r} is not valid JSON ({exc})") from None
-        else:
-            value = {"name": value}
-    items = value if isinstance(value, (list, tuple)) else [value]
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            item = {"name": item}
-        if isinstance(item, dict):
-            item = {"configuration": {}, **item}
-            try:
-                zarr.registry.get_codec_class(item["name"]).from_dict(item)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise OptionError(
-                    f"compressors: {item!r} is not a zarr v3 codec this build knows "
-                    f"(try 'zstd', 'blosc' or 'gzip'): {exc}"
-                ) from None
-        out.append(item)
-    return out if isinstance(value, (list, tuple)) else out[0]
 
 
 class ZarrTransport(FileTransport):
@@ -179,14 +115,14 @@ class ZarrTransport(FileTransport):
         self.storage_options: dict[str, Any] = dict(storage_options or {})  # type: ignore[arg-type]
         self.protocol = url.protocol or "file"
         self.layout = layout
-        self.compressors = _codecs(compressors)
+        self.compressors = parse_codecs(compressors)
         target = f"{self.protocol}://{url.path}"
         try:
             self.fs, self.root = fsspec.core.url_to_fs(target, **self.storage_options)
         except (ImportError, ValueError) as exc:
             raise OptionError(f"{url.url}: fsspec cannot open {target!r}: {exc}") from exc
         self.local = self.protocol == "file"
-        self.atomic = self.protocol in _ATOMIC_PROTOCOLS
+        self.atomic = self.protocol in ATOMIC_PROTOCOLS
         # Ranks write their own chunks where every rank sees the same store and a chunk
         # write replaces the object whole (not fsspec's memory, which is one process's).
         self.supports_rank_writes = self.atomic
@@ -217,7 +153,7 @@ class ZarrTransport(FileTransport):
 
     def lease_io(self) -> LeaseIO:
         path = self.root.rstrip("/") + ".lease"
-        return LeaseIO(path) if self.local else _FsspecLeaseIO(self.fs, path)
+        return LeaseIO(path) if self.local else FsspecLeaseIO(self.fs, path)
 
     def format_writer(self, mode: str) -> FormatWriter:
         return _ZarrWriter(self, mode)
@@ -399,7 +335,7 @@ class _ZarrSource(StepSource):
                 raise ValueError("committed steps but no variables: metadata being rewritten")
             return count, names
 
-        count, names = _retrying(look)
+        count, names = retrying(look)
         if count != self._count:
             self._names = names
             self._steps = None
@@ -413,7 +349,7 @@ class _ZarrSource(StepSource):
     def _array(self, name: str) -> Any:
         a = self._arrays.get(name)
         if a is None:
-            a = self._arrays[name] = _retrying(
+            a = self._arrays[name] = retrying(
                 lambda: zarr.open_array(store=self._store, path=name, mode="r")
             )
             self._specs[name] = VarSpec(np.dtype(a.dtype), tuple(a.shape[1:]))
@@ -421,11 +357,11 @@ class _ZarrSource(StepSource):
 
     def meta(self, index: int) -> tuple[StepMeta, dict[str, str]]:
         if self._steps is None or self._steps.shape[0] <= index:
-            self._steps = _retrying(
+            self._steps = retrying(
                 lambda: zarr.open_array(store=self._store, path=f"{_META}/steps", mode="r")
             )
         steps = self._steps
-        info = _retrying(lambda: json.loads(str(steps[index])))
+        info = retrying(lambda: json.loads(str(steps[index])))
         if info.get("i", index) != index:
             raise IntegrityError(
                 f"{self._t.url.url}: the metadata stored for step {index} is that of step "
@@ -443,7 +379,7 @@ class _ZarrSource(StepSource):
         return np.asarray(a[key])
 
     def attrs(self) -> dict[str, AttrValue]:
-        return _retrying(lambda: dict(zarr.open_group(store=self._store, mode="r").attrs))
+        return retrying(lambda: dict(zarr.open_group(store=self._store, mode="r").attrs))
 
     def close(self) -> None:
         self._arrays.clear()
