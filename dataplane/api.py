@@ -148,17 +148,18 @@ def publish(
         transport = _transport(parsed, dict(opts))  # checks the URL and options on every rank
         return ParallelPublisher(
             comm,
-            lambda: publish(
-                url,
-                policy=policy,
-                queue_limit=queue_limit,
-                asynchronous=asynchronous,
-                mode=mode,
-                **opts,
+            lambda: _publisher(
+                _transport(parsed, dict(opts)), policy, queue_limit, asynchronous, mode
             ),
             transport,
         )
-    transport = _transport(parsed, opts)
+    return _publisher(_transport(parsed, opts), policy, queue_limit, asynchronous, mode)
+
+
+def _publisher(
+    transport: Transport, policy: str, queue_limit: int, asynchronous: bool, mode: str
+) -> Publisher:
+    """The publisher of one process (rank 0's, under MPI)."""
     end_cleanly_on_sigterm()
     if policy == "drop-oldest" and not transport.supports_drop_policy:
         raise OptionError(

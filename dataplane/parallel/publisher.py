@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,12 @@ class ParallelPublisher:
     order. Channel attributes set on rank 0 are published; single values are rank 0's.
     """
 
-    def __init__(self, comm: Any, open_root: Any, transport: Transport) -> None:
+    def __init__(
+        self,
+        comm: Any,
+        open_root: Callable[[], Publisher],
+        transport: Transport,
+    ) -> None:
         self.comm = comm
         self._transport = transport  # every rank's, for writing its own blocks
         self._coll = Collective(comm)
