@@ -191,3 +191,20 @@ def test_a_file_left_open_by_a_crashed_plain_writer_is_an_integrity_error(tmp_pa
         writer.wait()
     with pytest.raises(dp.IntegrityError, match="left open for writing.*gone"):
         dp.open(f"h5://{path}")
+
+
+@pytest.mark.timeout(60)
+def test_a_plain_h5py_handle_in_the_process_is_named_not_taken_for_damage(tmp_path):
+    """HDF5 opens a file once per process: a plain ``h5py.File`` the program holds keeps a SWMR
+    open out. That was reported as IntegrityError ("cannot read the file"), as if damaged."""
+    import h5py
+
+    url = f"h5://{tmp_path}/run.h5"
+    with dp.publish(url) as pub:
+        pub.write({"x": np.arange(6.0)})
+    with h5py.File(tmp_path / "run.h5", "r"):
+        with pytest.raises(dp.DataplaneError, match="open in this process without SWMR") as info:
+            dp.open(url)
+        assert not isinstance(info.value, dp.IntegrityError)
+    with dp.open(url) as arc:  # once that handle is closed, it reads as written
+        assert arc[0]["x"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]

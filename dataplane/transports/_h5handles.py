@@ -64,6 +64,20 @@ def _open_swmr(path: str, settled: bool) -> h5py.File:
     # pause between tries (a live writer may be rewriting it). On a damaged or truncated file
     # that is minutes per read, with SIGTERM unseen (10 of 20 random truncations hung).
     """
+    try:
+        return _open_swmr_once(path, settled)
+    except OSError as exc:
+        if "access flag not the same" not in str(exc):
+            raise
+        # HDF5 opens a file once per process: a handle the program holds without SWMR (a
+        # plain h5py.File) keeps dataplane from reading it, and is no sign of damage.
+        raise DataplaneError(
+            f"{path} is open in this process without SWMR (e.g. h5py.File(path)); close that "
+            f"handle, or open it with h5py.File(path, 'r', swmr=True), then read it here"
+        ) from exc
+
+
+def _open_swmr_once(path: str, settled: bool) -> h5py.File:
     lib = _hdf5_library() if settled else None
     if lib is None:
         return h5py.File(path, "r", swmr=True)
