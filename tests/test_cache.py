@@ -580,3 +580,26 @@ def test_prefetch_starts_in_a_process_with_many_descriptors_open(tmp_path) -> No
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_get_many_is_get_of_each_key_and_never_serves_a_replaced_entry(tmp_path) -> None:
+    """The batch path looks up a batch's shards at once; an entry another process evicted
+    and stored anew must be read from its new file, not from this process's old mapping."""
+    reader = NodeCache(tmp_path / "c", capacity=int(3.5 * MIB))
+    writer = NodeCache(tmp_path / "c", capacity=int(3.5 * MIB))
+    for i in range(3):
+        reader.fetch(key(i), lambda i=i: arrays(i))
+    first = reader.get_many([key(0), key(1), key(2), key(9)])
+    assert [None if a is None else int(a["x"][0]) for a in first] == [0, 1, 2, None]
+    # Another process empties the cache, then stores 0 and 4, 0 with other contents.
+    writer.clear()
+    writer.fetch(key(0), lambda: arrays(100))
+    writer.fetch(key(4), lambda: arrays(4))
+    hits = reader.stats["hits"]
+    got = reader.get_many([key(0), key(1), key(4)])
+    assert got[1] is None
+    assert int(got[0]["x"][0]) == 100 and got[0]["y"].tolist() == [100, 101, 102]
+    np.testing.assert_array_equal(got[2]["x"], arrays(4)["x"])
+    assert reader.stats["hits"] == hits + 2
+    for k, g in zip([key(0), key(4)], [got[0], got[2]]):
+        np.testing.assert_array_equal(reader.get(k)["x"], g["x"])

@@ -229,3 +229,61 @@ def test_victims_free_enough_and_spare_what_is_needed_sooner(
         # nothing is left.
         left = [e for e in candidates if e[0] not in names]
         assert all(uses[e[0]] != NEVER and uses[e[0]] < mine for e in left) or not left
+
+
+class _Layout:
+    """A dataset as a sampler sees it: a shard layout, and a plan that records advances."""
+
+    def __init__(self, bounds: np.ndarray) -> None:
+        self.bounds = bounds
+        self.advances: list[int] = []
+
+    def shard_bounds(self, samples: int | None = None) -> np.ndarray:
+        assert samples in (None, int(self.bounds[-1]))
+        return self.bounds
+
+    def plan_epoch(self, order: np.ndarray, plan_id: str):
+        return self.advances.append
+
+
+@given(
+    layouts(),
+    st.integers(0, 2**32),
+    blocks,
+    st.integers(1, 40),
+    st.booleans(),
+    st.integers(1, 3),
+    st.floats(0, 1),
+)
+def test_sampler_batches_are_what_batchsampler_makes_of_it(
+    bounds, seed, block, size, drop_last, world, resume_at
+) -> None:
+    """``ShuffleSampler.batches`` (the batch path's order) yields BatchSampler's batches, with
+    the same positions for resume, from the start or a restored state, and tells the plan
+    only positions the per-index order also tells it."""
+    from torch.utils.data import BatchSampler
+
+    from dataplane.loaders import ShuffleSampler
+
+    def make():
+        data = _Layout(bounds)
+        return data, ShuffleSampler(data, seed=seed, block=block, rank=world - 1, world=world)
+
+    d1, by_index = make()
+    d2, by_batch = make()
+    by_index.set_epoch(3)
+    by_batch.set_epoch(3)
+    assert list(by_batch.batches(size, drop_last)) == list(BatchSampler(by_index, size, drop_last))
+    assert by_batch.state_dict()["position"] == by_index.state_dict()["position"]
+    assert set(d2.advances) <= set(d1.advances) and d2.advances == sorted(d2.advances)
+    assert d2.advances[-1] == d1.advances[-1] == len(by_index)
+    # Resume mid-epoch from a state either one saved.
+    position = int(resume_at * len(by_index))
+    state = by_index.state_dict(samples_seen=position)
+    _, again_index = make()
+    _, again_batch = make()
+    again_index.load_state_dict(state)
+    again_batch.load_state_dict(state)
+    assert list(again_batch.batches(size, drop_last)) == list(
+        BatchSampler(again_index, size, drop_last)
+    )

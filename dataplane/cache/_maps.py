@@ -51,6 +51,17 @@ class Maps:
             self._maps.move_to_end(key)
         return got[2]
 
+    def live_many(self, keys: list[str], gen: int) -> list[Arrays | None]:
+        """:meth:`live` of each key, where nothing was removed since it was last seen live
+        (one look under the lock); None for the others, which :meth:`live` then checks."""
+        self._prune(gen)
+        out: list[Arrays | None] = []
+        with self._mutex:
+            for key in keys:
+                got = self._maps.get(key)
+                out.append(got[2] if got is not None and got[1] == gen else None)
+        return out
+
     def add(self, key: str, ino: int, gen: int, arrays: Arrays) -> None:
         with self._mutex:
             self._maps[key] = (ino, gen, arrays)

@@ -13,9 +13,6 @@ from dataplane.loaders._snapshot import Snapshot
 #: Rows between two wanted rows are read along (one call instead of two) while the gap is
 #: smaller than this: a second call costs more than reading this many bytes on any filesystem.
 GAP_BYTES = 256 << 10
-#: Rows at least this big are gathered one by one (a copy each); smaller ones with one fancy
-#: index (a gather and a scatter, but no per-row Python).
-ROW_BY_ROW = 16 << 10
 
 Dtypes = dict[str, "np.dtype | None"]
 
@@ -80,29 +77,32 @@ def from_cache(
     rows into ``outs``, or (``outs=None``, whole steps) one list of arrays per variable."""
     bounds, _, keys = table
     shard = np.searchsorted(bounds, idx, side="right") - 1
-    columns: list[list[Any]] | None = (
-        [[None] * len(idx) for _ in snap.names] if outs is None else None
-    )
-    wanted = np.unique(shard).tolist()
-    batch = {keys[s] for s in wanted}  # not evicted while this batch is gathered
-    for s in wanted:
-        where = np.flatnonzero(shard == s)
-        arrays = cache.fetch(keys[s], produce(s), keep=batch)
-        if columns is not None:
-            for j in where.tolist():
-                for k, name in enumerate(snap.names):
-                    columns[k][j] = _cast(arrays[f"{int(idx[j])}/{name}"], dtypes[name])
-            continue
-        assert outs is not None
-        local = idx[where] - bounds[s]
-        for out, name in zip(outs, snap.names):
-            src = arrays[name]
-            if out[0:1].nbytes >= ROW_BY_ROW:
-                for w, r in zip(where.tolist(), local.tolist()):
-                    out[w] = src[r]  # one copy (fancy indexing would make two)
+    local = (idx - bounds[shard]).tolist()
+    at: dict[int, list[int]] = {}  # shard -> the batch positions it serves
+    for j, s in enumerate(shard.tolist()):
+        at.setdefault(s, []).append(j)
+    batch = {keys[s] for s in at}  # not evicted while this batch is gathered
+    held = cache.get_many([keys[s] for s in at])
+    columns: list[list[Any]] = [[None] * len(idx) for _ in snap.names]
+    for (s, where), arrays in zip(at.items(), held):
+        if arrays is None:
+            arrays = cache.fetch(keys[s], produce(s), keep=batch)
+        for k, name in enumerate(snap.names):
+            col = columns[k]
+            if outs is None:
+                for j in where:
+                    col[j] = _cast(arrays[f"{int(idx[j])}/{name}"], dtypes[name])
             else:
-                out[where] = src[local]
-    return columns
+                src = arrays[name]
+                for j in where:
+                    col[j] = src[local[j] : local[j] + 1]
+    if outs is None:
+        return columns
+    if len(idx):
+        for out, col in zip(outs, columns):
+            # One copy per row, all in C (a row's view, not an index, per position).
+            np.concatenate(col, axis=0, out=out, casting="unsafe")
+    return None
 
 
 def _cast(arr: np.ndarray, dtype: np.dtype | None) -> np.ndarray:

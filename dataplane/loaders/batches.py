@@ -54,11 +54,28 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
+class _Batches(torch.utils.data.Sampler[list[int]]):
+    """``BatchSampler(sampler, ...)``; a :class:`ShuffleSampler` cuts its batches itself
+    (no Python step per index)."""
+
+    def __init__(self, sampler: Any, batch_size: int, drop_last: bool) -> None:
+        self.sampler = sampler
+        self.plain = BatchSampler(sampler, batch_size, drop_last)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if isinstance(self.sampler, ShuffleSampler):
+            return self.sampler.batches(self.plain.batch_size, self.plain.drop_last)
+        return iter(self.plain)
+
+    def __len__(self) -> int:
+        return len(self.plain)
+
+
 class _Groups(torch.utils.data.Sampler[list[int]]):
     """The sampler's order in work items of up to ``per`` whole batches."""
 
     def __init__(self, sampler: Any, batch_size: int, drop_last: bool, per: int) -> None:
-        self.batches = BatchSampler(sampler, batch_size, drop_last)
+        self.batches = _Batches(sampler, batch_size, drop_last)
         self.per = per
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -194,7 +211,7 @@ class BatchLoader(DataLoader):
         work = _Work(dataset, in_main, self._memory, batch_transform)
         if num_workers > 0:
             kwargs.setdefault("persistent_workers", True)
-        self._batches = BatchSampler(self.order, int(batch_size), bool(drop_last))
+        self._batches = _Batches(self.order, int(batch_size), bool(drop_last))
         self._batch_size = int(batch_size)
         super().__init__(
             work,

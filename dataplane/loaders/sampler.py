@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -119,20 +119,46 @@ class ShuffleSampler(torch.utils.data.Sampler[int]):
         )
 
     def __iter__(self) -> Iterator[int]:
+        order, start, advance = self._begin()
+        for i in order[start:].tolist():
+            if advance is not None and self._yielded % ADVANCE_EVERY == 0:
+                advance(self._yielded)
+            self._yielded += 1
+            yield i
+        self._end(order, advance)
+
+    def _begin(self) -> tuple[np.ndarray, int, Callable[[int], None] | None]:
         order = self.order()
         start, self._resume = self._resume, 0
         self._yielded = start
         # A dataset with a cache learns the future: eviction by next use, prefetching.
         plan = getattr(self.data, "plan_epoch", None)
         advance = plan(order, f"r{self.rank}-e{self.epoch}") if plan is not None else None
-        for i in order[start:].tolist():
-            if advance is not None and self._yielded % ADVANCE_EVERY == 0:
-                advance(self._yielded)
-            self._yielded += 1
-            yield i
+        return order, start, advance
+
+    def _end(self, order: np.ndarray, advance: Callable[[int], None] | None) -> None:
         if advance is not None:
             advance(len(order))
         self._bounds = None  # the next epoch (or pass) looks for new data again
+
+    def batches(self, size: int, drop_last: bool = False) -> Iterator[list[int]]:
+        """The order in lists of ``size`` indices: what ``BatchSampler(self, size, drop_last)``
+        yields, without a Python step per index (resume and plans work the same)."""
+        order, start, advance = self._begin()
+        left = order[start:].tolist()
+        for a in range(0, len(left), size):
+            batch = left[a : a + size]
+            if drop_last and len(batch) < size:
+                self._yielded += len(batch)  # taken and dropped, as by BatchSampler
+                break
+            if advance is not None:
+                # The last ADVANCE_EVERY mark this batch starts at or passes.
+                mark = (self._yielded + len(batch) - 1) // ADVANCE_EVERY * ADVANCE_EVERY
+                if mark >= self._yielded:
+                    advance(mark)
+            self._yielded += len(batch)
+            yield batch
+        self._end(order, advance)
 
     def __len__(self) -> int:
         n = int(self._snapshot()[-1])
