@@ -358,7 +358,9 @@ class Selection:
 
     def apply(self, arr: np.ndarray) -> np.ndarray:
         """A view of this selection of ``arr`` (a 0-d array stays an array, not a scalar)."""
-        return arr if arr.ndim == 0 else arr[self.slices]
+        if arr.ndim == 0 or (self.count == arr.shape and not any(self.start)):
+            return arr
+        return arr[self.slices]
 
     def covers(self, shape: Sequence[int]) -> bool:
         return all(s == 0 for s in self.start) and tuple(self.count) == tuple(shape)

@@ -59,6 +59,7 @@ class Subscriber:
         self._serial = 0
         self._last_index: int | None = None
         self._steps = self._dropped = self._bytes = 0
+        self._sized: tuple[dict | None, int] = (None, 0)  # a layout and its bytes
         self._ended = False
         self._closed = False
         self._finalizer = weakref.finalize(self, reader.close)
@@ -141,7 +142,9 @@ class Subscriber:
             self._dropped += meta.index - expected
         self._last_index = meta.index
         self._steps += 1
-        self._bytes += sum(spec.nbytes for spec in meta.vars.values())
+        if meta.vars is not self._sized[0]:  # transports reuse one dict for a repeated layout
+            self._sized = (meta.vars, sum(spec.nbytes for spec in meta.vars.values()))
+        self._bytes += self._sized[1]
         serial = self._serial
         return Step(
             meta,

@@ -31,11 +31,12 @@ def test_bench_shm_reports_all_methods(tmp_path) -> None:
         "bench_shm.py", tmp_path / "rows.json", "--sizes", "4KiB,64KiB", "--seconds", "0.01"
     )
     assert {(r["size"], r["method"]) for r in rows} == {
-        (s, m) for s in (4096, 65536) for m in ("raw copy", "shm://", "mp.Queue")
+        (s, m) for s in (4096, 65536) for m in ("raw copy", "shm://", "mp.Queue", "ring")
     }
     for r in rows:
         assert r["gbps"] > 0 and 0 < r["median_us"] <= r["p99_us"]
-    assert "vs Queue" in stdout
+        assert r["steps"] > 8  # steady state: more than the warm-up
+    assert "vs Queue" in stdout and "vs ring" in stdout
 
 
 def test_bench_mpi_reports_every_transport_and_rank_count(tmp_path) -> None:

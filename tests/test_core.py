@@ -409,3 +409,45 @@ def test_publish_and_subscribe_options_work_in_the_url_as_keywords(tmp_path) -> 
         dp.publish(f"{url}?queue_limit=two")
     with pytest.raises(dp.OptionError, match="start must be"):
         dp.subscribe(f"{url}?start=middle")
+
+
+@pytest.mark.timeout(60)
+def test_steps_that_repeat_a_layout_and_steps_that_change_it_read_back_as_written() -> None:
+    """A step laid out as the last one skips the checks it already passed; every other step
+    (new names, order, shapes, byte order, tensors, blocks, a masked array) is checked in
+    full, and a dtype change is refused as before."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    x = rng.random((4, 3))
+    steps = [
+        {"x": x, "t": np.float64(1.0)},
+        {"x": x + 1, "t": np.float64(2.0)},  # repeats the layout
+        {"x": rng.random((2, 3)), "t": np.float64(3.0)},  # another shape
+        {"t": np.float64(4.0), "x": x},  # another order
+        {"x": (x + 2).astype(">f8"), "t": np.float64(5.0)},  # byte-swapped: converted
+        {"x": torch.from_numpy(x + 3), "t": np.float64(6.0)},  # a tensor
+        {"x": Block(x + 4, (0, 0), (4, 3)), "t": np.float64(7.0)},
+        {"x": x + 5, "t": np.float64(8.0), "y": np.arange(3)},  # one more variable
+        {"x": x + 6, "t": np.float64(9.0), "y": np.arange(3) + 1},
+    ]
+    sub = dp.subscribe("mem://repeats", timeout=20)
+    with dp.publish("mem://repeats", queue_limit=len(steps) + 1) as pub:
+        for step in steps:
+            pub.write(step)
+        with pytest.raises(dp.SchemaError, match="dtype"):
+            pub.write({"x": x.astype(np.float32), "t": np.float64(0.0), "y": np.arange(3)})
+        with pytest.raises(dp.SchemaError, match="masked"):
+            pub.write({"x": np.ma.masked_array(x), "t": np.float64(0.0), "y": np.arange(3)})
+        with pytest.raises(dp.SchemaError, match="dtype"):
+            pub.write({"x": x, "t": np.float32(0.0), "y": np.arange(3)})
+    n = 0
+    for step, want in zip(sub, steps):
+        n += 1
+        for name, value in want.items():
+            if isinstance(value, Block):
+                value = value.data
+            expect = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+            np.testing.assert_array_equal(step[name], expect.astype(expect.dtype.newbyteorder("=")))
+            assert step[name].dtype == expect.dtype.newbyteorder("=")
+    assert n == len(steps) and sub.next() is None
+    sub.close()

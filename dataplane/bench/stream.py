@@ -30,7 +30,7 @@ __all__ = ["METHODS", "bench_queue", "bench_raw", "bench_stream", "run"]
 
 WARMUP = 8
 MAX_STEPS = 20000
-METHODS = ("raw copy", "shm://", "sst://", "mp.Queue")
+METHODS = ("raw copy", "shm://", "sst://", "mp.Queue", "ring")
 
 
 def _steps_until(seconds: float) -> Callable[[int], bool]:
@@ -66,6 +66,29 @@ def _queue_writer(q: Any, size: int, seconds: float) -> None:
             break
         q.put((time.perf_counter(), data))
     q.put(None)
+
+
+def _ring_writer(buf: Any, free: Any, full: Any, size: int, slots: int, seconds: float) -> None:
+    data = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)
+    stride = _align8(size) + 8
+    ring = np.frombuffer(buf, np.uint8)
+    stamps = [ring[k * stride : k * stride + 8].view(np.float64) for k in range(slots)]
+    rows = [ring[k * stride + 8 : k * stride + 8 + size] for k in range(slots)]
+    more = _steps_until(seconds)
+    for i in itertools.count():
+        k = i % slots
+        free.acquire()
+        if not more(i):
+            stamps[k][0] = -1.0
+            full.release()
+            break
+        rows[k][:] = data
+        stamps[k][0] = time.perf_counter()
+        full.release()
+
+
+def _align8(n: int) -> int:
+    return (n + 7) // 8 * 8
 
 
 # -- measurements -----------------------------------------------------------------------------
@@ -155,11 +178,49 @@ def bench_queue(size: int, seconds: float, maxsize: int, ctx: Any) -> dict[str, 
     return _summary(size, sent, got)
 
 
+def bench_ring(size: int, seconds: float, slots: int, ctx: Any) -> dict[str, Any]:
+    """The floor of any shared-memory stream: a ring of ``slots`` steps in shared memory and
+    two semaphores (free, full), no metadata, no liveness checks; the reader touches each
+    step in place (as shm:// readers get views) before it frees the slot."""
+    stride = _align8(size) + 8
+    buf = ctx.RawArray("b", stride * slots)
+    free, full = ctx.Semaphore(slots), ctx.Semaphore(0)
+    proc = ctx.Process(target=_ring_writer, args=(buf, free, full, size, slots, seconds))
+    proc.start()
+    ring = np.frombuffer(buf, np.uint8)
+    stamps = [ring[k * stride : k * stride + 8].view(np.float64) for k in range(slots)]
+    rows = [ring[k * stride + 8 : k * stride + 8 + size] for k in range(slots)]
+    sent, got = [], []
+    try:
+        for i in itertools.count():
+            k = i % slots
+            if not full.acquire(timeout=120):
+                raise dp.DataplaneError("the ring writer stopped sending")
+            now = time.perf_counter()
+            t = float(stamps[k][0])
+            if t < 0:
+                break
+            if rows[k].nbytes != size:
+                raise dp.DataplaneError(f"a ring step of {rows[k].nbytes} bytes, not {size}")
+            sent.append(t)
+            got.append(now)
+            free.release()
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    return _summary(size, sent, got)
+
+
 def measure(method: str, size: int, seconds: float, workdir: str, ctx: Any) -> dict[str, Any]:
     """Throughput and latency of one method at one step size."""
     if method == "raw copy":
         return bench_raw(size, seconds)
-    if method == "mp.Queue":
+    if method == "ring":
+        thr = bench_ring(size, seconds, 4, ctx)
+        lat = bench_ring(size, seconds / 2, 1, ctx)
+    elif method == "mp.Queue":
         # Pickling large steps is slow: a shorter run says as much.
         thr = bench_queue(size, seconds, 4, ctx)
         lat = bench_queue(size, seconds / 2, 1, ctx)

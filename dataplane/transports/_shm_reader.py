@@ -129,7 +129,7 @@ class ShmReader(Reader):
         while True:
             found = None
             with ctl.locked:
-                if not me.active or me.pid != _posix.my_identity()[0]:
+                if not me.active or me.pid != self._pid:  # (this process: checked above)
                     raise ChannelBroken(
                         f"{self._t.url.url}: this subscriber was removed from the channel "
                         f"(its process looked dead to the writer)"
