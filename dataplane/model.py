@@ -423,6 +423,8 @@ class Step:
     def read(self, name: str, start: Any = None, count: Any = None) -> np.ndarray:
         """Return the hyperslab ``start``/``count`` of variable ``name`` (all of it by default)."""
         spec = self._spec(name)
+        if start is None and count is None:
+            return self._get(name, _full_selection(spec.shape))
         return self._get(name, Selection.of(spec.shape, start, count, name=name))
 
     def __getitem__(self, name: str) -> np.ndarray:

@@ -219,3 +219,90 @@ def test_options_from_the_url(url: str, tmp_path) -> None:
         assert_same_array(next(sub)["x"], np.ones(2))
         assert pub.transport.get_config()["options"]["max_subscribers"] == 3
     sub.close()
+
+
+def _hold_the_lock_and_hang(token: str, held: object) -> None:
+    from dataplane.transports._shm_control import _Control
+
+    ctl = _Control.attach(token)
+    ctl.locked.__enter__()
+    held.set()  # type: ignore[attr-defined]
+    time.sleep(600)
+
+
+@pytest.mark.timeout(120)
+def test_a_process_killed_holding_the_channel_lock_does_not_stall_the_channel(url: str) -> None:
+    """The channel lock is a robust process-shared mutex (no system call per step): a holder
+    that dies is released by the kernel as flock's would be, and the channel goes on, every
+    step delivered."""
+    import multiprocessing
+
+    from dataplane.transports._shm_control import _MUTEX
+
+    with dp.publish(url, queue_limit=16) as pub:
+        sub = dp.subscribe(url, timeout=TIMEOUT)
+        pub.write({"x": np.full(100, 0)})
+        assert pub._writer._ctl.h.lock_kind == _MUTEX  # glibc has them: not the flock fallback
+        ctx = multiprocessing.get_context("spawn")
+        held = ctx.Event()
+        holder = ctx.Process(target=_hold_the_lock_and_hang, args=(token_of(url), held))
+        holder.start()
+        try:
+            assert held.wait(60), "the holder never took the lock"
+        finally:
+            holder.kill()
+            holder.join(30)
+        for i in range(1, 10):
+            pub.write({"x": np.full(100, i)})
+        got = []
+        for step in sub:
+            assert_same_array(step["x"], np.full(100, step.index))
+            got.append(step.index)
+            if step.index == 9:
+                break
+    assert got == list(range(10))
+    sub.close()
+
+
+def test_a_channel_of_another_dataplane_version_is_named_and_never_swept(url: str) -> None:
+    from dataplane.transports._shm_control import _MAGIC, _Control, sweep
+
+    with dp.publish(url) as pub:
+        pub.write({"x": np.arange(3)})
+        ctl = pub._writer._ctl
+        ctl.h.magic = _MAGIC - 1  # what the previous layout's writer would have written
+        try:
+            with pytest.raises(dp.DataplaneError, match="another version of dataplane"):
+                dp.subscribe(url, timeout=1)
+            assert token_of(url) not in sweep(default_dir())
+            assert segments(token_of(url))
+        finally:
+            ctl.h.magic = _MAGIC
+        with dp.subscribe(url, timeout=TIMEOUT) as sub:
+            pub.write({"x": np.arange(3) + 1})
+            for i in range(2):  # the step written before it subscribed is still held for it
+                assert_same_array(next(sub)["x"], np.arange(3) + i)
+    del _Control
+
+
+def test_where_libc_has_no_robust_mutex_the_channel_locks_with_flock_across_processes(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header says how the channel is locked: a subscriber in another process (whose libc
+    has the mutex) follows the writer's flock, and every step arrives as written."""
+    from dataplane._testprocs import digest
+    from dataplane.transports._shm_control import _FLOCK
+
+    monkeypatch.setattr(_posix, "init_shared_mutex", lambda addr: False)
+    reader = run_proc("subscribe", url, "--timeout", "30")
+    with dp.publish(url, rendezvous=1, queue_limit=3) as pub:
+        assert pub._writer._ctl.h.lock_kind == _FLOCK
+        sent = []
+        for i in range(40):
+            x = np.arange(2000, dtype=np.float64) * (i + 1)
+            pub.write({"x": x})
+            sent.append(digest(x))
+    events = read_events(reader, 60)
+    got = [e["digests"]["x"] for e in events if "index" in e]
+    assert got == sent
+    assert events[-1]["end"] == "closed"

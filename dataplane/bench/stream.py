@@ -29,7 +29,7 @@ from ._common import Recorder, World, fmt_size
 __all__ = ["METHODS", "bench_queue", "bench_raw", "bench_stream", "run"]
 
 WARMUP = 8
-MAX_STEPS = 20000
+MAX_STEPS = 100000
 METHODS = ("raw copy", "shm://", "sst://", "mp.Queue", "ring")
 
 

@@ -20,6 +20,7 @@ from dataplane.transports._shm_control import (
     _POLL,
     _Control,
     _deadline,
+    _ForeignLayout,
     _left,
     _read_channel_file,
     _slot_name,
@@ -46,6 +47,9 @@ class ShmReader(Reader):
         self._cur_mm: Any = None
         self._cur_off = 0
         self._cur_vars: dict[str, tuple[VarSpec, int]] = {}
+        # slot -> (gen, data offset, arrays over it): a slot's views, made once per layout.
+        self._views: dict[int, tuple[int, int, dict[str, np.ndarray]]] = {}
+        self._cur_views: dict[str, np.ndarray] = {}
         self._vars_raw = b""
         self._vars_layout: dict[str, tuple[VarSpec, int]] = {}
         self._vars_specs: dict[str, VarSpec] = {}
@@ -63,6 +67,11 @@ class ShmReader(Reader):
             if info is not None:
                 try:
                     ctl = _Control.attach(info["token"])
+                except _ForeignLayout as exc:
+                    raise DataplaneError(
+                        f"{self._t.url.url}: its writer runs another version of dataplane "
+                        f"({exc}); use one version on both sides"
+                    ) from None
                 except FileNotFoundError:
                     ctl = None
                 if ctl is not None and self._register(ctl):
@@ -116,7 +125,7 @@ class ShmReader(Reader):
                 f"subscriber of {self._t.url.url} was opened in process {self._pid}; subscribe "
                 f"again in this process"
             )
-        self._cur_mm, self._cur_vars = None, {}
+        self._cur_mm, self._cur_vars, self._cur_views = None, {}, {}
         deadline = _deadline(timeout)
         if self._ctl is None and not self._connect(deadline):
             raise StepTimeoutError(
@@ -198,19 +207,27 @@ class ShmReader(Reader):
                 e[0]: (VarSpec(np.dtype(e[1]), tuple(e[2])), e[3]) for e in entries
             }
             self._vars_specs = {k: v[0] for k, v in self._vars_layout.items()}
+            self._views.clear()
         attrs = json.loads(mm[vars_len : vars_len + attrs_len]) if attrs_len > 2 else {}
         self._cur_mm, self._cur_off, self._cur_vars = mm, data_off, self._vars_layout
+        views = self._views.get(slot)
+        if views is None or views[0] != gen or views[1] != data_off:
+            views = self._views[slot] = (gen, data_off, {})
+        self._cur_views = views[2]
         return StepMeta(seq, attrs, self._vars_specs)
 
     def get(self, name: str, selection: Selection) -> np.ndarray:
-        spec, off = self._cur_vars[name]
-        if spec.size == 0:
-            arr = np.empty(spec.shape, spec.dtype)
-            arr.flags.writeable = False
-        else:
-            arr = np.frombuffer(
-                self._cur_mm, spec.dtype, count=spec.size, offset=self._cur_off + off
-            ).reshape(spec.shape)
+        arr = self._cur_views.get(name)
+        if arr is None:
+            spec, off = self._cur_vars[name]
+            if spec.size == 0:
+                arr = np.empty(spec.shape, spec.dtype)
+                arr.flags.writeable = False
+            else:
+                arr = np.frombuffer(
+                    self._cur_mm, spec.dtype, count=spec.size, offset=self._cur_off + off
+                ).reshape(spec.shape)
+            self._cur_views[name] = arr
         return selection.apply(arr)
 
     def attrs(self) -> dict[str, AttrValue]:
@@ -223,7 +240,8 @@ class ShmReader(Reader):
         if self._closed:
             return
         self._closed = True
-        self._cur_mm, self._cur_vars = None, {}
+        self._cur_mm, self._cur_vars, self._cur_views = None, {}, {}
+        self._views.clear()
         self._maps.clear()
         ctl = self._ctl
         if ctl is None or os.getpid() != self._pid:

@@ -12,8 +12,10 @@ Layout
     the channel lock, so a reader never sees a partial step.
 
 Synchronisation
-    The channel lock is ``flock`` on the control segment (the kernel releases it when a holder
-    dies, so a crash never deadlocks the channel). Readers sleep on a futex that the writer
+    The channel lock is a robust process-shared pthread mutex in the control segment: taken
+    without a system call, and handed to the next locker when its holder dies, so a crash never
+    deadlocks the channel. Where the C library has none it is ``flock`` on the segment, which
+    the kernel releases likewise (the header says which). Readers sleep on a futex that the writer
     bumps per step; the writer sleeps on another that readers bump when they advance.
 
 Liveness
@@ -169,6 +171,7 @@ class _ShmWriter(Writer):
         self._queue_limit = queue_limit
         self._pending: _Pending | None = None
         self._layouts: dict[tuple, tuple[tuple, bytes, dict[str, int], int]] = {}
+        self._last_layout: tuple[dict, tuple[tuple, bytes, dict[str, int], int]] | None = None
         self._closed = False
         self._pid = os.getpid()
         self._last_reap = 0.0
@@ -239,20 +242,15 @@ class _ShmWriter(Writer):
     def _choose(self, index: int) -> int | None:
         """Pick a slot for step ``index`` (under the lock), or None if it must wait."""
         seqs, ql = self._seqs, self._queue_limit  # the writer alone sets seq: its own copy
-        pinned = set()
-        min_cursor = None
-        for s in self._ctl.live_subscribers():
-            c, cur = s.cursor, s.current
-            if min_cursor is None or c < min_cursor:
-                min_cursor = c
-            if cur >= 0:
-                pinned.add(cur)
+        subs = self._ctl.live_subscribers()
+        pinned = {s.current for s in subs}  # -1 (none) matches no slot's step
+        min_cursor = min([s.cursor for s in subs]) if subs else None
         if self._policy != "block":
             min_cursor = None  # nothing is "needed": slow subscribers lose the oldest steps
         elif min_cursor is not None:
             # Count the slowest subscriber's unconsumed steps rather than compare indices:
             # indices need not start at its cursor or be contiguous (appends, relays).
-            if sum(seq >= min_cursor for seq in seqs) >= ql:
+            if len([seq for seq in seqs if seq >= min_cursor]) >= ql:
                 return None
         empty = seqs.count(-1)
         if empty and len(seqs) - empty < ql:
@@ -309,7 +307,11 @@ class _ShmWriter(Writer):
         return ws
 
     def _layout(self, specs: dict[str, VarSpec]) -> tuple[tuple, bytes, dict[str, int], int]:
-        """Variables' JSON, offsets and data size; cached, as steps usually repeat their layout."""
+        """Variables' JSON, offsets and data size; cached, as steps usually repeat their layout
+        (the publisher passes a repeated layout as the same dict)."""
+        last = self._last_layout
+        if last is not None and last[0] is specs:
+            return last[1]
         key = tuple((n, sp.dtype, sp.shape) for n, sp in specs.items())
         hit = self._layouts.get(key)
         if hit is None:
@@ -323,6 +325,7 @@ class _ShmWriter(Writer):
             if len(self._layouts) > 64:
                 self._layouts.clear()
             self._layouts[key] = hit
+        self._last_layout = (specs, hit)
         return hit
 
     def begin_step(
