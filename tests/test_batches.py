@@ -281,3 +281,69 @@ def test_an_entry_is_hashed_once_per_node_until_its_file_changes(url, tmp_path) 
         x, label = third.batch(list(range(len(third))))
     assert check_batch(x, label) == list(range(STEPS * ROWS))
     assert third.cache.stats["corrupt"] == 1 and third.cache.stats["verified"] == 0
+
+
+def _map_ahead_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "dataplane-map-ahead"]
+
+
+def test_a_new_process_maps_its_epochs_shards_ahead_of_its_reads(url, tmp_path) -> None:
+    """Over a full cache, the process that reads maps the plan's shards in a thread ahead of
+    its reads (off the reading path); the values are those written, and the thread ends with
+    the epoch. Where only workers read, the main process maps nothing."""
+    ds = dataset(url, tmp_path)
+    ds.batch(list(range(len(ds))))
+    ds.cache.close()
+    keys = ds._shard_table()[2]
+    again = dataset(url, tmp_path, prefetch=False)  # a new NodeCache: nothing mapped yet
+    sampler = ShuffleSampler(again, seed=3, block=2)
+    batches = iter(loader(again, 16, sampler=sampler))
+    seen = check_batch(*next(batches))
+    ahead = again._epochs._ahead
+    assert ahead is not None
+    ahead._thread.join(60)  # fewer shards than its window: it maps them all, then ends
+    assert ahead.done
+    assert all(a is not None for a in again.cache._maps.live_many(keys, again.cache.generation()))
+    for x, label in batches:
+        seen += check_batch(x, label)
+    assert sorted(seen) == list(range(STEPS * ROWS))
+    assert again.cache.stats["hits"] > 0 and again.cache.stats["misses"] == 0
+    assert _map_ahead_threads() == []
+    # Per-sample reads in workers: the main process publishes the plan but reads nothing.
+    third = dataset(url, tmp_path, prefetch=False)
+    ld = DataLoader(third, batch_size=16, sampler=ShuffleSampler(third, seed=3), num_workers=2)
+    got = [i for x, label in ld for i in check_batch(x, label)]
+    assert sorted(got) == list(range(STEPS * ROWS))
+    assert third._epochs._ahead is None and third.cache.stats["mapped"] == 0
+
+
+def test_mapping_ahead_keeps_to_its_window_and_ends_with_its_owner(tmp_path) -> None:
+    from dataplane.loaders import _ahead
+
+    cache = NodeCache(tmp_path / "c", capacity="64MiB")
+    keys = [NodeCache.key("ahead", i) for i in range(_ahead.WINDOW * 2 + 5)]
+    for i, k in enumerate(keys):
+        cache.fetch(k, lambda i=i: {"x": np.full(16, i, np.int64)})
+    reader = NodeCache(tmp_path / "c", capacity="64MiB")  # as another process would
+    uses = np.repeat(np.arange(len(keys))[::-1], 4)  # the last key is read first
+    owner = type("Owner", (), {})()
+    ahead = _ahead.MapAhead(reader, keys, uses, 0, owner)
+    deadline = time.monotonic() + 60
+    while ahead._resume_at == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # until it waits for the reader
+    gen = reader.generation()
+    live = [k for k, a in zip(keys, reader._maps.live_many(keys, gen)) if a is not None]
+    # The shard read at position 0, and a window beyond it.
+    assert sorted(live) == sorted(keys[::-1][: _ahead.WINDOW + 1])
+    got = reader.get(keys[-1])
+    assert got is not None and got["x"].tolist() == [len(keys) - 1] * 16
+    ahead.at(4 * _ahead.WINDOW)  # the reader moved on: it maps further
+    deadline = time.monotonic() + 60
+    while reader._maps.live_many(keys, gen)[-_ahead.WINDOW - 2] is None:
+        assert time.monotonic() < deadline, "it did not map further"
+        time.sleep(0.01)
+    del owner  # its dataset is gone: the thread ends at its next look
+    ahead._thread.join(10 * _ahead.POLL)
+    assert ahead.done

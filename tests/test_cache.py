@@ -153,6 +153,47 @@ def test_flipped_bytes_are_detected_and_fetched_again(tmp_path) -> None:
     assert fresh.stats["corrupt"] == 1
 
 
+def test_a_damaged_table_of_arrays_is_detected_not_read_as_other_samples(tmp_path) -> None:
+    """The table (names, shapes, offsets) is checksummed with the payload: an offset moved by
+    one array element keeps the file's size and payload sound, and would hand out shifted rows."""
+    NodeCache(tmp_path / "c", capacity="10MiB").fetch(key(1), lambda: arrays(1))
+    entry = tmp_path / "c" / "entries" / key(1)
+    raw = entry.read_bytes()
+    table_at = raw.index(b'[["x"')
+    table = raw[table_at : raw.index(b"]]", table_at) + 2]
+    # The table's last number is y's offset; 8 bytes on (within its padding) keeps the length.
+    last = table.rstrip(b"]").rsplit(b", ", 1)[1]
+    moved = table.replace(last + b"]]", str(int(last) + 8).encode().rjust(len(last)) + b"]]")
+    assert len(moved) == len(table) and moved != table
+    entry.write_bytes(raw.replace(table, moved))
+    fresh = NodeCache(tmp_path / "c", capacity="10MiB")
+    with pytest.warns(CacheWarning, match="corrupt .*checksum"):
+        assert fresh.get(key(1)) is None
+    got = fresh.fetch(key(1), lambda: arrays(1))
+    np.testing.assert_array_equal(got["y"], arrays(1)["y"])
+    assert fresh.stats["corrupt"] == 1
+
+
+def test_entries_of_another_format_are_replaced_with_one_warning(tmp_path) -> None:
+    cache = NodeCache(tmp_path / "c", capacity="10MiB")
+    for i in range(3):
+        cache.fetch(key(i), lambda i=i: arrays(i))
+        entry = tmp_path / "c" / "entries" / key(i)
+        raw = bytearray(entry.read_bytes())
+        raw[:8] = b"DPCACHE1"  # what the previous format's writer put there
+        entry.write_bytes(bytes(raw))
+    fresh = NodeCache(tmp_path / "c", capacity="10MiB")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for i in range(3):
+            assert fresh.get(key(i)) is None
+            got = fresh.fetch(key(i), lambda i=i: arrays(i))
+            np.testing.assert_array_equal(got["x"], arrays(i)["x"])
+    said = [str(w.message) for w in seen if issubclass(w.category, CacheWarning)]
+    assert len(said) == 1 and "another version of dataplane" in said[0], said
+    assert fresh.stats["corrupt"] == 0 and fresh.stats["misses"] == 3
+
+
 def _slow_fetch(path: str, k: str, log: str, delay: float, barrier) -> None:
     cache = NodeCache(path, capacity="10MiB")
     barrier.wait()

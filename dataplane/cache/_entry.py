@@ -1,8 +1,11 @@
 """The format of a cache entry, and the record that vouches for one.
 
-An entry is one file: a header (magic, table length, payload length, xxh3-64 of the payload),
-a JSON table of its arrays (name, dtype, shape, offset), then the payload, each array 64-byte
-aligned. A record (``seen/<key>``) holds the entry's identity (inode, size, modification and
+An entry is one file: a header (magic, table length, payload length, xxh3-64 of the table
+and payload), a JSON table of its arrays (name, dtype, shape, offset), then the payload, each
+array 64-byte aligned. The table is checksummed with the payload: a damaged offset or shape
+would otherwise hand out sound bytes as the wrong samples.
+
+A record (``seen/<key>``) holds the entry's identity (inode, size, modification and
 change times) when its payload last matched its checksum.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import stat
@@ -22,13 +26,18 @@ import xxhash
 
 from dataplane.cache._files import NOFOLLOW, Mapping, open_file
 
-MAGIC = b"DPCACHE1"
-HEADER = struct.Struct("<8sQQQ")  # magic, table length, payload length, xxh3-64 of payload
+MAGIC = b"DPCACHE2"
+FAMILY = b"DPCACHE"  # what every format's magic starts with
+HEADER = struct.Struct("<8sQQQ")  # magic, table length, payload length, xxh3-64
 ALIGN = 64
 
 
 class Damaged(Exception):
     """An entry that cannot be used; the message says why."""
+
+
+class Outdated(Damaged):
+    """An entry in another version's format (not damage: replaced without alarm)."""
 
 
 def _padded(nbytes: int) -> int:
@@ -53,7 +62,7 @@ def write(fd: int, arrays: dict[str, np.ndarray]) -> None:
     computed from the bytes written."""
     size, table, offsets = layout(arrays)
     head = size - sum(_padded(a.nbytes) for a in arrays.values())
-    h = xxhash.xxh3_64()
+    h = xxhash.xxh3_64(table)
     for a, o in zip(arrays.values(), offsets):
         flat = a.reshape(-1).view(np.uint8)
         if a.nbytes:
@@ -66,7 +75,7 @@ def write(fd: int, arrays: dict[str, np.ndarray]) -> None:
 class Mapped:
     """An entry mapped read-only, its header checked (not yet its payload)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, populate: bool = False) -> None:
         """Raises FileNotFoundError (no entry) or :class:`Damaged`."""
         try:
             fd = os.open(path, os.O_RDONLY | NOFOLLOW)
@@ -78,28 +87,45 @@ class Mapped:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size < HEADER.size:
                 raise Damaged("it is shorter than its header")
-            self.bytes = np.asarray(Mapping(fd, st.st_size))
+            self.bytes = np.asarray(Mapping(fd, st.st_size, populate))
         finally:
             os.close(fd)
         self.stat = st
         magic, self._tlen, plen, self._checksum = HEADER.unpack_from(self.bytes.data, 0)
+        if magic != MAGIC and magic.startswith(FAMILY):
+            raise Outdated(
+                f"it is in format {magic.decode(errors='replace')}, not {MAGIC.decode()}"
+            )
         self._head = _padded(HEADER.size + self._tlen)
         if magic != MAGIC or self._head + plen != st.st_size:
             raise Damaged("its header does not match its size")
 
     def payload_matches(self) -> bool:
-        return xxhash.xxh3_64_intdigest(self.bytes[self._head :].data) == self._checksum
+        """Whether the table and payload match the checksum."""
+        h = xxhash.xxh3_64(self.bytes[HEADER.size : HEADER.size + self._tlen].data)
+        h.update(self.bytes[self._head :].data)
+        return h.intdigest() == self._checksum
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Read-only views of the entry's arrays (they keep the mapping alive)."""
-        out = {}
-        table = json.loads(bytes(self.bytes[HEADER.size : HEADER.size + self._tlen]))
-        for name, dtype, shape, offset in table:
-            dt = np.dtype(dtype)
-            start = self._head + offset
-            count = int(np.prod(shape, dtype=np.int64))
-            out[name] = self.bytes[start : start + count * dt.itemsize].view(dt).reshape(shape)
-        return out
+        buf, head = self.bytes, self._head
+        try:
+            table = _table(bytes(buf[HEADER.size : HEADER.size + self._tlen]))
+            return {
+                name: np.ndarray(shape, dtype, buffer=buf, offset=head + offset)
+                for name, dtype, shape, offset in table
+            }
+        except (ValueError, TypeError) as exc:  # the table is not covered by the checksum
+            raise Damaged(f"its table of arrays is not one an entry has ({exc})") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _table(text: bytes) -> tuple[tuple[str, np.dtype, tuple[int, ...], int], ...]:
+    """A table parsed (entries of one dataset share theirs: parsed once per process)."""
+    return tuple(
+        (name, np.dtype(dtype), tuple(shape), offset)
+        for name, dtype, shape, offset in json.loads(text)
+    )
 
 
 def identity(st: os.stat_result) -> str:

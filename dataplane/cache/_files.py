@@ -46,6 +46,7 @@ def pid_alive(pid: int) -> bool:
 
 
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def open_file(path: str, flags: int, mode: int = 0o600) -> int:
@@ -78,11 +79,12 @@ def owned_dir(path: str) -> None:
 class Mapping:
     """A read-only shared mapping of a whole file that keeps no file descriptor (Python's
     ``mmap`` keeps a duplicate of it for its whole life: one per cache entry a process ever
-    mapped). Unmapped when the last array viewing it is gone."""
+    mapped). Unmapped when the last array viewing it is gone. ``populate``: build its page
+    tables now (in the kernel, without the GIL), not one fault per 64 KiB as it is read."""
 
     _libc: Any = None
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, populate: bool = False) -> None:
         libc = Mapping._libc
         if libc is None:
             libc = Mapping._libc = ctypes.CDLL(None, use_errno=True)
@@ -94,7 +96,8 @@ class Mapping:
             libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         self.size = size
         self.addr = 0
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        flags = mmap.MAP_SHARED | (MAP_POPULATE if populate else 0)
+        addr = libc.mmap(None, size, mmap.PROT_READ, flags, fd, 0)
         if addr is None or addr == ctypes.c_void_p(-1).value:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))

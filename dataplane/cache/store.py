@@ -92,7 +92,7 @@ class NodeCache:
         self._plans = Plans(os.path.join(self.path, "plans"))
         self._space = Space(self.path, self.capacity, self._plans)
         self._counters = Counters(self.path)
-        self._warned = False
+        self._warned = self._warned_format = False
         # At exit, and in DataLoader workers (which end through os._exit), multiprocessing's
         # finalizers still run.
         multiprocessing.util.Finalize(self, self._counters.flush, exitpriority=10)
@@ -175,15 +175,26 @@ class NodeCache:
         self._check_process()
         return self._space.generation()
 
-    def _map(self, key: str) -> dict[str, np.ndarray] | None:
+    def map_ahead(self, key: str) -> bool:
+        """Map entry ``key``, if it is here and sound, with its page tables built now: for a
+        thread that runs ahead of this process's reads, so that their first read of an entry
+        costs neither the mapping nor its page faults. Whether it is mapped now."""
+        self._check_process()
+        return self._map(key, populate=True) is not None
+
+    def _map(self, key: str, populate: bool = False) -> dict[str, np.ndarray] | None:
         gen = self._space.generation()
         arrays = self._maps.live(key, gen)
         if arrays is not None:
             return arrays
-        mapped = self._open_entry(key)
+        mapped = self._open_entry(key, populate)
         if mapped is None or not self._checked(key, mapped):
             return None
-        arrays = mapped.arrays()
+        try:
+            arrays = mapped.arrays()
+        except entry.Damaged as exc:
+            self._corrupt(key, str(exc))
+            return None
         self._count("mapped", 1)
         with contextlib.suppress(OSError):
             # Last use, for LRU order: on the record, since the entry's own times vouch for it.
@@ -191,11 +202,14 @@ class NodeCache:
         self._maps.add(key, mapped.stat.st_ino, gen, arrays)
         return arrays
 
-    def _open_entry(self, key: str) -> entry.Mapped | None:
+    def _open_entry(self, key: str, populate: bool = False) -> entry.Mapped | None:
         """Entry ``key`` mapped, its header checked; None if missing, or damaged (removed)."""
         try:
-            return entry.Mapped(self._entry(key))
+            return entry.Mapped(self._entry(key), populate)
         except FileNotFoundError:
+            return None
+        except entry.Outdated as exc:
+            self._outdated(key, str(exc))
             return None
         except entry.Damaged as exc:
             self._corrupt(key, str(exc))
@@ -224,6 +238,20 @@ class NodeCache:
         except FileNotFoundError:
             return False
         return True
+
+    def _outdated(self, key: str, why: str) -> None:
+        """Remove an entry another version of dataplane wrote, so it is fetched again."""
+        if not self._warned_format:
+            self._warned_format = True
+            warnings.warn(
+                f"cache {self.path} holds entries another version of dataplane wrote ({key}: "
+                f"{why}); each is replaced as it is read (clear the cache to do it at once)",
+                CacheWarning,
+                stacklevel=5,
+            )
+        self._unlink_entry(key)
+        self._checks.forget(key)
+        self._maps.drop(key)
 
     def _corrupt(self, key: str, why: str) -> None:
         """Count, warn and remove a damaged entry, so it is fetched again."""

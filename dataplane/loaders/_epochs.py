@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 import weakref
 from collections.abc import Callable
@@ -11,13 +12,15 @@ from typing import Any
 import numpy as np
 
 from dataplane.cache import NodeCache, Prefetcher
+from dataplane.loaders._ahead import MapAhead
 from dataplane.loaders._shards import ShardSource
 
 
 class Epochs:
     """The prefetch process of one dataset (started on first use, given the new source when
-    the snapshot grows) and the plan this process last published to the cache. A pickled copy
-    (a DataLoader worker's) starts with neither: they belong to the process that made them."""
+    the snapshot grows), the plan this process last published to the cache, and the thread
+    that maps the plan's shards ahead once this process reads them itself. A pickled or forked
+    copy (a DataLoader worker's) has none of them: they belong to the process that made them."""
 
     def __init__(self, cache: NodeCache | None, enabled: bool, window: int) -> None:
         self.cache = cache
@@ -26,6 +29,11 @@ class Epochs:
         self.prefetcher: Prefetcher | None = None
         self._spec: str | None = None  # what the prefetch process reads now
         self._plan: str | None = None
+        self._ahead: MapAhead | None = None
+        # The last plan's (keys, uses, publishing pid) until this process reads, and the
+        # sampler's position in it.
+        self._next: tuple[list[str], np.ndarray, int] | None = None
+        self._position = 0
 
     def start(self, source: Callable[[], ShardSource], update: bool) -> Prefetcher | None:
         """The prefetch process, started if it is not running; with ``update``, told of a
@@ -73,9 +81,34 @@ class Epochs:
         prefetcher = self.start(source, update=True)
         if prefetcher is not None:
             prefetcher.follow(plan)
-        return lambda position: cache.advance(plan, position)
+        self._stop_ahead()
+        self._next, self._position = (keys, uses, os.getpid()), 0
+
+        def advance(position: int) -> None:
+            cache.advance(plan, position)
+            self._position = position
+            ahead = self._ahead
+            if ahead is not None:
+                ahead.at(position)
+
+        return advance
+
+    def reading(self) -> None:
+        """This process reads from the cache: map the last plan's shards ahead of it (not
+        where only workers read: their mappings are their own)."""
+        nxt = self._next
+        if nxt is not None and nxt[2] == os.getpid() and self.cache is not None:
+            self._next = None
+            self._ahead = MapAhead(self.cache, nxt[0], nxt[1], self._position, self)
+
+    def _stop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead.stop()
+            self._ahead = None
 
     def close(self) -> None:
+        self._stop_ahead()
+        self._next = None
         if self.prefetcher is not None:
             self.prefetcher.close()
             self.prefetcher = None
@@ -85,4 +118,5 @@ class Epochs:
         state = self.__dict__.copy()
         state["prefetcher"] = state["_spec"] = None
         state["_plan"] = None  # the publishing process's, not a copy's to drop
+        state["_ahead"] = state["_next"] = None
         return state

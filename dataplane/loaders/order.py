@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.random  # numpy 2 imports it on first use: 10 ms of a new job's first epoch
 
 from dataplane.errors import OptionError
 

@@ -241,6 +241,7 @@ class SampleDataset(torch.utils.data.Dataset):
         return self._io.source(self._shard_table())
 
     def _columns(self, idx: np.ndarray, memory: str) -> list[Any]:
+        self._epochs.reading()
         return self._io.columns(idx, memory, self._shard_table())
 
     @property
