@@ -208,7 +208,7 @@ class BatchLoader(DataLoader):
         self.order = sampler if sampler is not None else ShuffleSampler(dataset)
         self.in_main = in_main
         self._memory = "pinned" if pin_memory else "private"
-        work = _Work(dataset, in_main, self._memory, batch_transform)
+        work = self._work = _Work(dataset, in_main, self._memory, batch_transform)
         if num_workers > 0:
             kwargs.setdefault("persistent_workers", True)
         self._batches = _Batches(self.order, int(batch_size), bool(drop_last))
@@ -237,6 +237,12 @@ class BatchLoader(DataLoader):
         return max(GROUP, min(MAX_GROUP, GROUP_BYTES // per_batch))
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        if self.num_workers == 0:
+            # What DataLoader's single-process iterator does, without its per-batch profiler
+            # record and fetcher: 0.1 ms of a 0.6 ms warm batch of 64 KiB samples.
+            for indices in self._batches:
+                yield self._deliver(self._work.__getitems__(indices))
+            return
         for item in super().__iter__():
             if isinstance(item, _Ticket):
                 step = self._batch_size
