@@ -178,6 +178,8 @@ def test_entries_of_another_format_are_replaced_with_one_warning(tmp_path) -> No
     cache = NodeCache(tmp_path / "c", capacity="10MiB")
     for i in range(3):
         cache.fetch(key(i), lambda i=i: arrays(i))
+    cache.close()  # records what it stored: it looks at its entries no more
+    for i in range(3):
         entry = tmp_path / "c" / "entries" / key(i)
         raw = bytearray(entry.read_bytes())
         raw[:8] = b"DPCACHE1"  # what the previous format's writer put there
@@ -428,11 +430,67 @@ def test_prefetch_starts_early_and_stops_cleanly_while_workers_live(tmp_path) ->
     assert [i for x in loader for i in ident(x)] == all_ids(2, 256)  # storage order
     assert ds._epochs.prefetcher is prefetcher, "the epoch used the process started early"
     ds.close()  # the workers are alive and hold a copy of the pipe
-    assert prefetcher is not None and prefetcher._proc.returncode == 0, "stopped, not killed"
+    assert prefetcher is not None and all(p.returncode == 0 for p in prefetcher._procs), "stopped"
     assert ds._epochs.prefetcher is None
     del loader  # the workers exit and write their counters
     cache.flush_stats()
     assert cache_stats(str(tmp_path / "cache"))["misses"] == 4, "each shard fetched once"
+
+
+def _hold_while_fetching(path: str, k: str, holding, release) -> None:
+    def produce() -> dict[str, np.ndarray]:
+        holding.set()
+        assert release.wait(60)
+        return arrays(5)
+
+    NodeCache(path, capacity="10MiB").fetch(k, produce)
+
+
+def test_fetch_if_free_takes_no_key_another_process_is_fetching(tmp_path) -> None:
+    """A prefetch process skips a shard another process is fetching (it takes the next one)
+    instead of waiting for it, and fetches one that no one is."""
+    path = str(tmp_path / "c")
+    cache = NodeCache(path, capacity="10MiB")
+    ctx = multiprocessing.get_context("fork")
+    holding, release = ctx.Event(), ctx.Event()
+    other = ctx.Process(target=_hold_while_fetching, args=(path, key(5), holding, release))
+    other.start()
+    try:
+        assert holding.wait(60)
+        called = []
+        cache.fetch_if_free(key(5), lambda: called.append(1) or arrays(5))
+        assert called == [] and key(5) not in cache, "it did not wait, nor fetch it too"
+        cache.fetch_if_free(key(6), lambda: arrays(6))
+        assert cache.get(key(6))["y"].tolist() == [6, 7, 8]
+    finally:
+        release.set()
+        other.join(60)
+    assert other.exitcode == 0
+    assert cache.get(key(5))["y"].tolist() == [5, 6, 7]
+    assert cache.stats["misses"] == 1
+
+
+def test_prefetch_runs_as_many_processes_as_asked(tmp_path) -> None:
+    url = f"h5://{tmp_path}/run.h5"
+    write_rows(url, steps=4, rows=256, width=256)
+    for asked, processes in [(True, 2), (3, 3), (1, 1)]:
+        cache = NodeCache(tmp_path / f"cache-{processes}", capacity="64MiB")
+        ds = SampleDataset(url, vars="x", cache=cache, shard_bytes=128 * 1024, prefetch=asked)
+        assert ds.start_prefetch(wait=60)
+        prefetcher = ds._epochs.prefetcher
+        assert prefetcher is not None and len(set(prefetcher.pids)) == processes
+        sampler = ShuffleSampler(ds, seed=1, block=2)
+        assert sorted(i for x in DataLoader(ds, 32, sampler=sampler) for i in ident(x)) == all_ids(
+            4, 256
+        )
+        ds.close()
+        cache.flush_stats()
+        assert cache_stats(str(tmp_path / f"cache-{processes}"))["misses"] == 8, "once each"
+    off = SampleDataset(url, vars="x", cache=NodeCache(tmp_path / "c0", "64MiB"), prefetch=0)
+    assert not off.prefetch and not off.start_prefetch()
+    for bad in (-1, "2", 1.5):
+        with pytest.raises(dp.OptionError, match="prefetch must be"):
+            SampleDataset(url, vars="x", cache=NodeCache(tmp_path / "c0", "64MiB"), prefetch=bad)
 
 
 def test_readers_go_on_when_the_prefetcher_is_killed(tmp_path) -> None:

@@ -147,6 +147,10 @@ class Counters:
             os.unlink(tmp)
 
 
+#: Longest sleep between two looks at a key's lock held by another process.
+WAIT_POLL = 0.002
+
+
 class KeyLocks:
     """Exclusive per key, across threads (a mutex) and processes (a byte-range lock in
     ``path``, one slot per key hash, that the kernel releases when its holder dies, so a
@@ -161,10 +165,8 @@ class KeyLocks:
         self._fd: int | None = None
         self._closer: Any = None
 
-    @contextlib.contextmanager
-    def hold(self, key: str) -> Iterator[float]:
-        """Hold ``key``'s lock; yields the seconds waited for it. A holder alive but stuck
-        for ``timeout`` is given up on: the caller goes ahead rather than hang."""
+    def _slot(self, key: str) -> tuple[int, threading.Lock, int]:
+        """``key``'s slot in the lock file, its mutex in this process, the lock file."""
         slot = int(key[:8], 16) % self.SLOTS
         with self._mutex:
             mutex = self._mutexes.setdefault(slot, threading.Lock())
@@ -172,12 +174,18 @@ class KeyLocks:
                 self._fd = open_file(self.path, os.O_RDWR | os.O_CREAT)
                 # Dropped without close(), it closes all the same.
                 self._closer = weakref.finalize(self, close_fd_in, os.getpid(), self._fd)
-            fd = self._fd
+            return slot, mutex, self._fd
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[float]:
+        """Hold ``key``'s lock; yields the seconds waited for it. A holder alive but stuck
+        for ``timeout`` is given up on: the caller goes ahead rather than hang."""
+        slot, mutex, fd = self._slot(key)
         t0 = time.perf_counter()
         with mutex:
             deadline = time.monotonic() + self.timeout
             locked = False
-            delay = 0.001
+            delay = 0.0005
             while True:
                 try:
                     fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
@@ -189,12 +197,37 @@ class KeyLocks:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(delay)
-                delay = min(delay * 2, 0.02)
+                # A fetch takes milliseconds: a longer sleep is time the reader sits idle
+                # after it ended (20 ms cost a cold epoch a third of its time).
+                delay = min(delay * 2, WAIT_POLL)
             try:
                 yield time.perf_counter() - t0
             finally:
                 if locked:
                     fcntl.lockf(fd, fcntl.LOCK_UN, 1, slot)
+
+    @contextlib.contextmanager
+    def try_hold(self, key: str) -> Iterator[bool]:
+        """Hold ``key``'s lock if no one (thread or process) holds it now; yields whether
+        it is held. For a fetcher that would rather take another key than wait."""
+        slot, mutex, fd = self._slot(key)
+        if not mutex.acquire(blocking=False):
+            yield False
+            return
+        try:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, slot)
+        finally:
+            mutex.release()
 
     def close(self) -> None:
         with self._mutex:

@@ -6,8 +6,10 @@ epoch's order as shards, see :meth:`NodeCache.set_plan`) and its position; the p
 the shards needed next cached, a window of bytes ahead. The window starts at a few shards and
 doubles whenever the consumer reaches a shard that is not there yet, up to half the cache.
 
-The process runs :func:`main`, told what to read in JSON lines on its
-standard input (never pickles), and it ends when that closes or its parent dies. A
+Each process runs :func:`main`, told what to read in JSON lines on its
+standard input (never pickles), and it ends when that closes or its parent dies. Several
+processes follow one plan (opening many small files costs a process's CPU, not the disk's
+time): each takes the next shard that no one is fetching. A
 ``multiprocessing`` spawn would import the training script's own imports (torch: a second)
 before the first shard; this starts in a fraction of that.
 """
@@ -62,11 +64,15 @@ class _Chooser:
         self.window = window
         self.limit = max(window, cache.capacity // 2)
         self.inflight: set[str] = set()
+        # Keys another process was fetching when we tried: theirs (a reader fetches what
+        # they fail to).
+        self.elsewhere: set[str] = set()
 
     def take(self, item: Any) -> None:
         with self.lock:
             if isinstance(item, str):
                 self.plan = item
+                self.elsewhere.clear()
             else:
                 self.source = item
                 self.sizes = item.shard_nbytes()
@@ -83,7 +89,7 @@ class _Chooser:
                 if ahead > self.window and n > 0:
                     return None
                 key = plan.keys[shard]
-                if key in self.inflight or key in self.cache:
+                if key in self.inflight or key in self.elsewhere or key in self.cache:
                     continue
                 if n == 0 and self.window < self.limit:
                     # The consumer is at a shard that is not there yet: look further ahead.
@@ -95,6 +101,8 @@ class _Chooser:
     def done(self, key: str) -> None:
         with self.lock:
             self.inflight.discard(key)
+            if key not in self.cache:
+                self.elsewhere.add(key)
 
 
 def _fetch_loop(chooser: _Chooser, stop: threading.Event) -> None:
@@ -164,57 +172,77 @@ def main() -> int:
 
 
 class Prefetcher:
-    """A process that keeps the next shards of the current plan in the cache."""
+    """Processes that keep the next shards of the current plan in the cache."""
 
-    def __init__(self, source: PrefetchSource, window: int, threads: int = 2) -> None:
-        self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import sys; from dataplane.cache.prefetch import main; sys.exit(main())",
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self._ready = False
+    def __init__(
+        self, source: PrefetchSource, window: int, threads: int = 2, processes: int = 1
+    ) -> None:
         self._owner = os.getpid()
-        self._send(
-            {
-                "source": source.spec(),
-                "window": int(window),
-                "threads": int(threads),
-                "parent": os.getpid(),
-            }
-        )
+        self._procs: list[subprocess.Popen[str]] = []
+        self._ready: set[int] = set()
+        first = {
+            "source": source.spec(),
+            "window": int(window),
+            "threads": int(threads),
+            "parent": os.getpid(),
+        }
+        for _ in range(max(1, int(processes))):
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from dataplane.cache.prefetch import main; sys.exit(main())",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            self._procs.append(proc)
+            self._send_to(proc, first)
 
-    def _send(self, msg: dict[str, Any]) -> None:
-        assert self._proc.stdin is not None
+    @staticmethod
+    def _send_to(proc: subprocess.Popen[str], msg: dict[str, Any]) -> None:
+        assert proc.stdin is not None
         try:
-            self._proc.stdin.write(json.dumps(msg) + "\n")
-            self._proc.stdin.flush()
+            proc.stdin.write(json.dumps(msg) + "\n")
+            proc.stdin.flush()
         except (BrokenPipeError, OSError, ValueError):  # ValueError: closed already
             pass  # it died: readers fetch for themselves, and the next epoch starts another
 
+    def _send(self, msg: dict[str, Any]) -> None:
+        for proc in self._procs:
+            self._send_to(proc, msg)
+
     def wait_ready(self, timeout: float) -> bool:
-        """Wait until the process has opened its source; False if it did not in time."""
-        if not self._ready:
-            assert self._proc.stdout is not None
+        """Wait until every process has opened its source; False if one did not in time."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        for proc in self._procs:
+            if proc.pid in self._ready:
+                continue
+            assert proc.stdout is not None
             # poll(), not select(): select fails on descriptors past 1023 (a process with
             # many open files, as a training job is).
             poller = select.poll()
-            poller.register(self._proc.stdout, select.POLLIN)
-            ready = poller.poll(max(0.0, timeout) * 1000)
-            self._ready = bool(ready) and self._proc.stdout.readline().strip() == "ready"
-        return self._ready
+            poller.register(proc.stdout, select.POLLIN)
+            if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                return False
+            if proc.stdout.readline().strip() != "ready":
+                return False
+            self._ready.add(proc.pid)
+        return True
 
     @property
     def alive(self) -> bool:
-        return self._proc.poll() is None
+        """Whether every process runs."""
+        return all(proc.poll() is None for proc in self._procs)
 
     @property
     def pid(self) -> int:
-        return self._proc.pid
+        return self._procs[0].pid
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs]
 
     def follow(self, plan: str) -> None:
         """Prefetch for ``plan`` from now on."""
@@ -226,13 +254,15 @@ class Prefetcher:
 
     def close(self) -> None:
         if os.getpid() != self._owner:
-            return  # a forked copy (a DataLoader worker): the process is its parent's
+            return  # a forked copy (a DataLoader worker): the processes are its parent's
         self._send({"stop": True})
-        if self._proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self._proc.stdin.close()
-        try:
-            self._proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        for proc in self._procs:
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+        for proc in self._procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

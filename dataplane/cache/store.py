@@ -285,13 +285,35 @@ class NodeCache:
             got = self.get(key)  # fetched by whoever held the lock while we waited
             if got is not None:
                 return got
-            arrays = {n: np.ascontiguousarray(a) for n, a in produce().items()}
-            self._count("misses", 1)
-            self._count("bytes_from_source", sum(a.nbytes for a in arrays.values()))
-            try:
-                self._store(key, arrays, keep)
-            except OSError as exc:
-                self._degrade(exc)
+            return self._fill(key, produce, keep)
+
+    def fetch_if_free(
+        self,
+        key: str,
+        produce: Callable[[], dict[str, np.ndarray]],
+        *,
+        keep: Collection[str] = (),
+    ) -> None:
+        """Fetch entry ``key`` with ``produce()`` unless it is cached or another thread or
+        process is fetching it now: a fetcher then takes another shard rather than wait."""
+        self._check_process()
+        if key in self:
+            return
+        with self._locks.try_hold(key) as held:
+            if held and key not in self:  # not fetched by whoever held it a moment ago
+                self._fill(key, produce, keep)
+
+    def _fill(
+        self, key: str, produce: Callable[[], dict[str, np.ndarray]], keep: Collection[str] = ()
+    ) -> dict[str, np.ndarray]:
+        """Entry ``key`` from ``produce()``, stored (call with its lock held)."""
+        arrays = {n: np.ascontiguousarray(a) for n, a in produce().items()}
+        self._count("misses", 1)
+        self._count("bytes_from_source", sum(a.nbytes for a in arrays.values()))
+        try:
+            self._store(key, arrays, keep)
+        except OSError as exc:
+            self._degrade(exc)
         return arrays
 
     def _store(self, key: str, arrays: dict[str, np.ndarray], keep: Collection[str] = ()) -> None:

@@ -12,8 +12,24 @@ from typing import Any
 import numpy as np
 
 from dataplane.cache import NodeCache, Prefetcher
+from dataplane.errors import OptionError
 from dataplane.loaders._ahead import MapAhead
 from dataplane.loaders._shards import ShardSource
+
+#: Prefetch processes of ``prefetch=True``: opening many small files costs a process's CPU
+#: (2 ms per HDF5 file), which a second process halves.
+PROCESSES = 2
+
+
+def prefetch_processes(prefetch: Any) -> int:
+    """The number of prefetch processes ``prefetch`` (a bool or a count) asks for."""
+    if isinstance(prefetch, bool):
+        return PROCESSES if prefetch else 0
+    if not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
+        raise OptionError(
+            f"prefetch must be True, False or a number of processes (>= 0), got {prefetch!r}"
+        )
+    return int(prefetch)
 
 
 class Epochs:
@@ -22,9 +38,10 @@ class Epochs:
     that maps the plan's shards ahead once this process reads them itself. A pickled or forked
     copy (a DataLoader worker's) has none of them: they belong to the process that made them."""
 
-    def __init__(self, cache: NodeCache | None, enabled: bool, window: int) -> None:
+    def __init__(self, cache: NodeCache | None, processes: int, window: int) -> None:
         self.cache = cache
-        self.enabled = enabled and cache is not None
+        self.processes = processes
+        self.enabled = processes > 0 and cache is not None
         self.window = int(window)
         self.prefetcher: Prefetcher | None = None
         self._spec: str | None = None  # what the prefetch process reads now
@@ -44,7 +61,9 @@ class Epochs:
             src = source()
             spec = json.dumps(src.spec(), sort_keys=True)
             if self.prefetcher is None or not self.prefetcher.alive:
-                self.prefetcher = Prefetcher(src, self.window)
+                if self.prefetcher is not None:
+                    self.prefetcher.close()  # one of its processes died: start them anew
+                self.prefetcher = Prefetcher(src, self.window, processes=self.processes)
                 self._spec = spec
                 weakref.finalize(self, self.prefetcher.close)
             elif update and spec != self._spec:

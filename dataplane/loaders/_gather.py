@@ -83,6 +83,11 @@ def from_cache(
         at.setdefault(s, []).append(j)
     batch = {keys[s] for s in at}  # not evicted while this batch is gathered
     held = cache.get_many([keys[s] for s in at])
+    if None in held:
+        # Fetch first what no other process is fetching; then wait for the rest.
+        for s, arrays in zip(at, held):
+            if arrays is None:
+                cache.fetch_if_free(keys[s], produce(s), keep=batch)
     columns: list[list[Any]] = [[None] * len(idx) for _ in snap.names]
     for (s, where), arrays in zip(at.items(), held):
         if arrays is None:

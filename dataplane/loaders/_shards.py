@@ -147,7 +147,7 @@ class ShardSource:
                 arc = self._archive()
                 return read_shard(arc, self.sample, self.names, self.rows, self.offsets, a, b)
 
-        self.cache.fetch(key, produce)
+        self.cache.fetch_if_free(key, produce)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_arc", "_pid", "_lock")}

@@ -21,7 +21,7 @@ from dataplane.loaders._common import (
     shape_sample,
     vars_config,
 )
-from dataplane.loaders._epochs import Epochs
+from dataplane.loaders._epochs import Epochs, prefetch_processes
 from dataplane.loaders._reads import Reads
 from dataplane.loaders._shards import ShardSource
 from dataplane.loaders._snapshot import Snapshot
@@ -66,9 +66,10 @@ class SampleDataset(torch.utils.data.Dataset):
         A :class:`~dataplane.cache.NodeCache`: samples are read from shards cached on the node
         (each fetched once per node, by whichever process needs it first).
     prefetch
-        With a cache and ``ShuffleSampler``: a background process fetches the shards of each
-        epoch in order of first use, ahead of the readers. ``prefetch_window`` is its initial
-        window in bytes (it grows while readers catch up with it, up to half the cache).
+        With a cache and ``ShuffleSampler``: background processes fetch the shards of each
+        epoch in order of first use, ahead of the readers (``True``: two; a number: that
+        many; ``False``: none). ``prefetch_window`` is their initial window in bytes (it
+        grows while readers catch up with it, up to half the cache).
     **opts
         Transport options, as for :func:`dataplane.open`.
     """
@@ -83,7 +84,7 @@ class SampleDataset(torch.utils.data.Dataset):
         *,
         shard_bytes: int = 4 << 20,
         cache: NodeCache | None = None,
-        prefetch: bool = True,
+        prefetch: bool | int = True,
         prefetch_window: int = 64 << 20,
         **opts: Any,
     ) -> None:
@@ -103,7 +104,7 @@ class SampleDataset(torch.utils.data.Dataset):
             raise OptionError(f"cache must be a dataplane.cache.NodeCache, got {cache!r}")
         self.cache = cache
         self.prefetch_window = int(prefetch_window)
-        self._epochs = Epochs(cache, bool(prefetch), self.prefetch_window)
+        self._epochs = Epochs(cache, prefetch_processes(prefetch), self.prefetch_window)
         self._table: tuple[np.ndarray, np.ndarray, list[str]] | None = None
         self._snap = Snapshot(url, self.names, self.sample, self._files)
         self._io = Reads(url, self.opts, self._snap, self._dtypes, cache)
