@@ -473,7 +473,7 @@ def test_fetch_if_free_takes_no_key_another_process_is_fetching(tmp_path) -> Non
 def test_prefetch_runs_as_many_processes_as_asked(tmp_path) -> None:
     url = f"h5://{tmp_path}/run.h5"
     write_rows(url, steps=4, rows=256, width=256)
-    for asked, processes in [(True, 2), (3, 3), (1, 1)]:
+    for asked, processes in [(True, 1), (3, 3), (2, 2)]:
         cache = NodeCache(tmp_path / f"cache-{processes}", capacity="64MiB")
         ds = SampleDataset(url, vars="x", cache=cache, shard_bytes=128 * 1024, prefetch=asked)
         assert ds.start_prefetch(wait=60)

@@ -67,7 +67,7 @@ class SampleDataset(torch.utils.data.Dataset):
         (each fetched once per node, by whichever process needs it first).
     prefetch
         With a cache and ``ShuffleSampler``: background processes fetch the shards of each
-        epoch in order of first use, ahead of the readers (``True``: two; a number: that
+        epoch in order of first use, ahead of the readers (``True``: one; a number: that
         many; ``False``: none). ``prefetch_window`` is their initial window in bytes (it
         grows while readers catch up with it, up to half the cache).
     **opts
