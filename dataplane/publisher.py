@@ -228,6 +228,10 @@ class Publisher:
         """The chunk shape the channel gives variable ``name`` (ranked writes only)."""
         return self._ranked().chunks_of(name)
 
+    def put_region(self, name: str, start: tuple[int, ...], block: np.ndarray) -> Any:
+        """Write a piece of the ranked step that another rank sent; its checksum record."""
+        return self._ranked().put_region(name, start, block)
+
     def _ranked(self) -> RankedWriter:
         if not isinstance(self._writer, RankedWriter):
             raise OptionError(f"{self.transport.scheme}:// does not take blocks from ranks")

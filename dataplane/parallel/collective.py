@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -125,6 +126,67 @@ class Collective:
                     block = recv[d : d + n].view(dtype).reshape(count)
                     out[tuple(slice(s, s + c) for s, c in zip(start, count))] = block
         return out
+
+    def relay(
+        self,
+        plan: dict[str, dict[str, Any]],
+        arrays: dict[str, np.ndarray],
+        write: Callable[[str, tuple[int, ...], np.ndarray], Any] | None,
+        piece_bytes: int,
+    ) -> tuple[dict[str, list], BaseException | None]:
+        """Every rank's blocks of the array variables to rank 0, in pieces of whole rows of
+        at most ``piece_bytes`` (one row if a row is larger), each handed to ``write(name,
+        start, piece)`` as it arrives: no rank holds more than its own blocks and a piece.
+
+        Rank 0 returns ``{name: [[start, count, write's record], ...]}`` and the first error
+        of ``write`` (after one, it still takes every piece, so that no rank waits forever);
+        the other ranks return ``({}, None)``."""
+        MPI = _mpi()
+        regions: dict[str, list] = {}
+        error: BaseException | None = None
+        for name in sorted(plan):
+            entry = plan[name]
+            if entry["kind"] == "scalar":
+                continue
+            dtype = np.dtype(entry["dtype"])
+            regions[name] = []
+            for r, (start, count) in enumerate(entry["parts"]):
+                if not all(count) or self.rank not in (0, r):
+                    continue
+                row = math.prod(count[1:]) * dtype.itemsize
+                per = max(1, piece_bytes // max(row, 1))
+                for off in range(0, count[0], per):
+                    rows = min(per, count[0] - off)
+                    at = (start[0] + off, *start[1:])
+                    if self.rank == r:
+                        piece = np.ascontiguousarray(arrays[name][off : off + rows])
+                        if r != 0:
+                            _wait(self.comm.Isend([_bytes(piece), MPI.BYTE], dest=0, tag=11))
+                            continue
+                    else:
+                        piece = np.empty((rows, *count[1:]), dtype)
+                        _wait(self.comm.Irecv([_bytes(piece), MPI.BYTE], source=r, tag=11))
+                    if error is None:
+                        assert write is not None
+                        try:
+                            regions[name].append(
+                                [list(at), [rows, *count[1:]], write(name, at, piece)]
+                            )
+                        except Exception as exc:
+                            error = exc
+        return (regions, error) if self.rank == 0 else ({}, None)
+
+
+def _bytes(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1).view(np.uint8)
+
+
+def _wait(req: Any) -> None:
+    """Wait for a point-to-point request, sleeping (MPI would spin: see :meth:`arrive`)."""
+    delay = 20e-6
+    while not req.Test():
+        time.sleep(delay)
+        delay = min(delay * 2, 1e-3)
 
 
 def _mpi() -> Any:

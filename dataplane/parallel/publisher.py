@@ -16,6 +16,9 @@ from dataplane.transports.base import Transport
 
 __all__ = ["ParallelPublisher"]
 
+#: Largest piece of a block that travels to the writing rank at once (whole rows of it).
+PIECE_BYTES = 32 << 20
+
 
 class ParallelPublisher:
     """``publish(url, comm=comm)`` with more than one rank: every rank writes its blocks of
@@ -49,6 +52,10 @@ class ParallelPublisher:
         )
         self.url, self._index = info
         self.attrs: ChannelAttrs = self._inner.attrs if self._inner is not None else ChannelAttrs()
+        # Rank 0 writes what the ranks send it piece by piece, or the global step gathered.
+        self._aggregates = bool(
+            comm.bcast(self._inner is not None and self._inner.transport.aggregates, root=0)
+        )
 
     @property
     def closed(self) -> bool:
@@ -81,6 +88,8 @@ class ParallelPublisher:
         chunks = self._rank_chunks(plan)
         if chunks is not None:
             return self._write_ranked(plan, chunks, arrays, attrs)
+        if self._aggregates:
+            return self._write_relayed(plan, arrays, attrs)
         out = self._to_root(plan, arrays, skip={})
         error = None
         if self._inner is not None:
@@ -176,6 +185,35 @@ class ParallelPublisher:
                     error = decode_error(failed[1], f"rank {failed[0]}: ")
             except Exception as exc:
                 error = exc
+        self._coll.outcome(error)
+        index = self._index
+        self._index += 1
+        return index
+
+    def _write_relayed(
+        self, plan: dict[str, dict[str, Any]], arrays: dict[str, np.ndarray], attrs: Mapping | None
+    ) -> int:
+        """Rank 0 begins the step, takes every rank's blocks in pieces of at most
+        :data:`PIECE_BYTES` and writes each as it arrives, then commits with a checksum per
+        piece: no rank's memory grows by more than its own blocks and a piece."""
+        specs = {n: VarSpec(np.dtype(e["dtype"]), tuple(e["shape"])) for n, e in plan.items()}
+        scalars = {n: arrays[n] for n, e in plan.items() if e["kind"] == "scalar"}
+        error: BaseException | None = None
+        inner = self._inner
+        if inner is not None:
+            try:
+                inner.begin_ranked(specs, attrs, {}, scalars)
+            except Exception as exc:
+                error = exc
+        self._coll.outcome(error)
+        blocks, error = self._coll.relay(
+            plan, arrays, None if inner is None else inner.put_region, PIECE_BYTES
+        )
+        if inner is not None:
+            try:
+                inner.end_ranked(specs, None if error is not None else blocks)
+            except Exception as exc:
+                error = error or exc
         self._coll.outcome(error)
         index = self._index
         self._index += 1

@@ -232,6 +232,12 @@ class _FileWriter(RankedWriter):
         self._sums.update(blocks)
         self.end_step()
 
+    def put_region(self, name: str, start: tuple[int, ...], block: np.ndarray) -> Any:
+        """Write a piece of a ranked step that a rank sent (``Transport.aggregates``)."""
+        block = block if block.flags.c_contiguous else np.array(block, order="C")
+        storage_errors(partial(self._fw.put_region, name, start, block))
+        return block_sums(block)
+
     def end_step(self) -> None:
         pending = self._sums
 

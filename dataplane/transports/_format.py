@@ -55,6 +55,10 @@ class FormatWriter(ABC):
     def chunks_of(self, name: str) -> tuple[int, ...] | None:
         return None
 
+    def put_region(self, name: str, start: tuple[int, ...], block: np.ndarray) -> None:
+        """Write ``block`` (C-contiguous) at ``start`` of ``name`` in the ranked step."""
+        raise NotImplementedError
+
     @abstractmethod
     def set_attrs(self, attrs: dict[str, AttrValue]) -> None: ...
 

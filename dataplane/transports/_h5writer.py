@@ -50,6 +50,15 @@ def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     return (1, *dims)
 
 
+def _row_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Chunks of arrays written in pieces of rows: about 1 MiB of whole rows of one step."""
+    if not shape or math.prod(shape) * itemsize <= _CHUNK_TARGET:
+        return _chunks(shape, itemsize)
+    dims = [max(1, n) for n in shape]
+    row = math.prod(dims[1:]) * itemsize
+    return (1, max(1, min(dims[0], _CHUNK_TARGET // max(row, 1))), *dims[1:])
+
+
 def _busy(t: H5Target, why: str) -> ChannelBusyError:
     return ChannelBusyError(
         f"{t.url.url} is open in another process (a reader or another program holds HDF5's "
@@ -179,14 +188,15 @@ class _H5Writer(FormatWriter):
     def known_vars(self) -> dict[str, VarSpec]:
         return dict(self._specs)
 
-    def _create(self, specs: dict[str, VarSpec]) -> None:
+    def _create(self, specs: dict[str, VarSpec], pieces: bool = False) -> None:
         for name, spec in specs.items():
+            chunks = (_row_chunks if pieces else _chunks)(spec.shape, spec.dtype.itemsize)
             self._f.create_dataset(
                 name,
                 (0, *spec.shape),
                 # A zero-length axis must be resizable for HDF5 to accept a chunk of 1 there.
                 maxshape=(None, *(n if n else None for n in spec.shape)),
-                chunks=_chunks(spec.shape, spec.dtype.itemsize),
+                chunks=chunks,
                 dtype=spec.dtype,
                 **self._t.dataset_opts,
             )
@@ -209,6 +219,27 @@ class _H5Writer(FormatWriter):
         for name in self._specs:
             self._dset(name).resize(n + 1, axis=0)
         self._pending = {"n": n, "attrs": attrs}
+
+    def begin_ranked(
+        self,
+        index: int,
+        specs: dict[str, VarSpec],
+        attrs: dict[str, AttrValue],
+        chunks: dict[str, tuple[int, ...]],
+    ) -> int:
+        """A step whose arrays arrive in pieces (``put_region``). A new file gets chunks of
+        about 1 MiB of rows: a piece written into a chunk of a whole large step would make
+        HDF5 read, patch and write that chunk, holding all of it in memory, per piece."""
+        if not self._specs and not self._f.swmr_mode:
+            self._create(specs, pieces=True)
+        self.begin(index, specs, attrs)
+        assert self._pending is not None
+        return int(self._pending["n"])
+
+    def put_region(self, name: str, start: tuple[int, ...], block: np.ndarray) -> None:
+        assert self._pending is not None
+        where = tuple(slice(s, s + n) for s, n in zip(start, block.shape))
+        self._dset(name)[(self._pending["n"],) + where] = block
 
     def _dset(self, name: str) -> h5py.Dataset:
         # h5py resolves a path on every f[name] (about 0.1 ms): a step uses each one 4 times.

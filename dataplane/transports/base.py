@@ -121,6 +121,10 @@ class Transport:
     #: between the root writer's ``begin_ranked`` and ``end_ranked`` (its writer is then a
     #: :class:`RankedWriter`); see :mod:`dataplane.parallel`. An instance may narrow it.
     supports_rank_writes: bool = False
+    #: The root writer can take a ranked step's blocks in pieces (``put_region`` between
+    #: ``begin_ranked`` and ``end_ranked``) that the ranks send it: no process holds the
+    #: global step (:meth:`dataplane.parallel.Collective.relay`).
+    aggregates: bool = False
     #: The URL may name an fsspec protocol (``zarr://s3://bucket/run.zarr``).
     accepts_protocol: ClassVar[bool] = False
 
@@ -281,6 +285,11 @@ class RankedWriter(Writer):
     @abstractmethod
     def end_ranked(self, blocks: dict[str, list]) -> None:
         """Commit a ranked step: ``blocks`` holds each variable's block checksums."""
+
+    def put_region(self, name: str, start: tuple[int, ...], block: np.ndarray) -> Any:
+        """Write ``block`` at ``start`` of variable ``name`` in the ranked step begun here
+        (``Transport.aggregates`` only); returns its checksum record."""
+        raise OptionError("this channel's writer takes no blocks from other ranks")
 
 
 class Reader(ABC):

@@ -70,6 +70,7 @@ __all__ = ["HDF5Transport"]
 class HDF5Transport(FileTransport):
     scheme = "h5"
     supports_changing_layout = False
+    aggregates = True
 
     def __init__(
         self,
