@@ -16,7 +16,9 @@ disagreeing shapes or dtypes included). Then, per variable:
   takes each rank's block in pieces of whole rows of at most ``PIECE_BYTES`` (32 MiB) and
   writes each into its place as it arrives, with a checksum per piece, then commits. No rank's
   memory grows by more than its own blocks and a piece (the file's arrays are chunked in about
-  1 MiB of rows, so HDF5 never patches a whole step's chunk in memory).
+  8 MiB of rows, so HDF5 never patches a whole step's chunk in memory; chunks a piece covers
+  are written raw). A rank sends a piece when rank 0 asks for it: the blocking transfer then
+  runs at full speed and no rank spins while rank 0 writes.
 - **Otherwise the blocks travel to rank 0** (``Gatherv`` of raw bytes; blocks of whole rows
   land directly in the global array) and rank 0 writes the global array: unaligned Zarr
   blocks, and every variable of ``bp5://``, ``sst://``, ``shm://`` and ``mem://`` with the

@@ -138,43 +138,59 @@ class Collective:
         at most ``piece_bytes`` (one row if a row is larger), each handed to ``write(name,
         start, piece)`` as it arrives: no rank holds more than its own blocks and a piece.
 
+        A rank waits for rank 0's word (sleeping, see :meth:`arrive`) before it sends a
+        piece, so that the blocking transfer, which MPI moves only while both sides are in a
+        call, runs at full speed and no rank spins while rank 0 writes.
+
         Rank 0 returns ``{name: [[start, count, write's record], ...]}`` and the first error
         of ``write`` (after one, it still takes every piece, so that no rank waits forever);
         the other ranks return ``({}, None)``."""
         MPI = _mpi()
-        regions: dict[str, list] = {}
+        pieces = [p for p in _pieces(plan, piece_bytes) if self.rank in (0, p[1])]
+        word = np.zeros(1, np.uint8)
+        if self.rank != 0:
+            for name, _, _, count, off in pieces:
+                _wait(self.comm.Irecv([word, MPI.BYTE], source=0, tag=12))
+                piece = np.ascontiguousarray(arrays[name][off : off + count[0]])
+                self.comm.Send([_bytes(piece), MPI.BYTE], dest=0, tag=11)
+            return {}, None
+        regions: dict[str, list] = {n: [] for n, e in plan.items() if e["kind"] != "scalar"}
         error: BaseException | None = None
-        for name in sorted(plan):
-            entry = plan[name]
-            if entry["kind"] == "scalar":
+        for name, r, at, count, off in pieces:
+            if r == 0:
+                piece = np.ascontiguousarray(arrays[name][off : off + count[0]])
+            else:
+                piece = np.empty(count, np.dtype(plan[name]["dtype"]))
+                self.comm.Send([word, MPI.BYTE], dest=r, tag=12)
+                self.comm.Recv([_bytes(piece), MPI.BYTE], source=r, tag=11)
+            if error is None:
+                assert write is not None
+                try:
+                    regions[name].append([list(at), list(count), write(name, at, piece)])
+                except Exception as exc:
+                    error = exc
+        return regions, error
+
+
+def _pieces(
+    plan: dict[str, dict[str, Any]], piece_bytes: int
+) -> list[tuple[str, int, tuple[int, ...], tuple[int, ...], int]]:
+    """(variable, rank, start, count, first row within the rank's block) of every piece, in
+    the order both sides use."""
+    out = []
+    for name in sorted(plan):
+        entry = plan[name]
+        if entry["kind"] == "scalar":
+            continue
+        itemsize = np.dtype(entry["dtype"]).itemsize
+        for r, (start, count) in enumerate(entry["parts"]):
+            if not all(count):
                 continue
-            dtype = np.dtype(entry["dtype"])
-            regions[name] = []
-            for r, (start, count) in enumerate(entry["parts"]):
-                if not all(count) or self.rank not in (0, r):
-                    continue
-                row = math.prod(count[1:]) * dtype.itemsize
-                per = max(1, piece_bytes // max(row, 1))
-                for off in range(0, count[0], per):
-                    rows = min(per, count[0] - off)
-                    at = (start[0] + off, *start[1:])
-                    if self.rank == r:
-                        piece = np.ascontiguousarray(arrays[name][off : off + rows])
-                        if r != 0:
-                            _wait(self.comm.Isend([_bytes(piece), MPI.BYTE], dest=0, tag=11))
-                            continue
-                    else:
-                        piece = np.empty((rows, *count[1:]), dtype)
-                        _wait(self.comm.Irecv([_bytes(piece), MPI.BYTE], source=r, tag=11))
-                    if error is None:
-                        assert write is not None
-                        try:
-                            regions[name].append(
-                                [list(at), [rows, *count[1:]], write(name, at, piece)]
-                            )
-                        except Exception as exc:
-                            error = exc
-        return (regions, error) if self.rank == 0 else ({}, None)
+            per = max(1, piece_bytes // max(math.prod(count[1:]) * itemsize, 1))
+            for off in range(0, count[0], per):
+                rows = min(per, count[0] - off)
+                out.append((name, r, (start[0] + off, *start[1:]), (rows, *count[1:]), off))
+    return out
 
 
 def _bytes(a: np.ndarray) -> np.ndarray:
