@@ -145,8 +145,13 @@ class ParallelPublisher:
         """Rank 0 begins the step, every rank writes its blocks, rank 0 commits: a step is
         visible only once every rank's blocks are in (a rank that dies leaves it invisible)."""
         specs = {n: VarSpec(np.dtype(e["dtype"]), tuple(e["shape"])) for n, e in plan.items()}
-        # Arrays whose blocks are not aligned with chunks, and single values: rank 0 writes.
-        by_root = self._to_root(plan, arrays, skip=chunks)
+        # Arrays whose blocks are not aligned with chunks, and single values: rank 0 writes
+        # them; the arrays in pieces the ranks send it, where the channel takes pieces.
+        unaligned = {n: e for n, e in plan.items() if e["kind"] != "scalar" and n not in chunks}
+        if self._aggregates:
+            by_root = {n: arrays[n] for n, e in plan.items() if e["kind"] == "scalar"}
+        else:
+            by_root = self._to_root(plan, arrays, skip=chunks)
         row = None
         error: BaseException | None = None
         if self._inner is not None:
@@ -171,7 +176,13 @@ class ParallelPublisher:
         except Exception as exc:
             error = exc
         reports = self._coll.gather_reports(sums, error)
+        relayed: dict[str, list] = {}
         error = None
+        if self._aggregates and unaligned:
+            inner = self._inner
+            relayed, error = self._coll.relay(
+                unaligned, arrays, None if inner is None else inner.put_region, PIECE_BYTES
+            )
         if self._inner is not None:
             assert reports is not None
             failed = next(((r, e) for r, (_, e) in enumerate(reports) if e), None)
@@ -179,12 +190,14 @@ class ParallelPublisher:
             for rank_sums, _ in reports:
                 for name, entry in rank_sums.items():
                     blocks[name].append(entry)
+            blocks.update(relayed)
             try:
-                self._inner.end_ranked(specs, None if failed else blocks)
+                ok = failed is None and error is None
+                self._inner.end_ranked(specs, blocks if ok else None)
                 if failed is not None:
                     error = decode_error(failed[1], f"rank {failed[0]}: ")
             except Exception as exc:
-                error = exc
+                error = error or exc
         self._coll.outcome(error)
         index = self._index
         self._index += 1

@@ -90,6 +90,7 @@ def _chunks(shape: tuple[int, ...], itemsize: int, pack: bool) -> tuple[int, ...
 
 class ZarrTransport(FileTransport):
     scheme = "zarr"
+    aggregates = True
     accepts_protocol = True
     supports_changing_layout = False
 
@@ -288,6 +289,11 @@ class _ZarrWriter(FormatWriter):
         assert self._pending is not None
         if array.size:
             self._arrays[name][self._n] = array
+
+    def put_region(self, name: str, start: tuple[int, ...], block: np.ndarray) -> None:
+        assert self._pending is not None
+        where = tuple(slice(s, s + k) for s, k in zip(start, block.shape))
+        self._arrays[name][(self._n,) + where] = block
 
     def commit(self, checksums: Callable[[], dict[str, Any]]) -> None:
         p = self._pending
