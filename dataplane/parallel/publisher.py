@@ -86,10 +86,8 @@ class ParallelPublisher:
         descs = self._coll.agree(desc, error)
         plan = plan_step(descs)  # the same on every rank: all raise, or none
         chunks = self._rank_chunks(plan)
-        if chunks is not None:
-            return self._write_ranked(plan, chunks, arrays, attrs)
-        if self._aggregates:
-            return self._write_relayed(plan, arrays, attrs)
+        if chunks is not None or self._aggregates:
+            return self._write_ranked(plan, chunks or {}, arrays, attrs)
         out = self._to_root(plan, arrays, skip={})
         error = None
         if self._inner is not None:
@@ -142,8 +140,11 @@ class ParallelPublisher:
         arrays: dict[str, np.ndarray],
         attrs: Mapping | None,
     ) -> int:
-        """Rank 0 begins the step, every rank writes its blocks, rank 0 commits: a step is
-        visible only once every rank's blocks are in (a rank that dies leaves it invisible)."""
+        """Rank 0 begins the step, every rank writes its blocks aligned with ``chunks``, the
+        others reach rank 0 in pieces of at most :data:`PIECE_BYTES` that it writes as they
+        arrive (where the channel takes pieces: no rank's memory grows by more than its own
+        blocks and a piece), and rank 0 commits: a step is visible only once every rank's
+        blocks are in (a rank that dies leaves it invisible)."""
         specs = {n: VarSpec(np.dtype(e["dtype"]), tuple(e["shape"])) for n, e in plan.items()}
         # Arrays whose blocks are not aligned with chunks, and single values: rank 0 writes
         # them; the arrays in pieces the ranks send it, where the channel takes pieces.
@@ -196,35 +197,6 @@ class ParallelPublisher:
                 self._inner.end_ranked(specs, blocks if ok else None)
                 if failed is not None:
                     error = decode_error(failed[1], f"rank {failed[0]}: ")
-            except Exception as exc:
-                error = error or exc
-        self._coll.outcome(error)
-        index = self._index
-        self._index += 1
-        return index
-
-    def _write_relayed(
-        self, plan: dict[str, dict[str, Any]], arrays: dict[str, np.ndarray], attrs: Mapping | None
-    ) -> int:
-        """Rank 0 begins the step, takes every rank's blocks in pieces of at most
-        :data:`PIECE_BYTES` and writes each as it arrives, then commits with a checksum per
-        piece: no rank's memory grows by more than its own blocks and a piece."""
-        specs = {n: VarSpec(np.dtype(e["dtype"]), tuple(e["shape"])) for n, e in plan.items()}
-        scalars = {n: arrays[n] for n, e in plan.items() if e["kind"] == "scalar"}
-        error: BaseException | None = None
-        inner = self._inner
-        if inner is not None:
-            try:
-                inner.begin_ranked(specs, attrs, {}, scalars)
-            except Exception as exc:
-                error = exc
-        self._coll.outcome(error)
-        blocks, error = self._coll.relay(
-            plan, arrays, None if inner is None else inner.put_region, PIECE_BYTES
-        )
-        if inner is not None:
-            try:
-                inner.end_ranked(specs, None if error is not None else blocks)
             except Exception as exc:
                 error = error or exc
         self._coll.outcome(error)
