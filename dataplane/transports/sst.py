@@ -152,7 +152,10 @@ def _relay_failure(proc: Any) -> str:
     died = f"exit status {code}" if code is None or code >= 0 else _signal_name(-code)
     fatal = [i for i, x in enumerate(lines) if x.startswith("Fatal Python error")]
     if fatal:  # a crash inside adios2: the error and where the relay was in Python
-        where = [x for x in lines[fatal[0] :] if x.startswith("File ")][:3]
+        frames = [x for x in lines[fatal[0] :] if x.startswith("File ")]
+        # The innermost frames say where it crashed, the relay's own frame what it was doing
+        # (the crash may land in a library the relay calls, e.g. shm:// or numpy).
+        where = frames[:2] + [x for x in frames[2:] if "_sst_relay" in x][:1]
         return f"{died}: {lines[fatal[0]]}; " + "; ".join(where)
     return f"{died}: " + "; ".join(x for x in lines[-3:] if x)
 
