@@ -13,7 +13,7 @@ Dataplane reads through ``ShuffleSampler(block=16)`` and ``loader()``; the naive
 a uniform ``RandomSampler``. ``num_workers`` 0 and 2.
 
     python bench/bench_many_files.py [--files 400] [--steps 2] [--rows 25] [--sample-kib 16]
-                                     [--repeat 3] [--dir PATH] [--json out.json]
+                                     [--repeat 3] [--prefetch 1] [--dir PATH] [--json out.json]
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-kib", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--prefetch", type=int, default=1, help="dataplane's prefetch processes")
     ap.add_argument("--dir", help="where the files and the cache go (default: a temporary dir)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
@@ -133,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.repeat,
             )
             cache_dir = os.path.join(root, f"cache-{w}")
-            ds = SampleDataset(pattern, vars="x", cache=NodeCache(cache_dir, capacity="64GB"))
+            ds = SampleDataset(
+                pattern,
+                vars="x",
+                cache=NodeCache(cache_dir, capacity="64GB"),
+                prefetch=args.prefetch,
+            )
             order = ShuffleSampler(ds, seed=0, block=16)
             ours = run(
                 lambda d=ds, s=order, w=w: loader(d, BATCH, sampler=s, num_workers=w),

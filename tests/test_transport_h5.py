@@ -208,3 +208,39 @@ def test_a_plain_h5py_handle_in_the_process_is_named_not_taken_for_damage(tmp_pa
         assert not isinstance(info.value, dp.IntegrityError)
     with dp.open(url) as arc:  # once that handle is closed, it reads as written
         assert arc[0]["x"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("at_once", [(4096, 1 << 20), (3, 1 << 20), (4096, 200)])
+def test_step_records_read_at_once_or_one_by_one_give_each_step_its_own(
+    tmp_path, monkeypatch, at_once
+) -> None:
+    """A reader takes the metadata records of every committed step in one read while they are
+    few and small, else one by one; either way each step gets its own attributes, checksums
+    and values, also for steps committed after the first read."""
+    import dataplane.transports.hdf5 as h5
+
+    monkeypatch.setattr(h5, "_METAS_AT_ONCE", at_once[0])
+    monkeypatch.setattr(h5, "_META_BYTES_AT_ONCE", at_once[1])
+    url = f"h5://{tmp_path}/run.h5"
+
+    def write(pub, i):
+        pub.write({"u": np.full((3, 2), i, np.float32)}, attrs={"t": float(i), "tag": "s" * i})
+
+    with dp.publish(url) as pub, dp.subscribe(url, timeout=30) as sub:
+        for i in range(6):
+            write(pub, i)
+        for i in range(6):
+            step = sub.next()
+            assert (step.index, step.attrs) == (i, {"t": float(i), "tag": "s" * i})
+            np.testing.assert_array_equal(step["u"], np.full((3, 2), i, np.float32))
+        for i in range(6, 9):  # committed after the reader took the first records
+            write(pub, i)
+            step = sub.next()
+            assert (step.index, step.attrs["t"]) == (i, float(i))
+            np.testing.assert_array_equal(step["u"], np.full((3, 2), i, np.float32))
+    with dp.open(url) as arc:
+        assert len(arc) == 9
+        for i in (8, 0, 4):
+            assert arc[i].attrs["tag"] == "s" * i
+            np.testing.assert_array_equal(arc[i]["u"], np.full((3, 2), i, np.float32))

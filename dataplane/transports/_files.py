@@ -49,6 +49,7 @@ from dataplane.transports._format import (
 from dataplane.transports._lease import (
     Lease,
     LeaseIO,
+    Seen,
     lease_state,
     read_lease,
     setting_up,
@@ -62,6 +63,7 @@ __all__ = [
     "FormatWriter",
     "Lease",
     "LeaseIO",
+    "Seen",
     "StepSource",
     "StepStream",
     "guard",
@@ -108,8 +110,9 @@ class FileTransport(Transport):
         """Remove what a writer that is gone left beside the data and readers must not take
         for the new writer's (called while claiming the channel, before the claim shows)."""
 
-    def format_source(self) -> StepSource | None:
-        """Random access to what is stored, or None while nothing exists yet."""
+    def format_source(self, seen: Seen | None = None) -> StepSource | None:
+        """Random access to what is stored, or None while nothing exists yet. ``seen``: the
+        writer's lease and its state as the caller just read them (not read again)."""
         return None
 
     def format_stream(self, vars: tuple[str, ...] | None) -> StepStream | None:
@@ -135,11 +138,12 @@ class FileTransport(Transport):
         return _FileReader(self, start, vars)
 
     def open_archive(self) -> Archive:
-        if setting_up(*lease_state(self.lease_io())):
+        seen = lease_state(self.lease_io())
+        if setting_up(*seen):
             raise DataplaneError(
                 f"{self.url.url}: its writer is setting it up: nothing is stored there yet"
             )
-        source = guard(self.url.url, "the file", self.format_source)
+        source = guard(self.url.url, "the file", partial(self.format_source, seen))
         if source is None:
             raise DataplaneError(f"{self.url.url}: nothing is stored there (no such file)")
         return _FileArchive(self, source)

@@ -149,7 +149,16 @@ class _Shared:
     def dataset(self, name: str) -> h5py.Dataset:
         d = self._datasets.get(name)
         if d is None:
-            d = self._datasets[name] = self.file()[name]
+            # (h5d.open costs half of File.__getitem__, which resolves links and object types.)
+            d = self._datasets[name] = h5py.Dataset(h5py.h5d.open(self.file().id, name.encode()))
+        return d
+
+    def current(self, name: str) -> h5py.Dataset:
+        """Dataset ``name`` as the file is now: SWMR-refreshed, or opened just now."""
+        d = self._datasets.get(name)
+        if d is None:
+            return self.dataset(name)
+        d.refresh()
         return d
 
     def direct(self, name: str) -> tuple[int, np.dtype, tuple[int, ...], int] | None:

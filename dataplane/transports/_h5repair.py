@@ -66,26 +66,31 @@ def _lookup3(data: bytes) -> int:
     return c
 
 
-def superblock_eof(path: str) -> int | None:
-    """Where the superblock says the file ends (its base address plus end-of-file address),
-    or None if no superblock is found at the places HDF5 looks (0, 512, 1024, ...)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+def superblock(path: str) -> tuple[int | None, int | None, int]:
+    """The superblock's file-consistency flags (None before version 2), where it says the file
+    ends (its base address plus end-of-file address; None if no superblock is found at the
+    places HDF5 looks: 0, 512, 1024, ...) and the file's size, with one read where the
+    superblock is at 0 (opening many files on a parallel filesystem, each read is a round trip)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
         at = 0
         while at + 64 <= size:
-            f.seek(at)
-            head = f.read(64 + 4 * 8)
+            head = os.pread(fd, 64 + 4 * 8, at)
             if head[:8] == b"\x89HDF\r\n\x1a\n":
                 version = head[8]
+                flags = head[11] if version >= 2 and at == 0 else None
                 width = head[9] if version >= 2 else head[13]
                 if width not in (2, 4, 8):
-                    return None
+                    return flags, None, size
                 base_at = {0: 24, 1: 28}.get(version, 12)
                 eof_at = base_at + 2 * width
                 base = int.from_bytes(head[base_at : base_at + width], "little")
-                return base + int.from_bytes(head[eof_at : eof_at + width], "little")
+                return flags, base + int.from_bytes(head[eof_at : eof_at + width], "little"), size
             at = 512 if at == 0 else at * 2
-    return None
+        return None, None, size
+    finally:
+        os.close(fd)
 
 
 def superblock_flags(path: str) -> int | None:

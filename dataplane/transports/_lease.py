@@ -81,7 +81,11 @@ def writer_state(info: dict[str, Any] | None) -> str:
     return "alive" if age < max(10.0, 5 * float(info.get("interval", 1.0))) else "dead"
 
 
-def lease_state(io: LeaseIO) -> tuple[dict[str, Any] | None, str]:
+#: A lease as read and what it says of its writer: what :func:`lease_state` returns.
+Seen = tuple[dict[str, Any] | None, str]
+
+
+def lease_state(io: LeaseIO) -> Seen:
     """The lease and what it says of its writer (see :func:`writer_state`).
 
     # NOTE: a writer writes "closed" and then exits. A lease read just before that, judged

@@ -53,7 +53,14 @@ from dataplane.transports._adios_steps import (
     _read_var,
     _StepEncoder,
 )
-from dataplane.transports._files import END, FormatWriter, LeaseIO, StepSource, StepStream
+from dataplane.transports._files import (
+    END,
+    FormatWriter,
+    LeaseIO,
+    Seen,
+    StepSource,
+    StepStream,
+)
 
 __all__ = ["BP5Transport"]
 
@@ -98,7 +105,7 @@ class BP5Transport(_ADIOSTransport):
         """No step ever reached the file (a writer opened it and wrote none yet, or died)."""
         return os.path.getsize(os.path.join(self.path, "md.idx")) == 0
 
-    def format_source(self) -> StepSource | None:
+    def format_source(self, seen: Seen | None = None) -> StepSource | None:
         return _BP5Source(self) if self._ready() else None
 
     def format_stream(self, vars: tuple[str, ...] | None) -> StepStream | None:

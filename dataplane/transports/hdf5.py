@@ -55,16 +55,21 @@ from dataplane.transports._files import (
     FileTransport,
     FormatWriter,
     LeaseIO,
+    Seen,
     StepSource,
     read_lease,
     writer_state,
 )
 from dataplane.transports._foreign import ForeignSource
 from dataplane.transports._h5handles import _pread_rows, _Shared
-from dataplane.transports._h5repair import superblock_eof, superblock_flags
+from dataplane.transports._h5repair import superblock
 from dataplane.transports._h5writer import _META, _from_h5_attr, _H5Writer, _locked_elsewhere
 
 __all__ = ["HDF5Transport"]
+
+# Steps, and bytes, of metadata records read at once (see _H5Source._meta_bytes).
+_METAS_AT_ONCE = 4096
+_META_BYTES_AT_ONCE = 1 << 20
 
 
 class HDF5Transport(FileTransport):
@@ -105,11 +110,12 @@ class HDF5Transport(FileTransport):
     def format_writer(self, mode: str) -> FormatWriter:
         return _H5Writer(self, mode)
 
-    def format_source(self) -> StepSource | None:
-        if not os.path.exists(self.path):
+    def format_source(self, seen: Seen | None = None) -> StepSource | None:
+        lease = seen[1] if seen is not None else writer_state(read_lease(self.lease_io()))
+        try:
+            flags, eof, size = superblock(self.path)
+        except FileNotFoundError:
             return None
-        lease = writer_state(read_lease(self.lease_io()))
-        flags = superblock_flags(self.path)
         writing_without_swmr = flags is not None and flags & 1 and not flags & 4
         if lease == "alive" and (flags is None or writing_without_swmr):
             return None  # a writer of an older version, building the file in place
@@ -125,13 +131,11 @@ class HDF5Transport(FileTransport):
                 f"it is sound, or write it again."
             )
         settled = lease in ("closed", "none")
-        if settled:
-            eof, size = superblock_eof(self.path), os.path.getsize(self.path)
-            if eof is not None and eof > size:
-                raise IntegrityError(
-                    f"{self.url.url} is truncated: it is {size} bytes, its superblock says "
-                    f"{eof}. Copy or write it again."
-                )
+        if settled and eof is not None and eof > size:
+            raise IntegrityError(
+                f"{self.url.url} is truncated: it is {size} bytes, its superblock says "
+                f"{eof}. Copy or write it again."
+            )
         try:
             shared = _Shared.acquire(self.path, settled or lease in ("dead", "failed"))
         except OSError as exc:
@@ -158,10 +162,21 @@ class _H5Source(StepSource):
         self._sh = shared
         self._lock = shared.lock
         with self._lock:
-            self._names: list[str] = json.loads(shared.file()[_META].attrs.get("vars", "[]"))
+            self._names: list[str] = self._vars()
         self._specs: dict[str, VarSpec] = {}
+        self._metas: tuple[np.ndarray, bytes] | None = None  # see _meta_bytes
         self._count = 0
         self._closed = False
+
+    def _vars(self) -> list[str]:
+        """The variables' names (an attribute the writer sets with the first step)."""
+        fid = self._sh.file().id
+        if not h5py.h5a.exists(fid, b"vars", obj_name=_META.encode()):
+            return []
+        a = h5py.h5a.open(fid, b"vars", obj_name=_META.encode())  # a quarter of .attrs[...]
+        raw = np.empty((), a.dtype)
+        a.read(raw)
+        return list(json.loads(raw.item()))
 
     def _meta_set(self, name: str) -> h5py.Dataset:
         return self._sh.dataset(f"{_META}/{name}")
@@ -171,14 +186,12 @@ class _H5Source(StepSource):
             return self._refresh()
 
     def _refresh(self) -> int:
-        committed = self._meta_set("committed")
-        committed.refresh()
-        count = int(committed[0])
+        count = int(self._sh.current(f"{_META}/committed")[0])
         if count != self._count:
             if not self._names:
-                self._names = json.loads(self._sh.file()[_META].attrs.get("vars", "[]"))
-            self._meta_set("meta_offsets").refresh()
-            self._meta_set("meta").refresh()
+                self._names = self._vars()
+            self._sh.current(f"{_META}/meta_offsets")
+            self._sh.current(f"{_META}/meta")
             self._count = count
         return count
 
@@ -195,12 +208,26 @@ class _H5Source(StepSource):
 
     def meta(self, index: int) -> tuple[StepMeta, dict[str, str]]:
         with self._lock:
-            a, b = (int(x) for x in self._meta_set("meta_offsets")[index : index + 2])
-            info = json.loads(self._meta_set("meta")[a:b].tobytes())
+            info = json.loads(self._meta_bytes(index))
         if info.get("i", index) != index:
             raise IntegrityError(self._inconsistent(f"the metadata of step {info['i']}", index))
         specs = {name: self._spec(name) for name in self._names}
         return StepMeta(index, info["a"], specs), info["c"]
+
+    def _meta_bytes(self, index: int) -> bytes:
+        """Step ``index``'s JSON. The records of every committed step are read at once while
+        they are small (two reads per file, not two per step: each is a round trip on a
+        parallel filesystem); a committed step's record never changes."""
+        known = self._metas
+        if known is None or index + 1 >= len(known[0]):
+            n = max(self._count, index + 1)
+            offsets = self._meta_set("meta_offsets")[: n + 1] if n <= _METAS_AT_ONCE else None
+            if offsets is None or len(offsets) <= index + 1 or offsets[-1] > _META_BYTES_AT_ONCE:
+                a, b = (int(x) for x in self._meta_set("meta_offsets")[index : index + 2])
+                return bytes(self._meta_set("meta")[a:b].tobytes())
+            known = self._metas = offsets, self._meta_set("meta")[: int(offsets[-1])].tobytes()
+        offsets, blob = known
+        return blob[int(offsets[index]) : int(offsets[index + 1])]
 
     def get(self, index: int, name: str, selection: Selection) -> np.ndarray:
         sh = self._sh
@@ -231,13 +258,11 @@ class _H5Source(StepSource):
 
     def attrs(self) -> dict[str, AttrValue]:
         with self._lock:
-            offsets = self._meta_set("attrs_offsets")
-            offsets.refresh()
+            offsets = self._sh.current(f"{_META}/attrs_offsets")
             k = offsets.shape[0] - 1
             if k == 0:
                 return {key: _from_h5_attr(v) for key, v in self._sh.file().attrs.items()}
-            log = self._meta_set("attrs_log")
-            log.refresh()
+            log = self._sh.current(f"{_META}/attrs_log")
             a, b = (int(x) for x in offsets[k - 1 : k + 1])
             return json.loads(log[a:b].tobytes())
 

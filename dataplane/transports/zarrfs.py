@@ -61,6 +61,7 @@ from dataplane.transports._files import (
     FileTransport,
     FormatWriter,
     LeaseIO,
+    Seen,
     StepSource,
     read_lease,
     writer_state,
@@ -159,7 +160,7 @@ class ZarrTransport(FileTransport):
     def format_writer(self, mode: str) -> FormatWriter:
         return _ZarrWriter(self, mode)
 
-    def format_source(self) -> StepSource | None:
+    def format_source(self, seen: Seen | None = None) -> StepSource | None:
         try:
             node = zarr.open(store=self.store(read_only=True), mode="r")
         except (FileNotFoundError, KeyError):
@@ -174,7 +175,8 @@ class ZarrTransport(FileTransport):
             raise
         if isinstance(node, zarr.Group) and _META in node:
             return _ZarrSource(self, node)
-        if writer_state(read_lease(self.lease_io())) != "none":
+        state = seen[1] if seen is not None else writer_state(read_lease(self.lease_io()))
+        if state != "none":
             return None  # our writer is still creating the layout
         return _foreign(self, node)
 
