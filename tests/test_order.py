@@ -287,3 +287,19 @@ def test_sampler_batches_are_what_batchsampler_makes_of_it(
     assert list(again_batch.batches(size, drop_last)) == list(
         BatchSampler(again_index, size, drop_last)
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 11), max_size=200), st.integers(12, 14))
+def test_first_uses_are_the_shards_in_order_of_first_read(uses, nkeys) -> None:
+    """What the map-ahead thread maps, in which order: each shard read once, at the position
+    of its first read, earliest first (a plain scan says so)."""
+    from dataplane.loaders._ahead import first_uses
+
+    keys = [f"k{i}" for i in range(nkeys)]
+    got_keys, got_first = first_uses(keys, np.asarray(uses, dtype=np.int64))
+    seen: dict[int, int] = {}
+    for p, s in enumerate(uses):
+        seen.setdefault(s, p)
+    assert got_keys == [keys[s] for s in seen]
+    assert got_first.tolist() == list(seen.values())

@@ -33,11 +33,8 @@ class MapAhead:
     def __init__(
         self, cache: NodeCache, keys: list[str], uses: np.ndarray, position: int, owner: Any
     ) -> None:
-        shards, first = np.unique(uses, return_index=True)
-        by_first = np.argsort(first, kind="stable")
         self._cache = cache
-        self._keys = [keys[int(s)] for s in shards[by_first]]
-        self._first = first[by_first]
+        self._keys, self._first = first_uses(keys, uses)
         self._position = position
         self._resume_at = 0  # the position from which the thread has work again
         self._stopped = False
@@ -89,3 +86,16 @@ class MapAhead:
                 )
                 return
             i += 1
+
+
+def first_uses(keys: list[str], uses: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The shards of ``uses`` (a shard per position) in the order of their first use, and
+    that position. One pass over the positions, not a sort of them (np.unique): this runs at
+    the start of every epoch, 1 ms of a 35 ms epoch over 20,000 samples."""
+    uses = np.asarray(uses, dtype=np.int64)
+    n = len(uses)
+    first = np.full(len(keys), n, np.int64)
+    np.minimum.at(first, uses, np.arange(n, dtype=np.int64))
+    used = np.flatnonzero(first < n)
+    by_first = used[np.argsort(first[used], kind="stable")]
+    return [keys[int(s)] for s in by_first], first[by_first]
