@@ -11,11 +11,14 @@ The plain baseline is the fastest thing MPI codes do without coordination: each 
 ``rank<r>.h5`` with one dataset per step. It is an upper bound, not a like-for-like channel:
 there is no global array, no checksums, and nobody can follow it live.
 
+``h5@K`` is ``h5://`` with ``aggregators=K`` (``h5@ranks``: every rank writes a subfile of
+its own, joined in the main file; plain ``h5`` is the default, one aggregator per node).
+
 Files go to ``--dir``; the default is ``/dev/shm`` (memory) where it exists, because on a
 disk the kernel's write-back throttling dominates and varies tenfold between runs. Point it
 at your parallel filesystem to measure that.
 
-    python bench/bench_mpi.py [--ranks 1,2,4] [--schemes h5,bp5,zarr,shm,sst] [--mib 64]
+    python bench/bench_mpi.py [--ranks 1,2,4] [--schemes h5,h5@ranks,bp5,zarr,shm,sst] [--mib 64]
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ def worker(args: argparse.Namespace) -> int:
     import dataplane as dp
 
     world = MPI.COMM_WORLD
-    streams = args.scheme in ("shm", "sst")
+    scheme, _, aggregators = args.scheme.partition("@")
+    streams = scheme in ("shm", "sst")
     writers = world.Get_size() - (1 if streams else 0)
     is_writer = world.Get_rank() < writers
     comm = world.Split(0 if is_writer else 1, world.Get_rank())
@@ -63,7 +67,7 @@ def worker(args: argparse.Namespace) -> int:
         "zarr": f"zarr://{args.dir}/run.zarr",
         "shm": f"shm://bench-mpi-{os.getpid() if world.Get_rank() == 0 else 0}",
         "sst": f"sst://{args.dir}/stream",
-    }.get(args.scheme)
+    }.get(scheme)
     if url is not None:
         url = world.bcast(url, root=0)
         dp.registry.resolve(url)  # imports the transport (adios2, h5py, ...) before the clock
@@ -80,7 +84,9 @@ def worker(args: argparse.Namespace) -> int:
             for i, data in enumerate(steps):
                 f.create_dataset(f"u{i}", data=data)
     else:
-        opts = {"rendezvous": 1} if streams else {}
+        opts: dict = {"rendezvous": 1} if streams else {}
+        if aggregators:
+            opts["aggregators"] = comm.Get_size() if aggregators == "ranks" else int(aggregators)
         with dp.publish(url, comm=comm, **opts) as pub:
             for data in steps:
                 pub.write({"u": data})
@@ -94,7 +100,7 @@ def worker(args: argparse.Namespace) -> int:
 def run_one(mpiexec: str, scheme: str, ranks: int, args: argparse.Namespace) -> float:
     directory = tempfile.mkdtemp(prefix="dataplane-bench-mpi-", dir=args.dir)
     try:
-        n = ranks + (1 if scheme in ("shm", "sst") else 0)
+        n = ranks + (1 if scheme.partition("@")[0] in ("shm", "sst") else 0)
         cmd = [mpiexec, "-n", str(n), sys.executable, HERE, "--worker", scheme, "--dir", directory]
         cmd += ["--steps", str(args.steps), "--mib", str(args.mib)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -110,7 +116,7 @@ def run_one(mpiexec: str, scheme: str, ranks: int, args: argparse.Namespace) -> 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", default="1,2,4")
-    ap.add_argument("--schemes", default="h5,bp5,zarr,shm,sst")
+    ap.add_argument("--schemes", default="h5,h5@ranks,bp5,zarr,shm,sst")
     ap.add_argument("--mib", type=int, default=64, help="global MiB per step")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3)

@@ -46,6 +46,7 @@ _PUBLISH_URL_OPTIONS: dict[str, tuple[type, ...]] = {
     "queue_limit": (int,),
     "asynchronous": (bool,),
     "mode": (str,),
+    "aggregators": (int,),
 }
 _SUBSCRIBE_URL_OPTIONS: dict[str, tuple[type, ...]] = {
     "timeout": (float,),
@@ -90,6 +91,7 @@ def publish(
     queue_limit: int = 4,
     asynchronous: bool = False,
     mode: str = "w",
+    aggregators: int | None = None,
     **opts: Any,
 ) -> Publisher | ParallelPublisher:
     """Open ``url`` for writing steps.
@@ -112,13 +114,17 @@ def publish(
         ``close`` re-raises anything it hit.
     mode
         ``"w"`` to start a channel, ``"a"`` to continue the step sequence of stored data.
+    aggregators
+        With ``comm``: how many ranks write files (``h5://``: each writes its group's blocks
+        into a subfile, joined in the main file; default one per node; 1 for one file). See
+        :mod:`dataplane.parallel.aggregators`.
     **opts
         Transport options (see each transport's documentation).
 
     Notes
     -----
-    ``policy``, ``queue_limit``, ``asynchronous`` and ``mode`` may also be given in the URL
-    (``shm://run?queue_limit=8``), as may every transport option.
+    ``policy``, ``queue_limit``, ``asynchronous``, ``mode`` and ``aggregators`` may also be
+    given in the URL (``shm://run?queue_limit=8``), as may every transport option.
 
     Where SIGTERM has its default action, the first ``publish`` of the main thread makes it
     raise :class:`dataplane.Terminated` in this process instead, so that ``with publish(...)``
@@ -127,9 +133,22 @@ def publish(
     parsed, got = _url_options(
         url,
         _PUBLISH_URL_OPTIONS,
-        {"policy": policy, "queue_limit": queue_limit, "asynchronous": asynchronous, "mode": mode},
-        {"policy": "block", "queue_limit": 4, "asynchronous": False, "mode": "w"},
+        {
+            "policy": policy,
+            "queue_limit": queue_limit,
+            "asynchronous": asynchronous,
+            "mode": mode,
+            "aggregators": aggregators,
+        },
+        {
+            "policy": "block",
+            "queue_limit": 4,
+            "asynchronous": False,
+            "mode": "w",
+            "aggregators": None,
+        },
     )
+    aggregators = got["aggregators"]
     policy, queue_limit, asynchronous, mode = (
         got["policy"],
         got["queue_limit"],
@@ -152,6 +171,11 @@ def publish(
                 _transport(parsed, dict(opts)), policy, queue_limit, asynchronous, mode
             ),
             transport,
+            aggregators,
+        )
+    if aggregators is not None and comm is None:
+        raise OptionError(
+            "aggregators is for ranks writing together: pass comm=<an mpi4py communicator>"
         )
     return _publisher(_transport(parsed, opts), policy, queue_limit, asynchronous, mode)
 

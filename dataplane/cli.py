@@ -73,6 +73,7 @@ def _inspect(args: argparse.Namespace) -> int:
         with dp.open(args.url, **opts) as archive:
             info = _describe(archive, args.steps)
             info["stored_steps"] = len(archive)
+            info["written_by"] = archive.written_by
             channel_attrs = archive.attrs
     else:
         # A stream keeps nothing: show what arrives within the timeout.
@@ -97,6 +98,13 @@ def _inspect(args: argparse.Namespace) -> int:
         else f"{info['steps']} of {stored}"
     )
     print(f"{args.url}  ({shown} steps)")
+    wb = info.get("written_by")
+    if wb:
+        files = wb.get("files", [])
+        print(
+            f"written by {wb.get('ranks')} MPI ranks ({wb.get('method')}, "
+            f"{wb.get('aggregators')} writing): {len(files)} file{'s' * (len(files) != 1)}"
+        )
     if info["attrs"]:
         print("channel attributes:")
         for key, value in info["attrs"].items():

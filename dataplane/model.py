@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,7 +178,9 @@ def as_array(value: Any, name: str = "?") -> np.ndarray:
     The result keeps the caller's memory layout (it may be Fortran-ordered or strided);
     writers copy it into their own layout once. Non-native byte order is converted.
     """
-    if isinstance(value, np.ma.MaskedArray):
+    # (np.ma is imported on first use: 30 ms of a process's first write. A masked array
+    # exists only once its module does.)
+    if "numpy.ma" in sys.modules and isinstance(value, np.ma.MaskedArray):
         raise SchemaError(
             f"variable {name!r} is a masked array; no transport stores the mask, so its masked "
             f"values would come back as whatever lies under them. Write arr.filled(fill) (and "

@@ -203,8 +203,10 @@ class Publisher:
         attrs: Mapping | None,
         chunks: dict[str, tuple[int, ...]],
         arrays: dict[str, np.ndarray],
+        layout: dict[str, Any] | None = None,
     ) -> int:
-        """Begin a step that ranks write into; this process writes ``arrays`` itself."""
+        """Begin a step that ranks write into; this process writes ``arrays`` itself
+        (``layout``: see :meth:`RankedWriter.begin_ranked`)."""
         if self._closed:
             raise DataplaneError(f"publisher of {self.url} is closed")
         self.flush()  # an asynchronous publisher finishes the steps before this one first
@@ -215,7 +217,7 @@ class Publisher:
         channel_attrs = self._channel_attrs()
         if channel_attrs is not None:
             writer.set_attrs(channel_attrs)
-        row = writer.begin_ranked(self._index, specs, step_attrs, chunks)
+        row = writer.begin_ranked(self._index, specs, step_attrs, chunks, layout)
         try:
             for name, arr in arrays.items():
                 writer.put(name, arr)
@@ -227,6 +229,10 @@ class Publisher:
     def chunks_of(self, name: str) -> tuple[int, ...] | None:
         """The chunk shape the channel gives variable ``name`` (ranked writes only)."""
         return self._ranked().chunks_of(name)
+
+    def written_by(self) -> dict[str, Any] | None:
+        """How the stored channel's steps were written, if it says (see ``inspect``)."""
+        return self._writer.written_by() if isinstance(self._writer, RankedWriter) else None
 
     def put_region(self, name: str, start: tuple[int, ...], block: np.ndarray) -> Any:
         """Write a piece of the ranked step that another rank sent; its checksum record."""

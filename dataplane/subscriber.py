@@ -197,6 +197,14 @@ class Archive:
     def attrs(self) -> dict[str, AttrValue]:
         return self._impl.attrs()
 
+    @property
+    def written_by(self) -> dict[str, Any] | None:
+        """How MPI ranks wrote the channel: ``ranks``, ``method`` (``"aggregators"``: the
+        ranks' blocks went to aggregators in pieces, ``"own-chunks"``: each rank wrote its
+        own chunks), ``aggregators`` and ``files`` (relative to the channel's folder); None
+        for a channel one process wrote, or a format that does not record it."""
+        return self._impl.written_by()
+
     def _index(self, step: int) -> int:
         n = len(self._impl)
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):

@@ -1,6 +1,7 @@
 """M writer ranks publish blocks of global arrays; N reader ranks read their parts (M x N).
 
-Run as ``mpiexec -n M+N python tests/mpi_roundtrip.py URL M OUT [--steps S]``: world ranks
+Run as ``mpiexec -n M+N python tests/mpi_roundtrip.py URL M OUT [--steps S] [--aggregators K]``:
+world ranks
 below M write, the others read (for mem://, which lives in one process, a subscriber in world
 rank 0 reads and checks the parts of N virtual readers). Each rank writes ``OUT/<rank>.json``.
 
@@ -112,6 +113,7 @@ def main() -> int:
     ap.add_argument("writers", type=int)
     ap.add_argument("out")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--aggregators", type=int, default=None)
     args = ap.parse_args()
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
@@ -121,7 +123,9 @@ def main() -> int:
     comm = world.Split(0 if is_writer else 1, rank)
     report: dict = {"role": "writer" if is_writer else "reader"}
     scheme = args.url.split("://", 1)[0]
-    opts = {"rendezvous": n} if scheme in ("shm", "sst") else {}
+    opts: dict = {"rendezvous": n} if scheme in ("shm", "sst") else {}
+    if args.aggregators is not None:
+        opts["aggregators"] = args.aggregators
     sub = None
     try:
         if scheme == "mem":

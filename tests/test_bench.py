@@ -43,11 +43,11 @@ def test_bench_mpi_reports_every_transport_and_rank_count(tmp_path) -> None:
     _, rows = run_bench(
         "bench_mpi.py",
         tmp_path / "rows.json",
-        *("--ranks", "1,2", "--schemes", "h5,zarr,shm", "--mib", "1", "--steps", "2"),
+        *("--ranks", "1,2", "--schemes", "h5,h5@ranks,zarr,shm", "--mib", "1", "--steps", "2"),
         *("--repeat", "1"),
     )
     assert {(r["transport"], r["ranks"]) for r in rows} == {
-        (t, n) for t in ("plain-h5", "h5", "zarr", "shm") for n in (1, 2)
+        (t, n) for t in ("plain-h5", "h5", "h5@ranks", "zarr", "shm") for n in (1, 2)
     }
     assert all(r["gb_per_s"] > 0 for r in rows)
 

@@ -22,6 +22,7 @@ _H5 = [
     "dataplane.transports._files",
     "dataplane.transports._h5repair",
     "dataplane.transports._h5handles",
+    "dataplane.transports._h5subfiles",
 ]
 _ADIOS = [*_FILE_PIECES, "dataplane.transports._files", "dataplane.transports._adios_steps"]
 
@@ -51,6 +52,7 @@ ALLOWED = {
     ],
     "dataplane.transports._h5repair": _BOTTOM,
     "dataplane.transports._h5handles": [*_BOTTOM, *_FILE_PIECES, "dataplane.transports._h5repair"],
+    "dataplane.transports._h5subfiles": [*_BOTTOM, "dataplane.transports._h5repair"],
     "dataplane.transports._h5writer": [*_BOTTOM, *_H5],
     "dataplane.transports.hdf5": [
         *_BOTTOM,

@@ -100,6 +100,16 @@ def test_global_arrays_round_trip_m_by_n(tmp_path, scheme, m, n):
                 np.testing.assert_array_equal(a[t]["field2d"], rt.global2d(t))
                 np.testing.assert_array_equal(a[t]["field3d"], rt.global3d(t))
                 assert a[t].attrs == {"t": t}
+            if scheme != "bp5" and m > 1:  # one node: one aggregator, rank 0, one file
+                name = url.rsplit("/", 1)[1]
+                # zarr: rows not aligned with chunks (4 writers) go to rank 0 in pieces.
+                own = scheme == "zarr" and m == 2
+                assert a.written_by == {
+                    "ranks": m,
+                    "method": "own-chunks" if own else "aggregators",
+                    "aggregators": 1,
+                    "files": [name],
+                }
     if scheme == "zarr" and m > 1:
         # Blocks aligned with chunks were written by their own ranks, with a checksum each;
         # the unaligned rows of 4 writers (5, 0, 6, 2) went to rank 0 in pieces, a checksum
@@ -166,12 +176,14 @@ KILLS = {
     "h5": "rank 1 before its block left",
     "bp5": "rank 0 while writing",
     "zarr": "rank 1 while writing its own chunk",
+    "h5-subfiles": "the aggregator of the second group (rank 1) while writing its subfile",
 }
 
 
 @pytest.mark.parametrize("scheme", sorted(KILLS))
 def test_a_rank_killed_inside_a_step_leaves_only_complete_steps(tmp_path, scheme):
-    url = url_for(scheme, tmp_path)
+    url = url_for(scheme.split("-")[0], tmp_path)
+    opts = ", aggregators=2" if scheme == "h5-subfiles" else ""
     code = textwrap.dedent(
         f"""
         import os, signal, numpy as np, dataplane as dp
@@ -179,7 +191,7 @@ def test_a_rank_killed_inside_a_step_leaves_only_complete_steps(tmp_path, scheme
         comm = MPI.COMM_WORLD
         def die(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
-        with dp.publish({url!r}, comm=comm) as pub:
+        with dp.publish({url!r}, comm=comm{opts}) as pub:
             for t in range(5):
                 if t == 2:
                     if {scheme!r} == "h5" and comm.rank == 1:
@@ -188,6 +200,8 @@ def test_a_rank_killed_inside_a_step_leaves_only_complete_steps(tmp_path, scheme
                         pub._inner._writer._fw.commit = die  # inside the step, data written
                     if {scheme!r} == "zarr" and comm.rank == 1:
                         pub._transport.put_block = die  # after rank 0 began the step
+                    if {scheme!r} == "h5-subfiles" and comm.rank == 1:
+                        pub._transport.put_subfile_region = die  # its subfile has the room
                 pub.write({{"x": np.full((1000, 10), t + comm.rank, dtype=np.float64)}})
         """
     )
@@ -203,6 +217,18 @@ def test_a_rank_killed_inside_a_step_leaves_only_complete_steps(tmp_path, scheme
         with pytest.raises(dp.ChannelBroken):
             for _ in sub:
                 pass
+    if scheme == "h5-subfiles":  # the step half written into the subfiles is written over
+        again = f"""
+            import numpy as np, dataplane as dp
+            comm = MPI.COMM_WORLD
+            with dp.publish({url!r}, comm=comm, aggregators=2, mode="a") as pub:
+                report(pub.write({{"x": np.full((1000, 10), 7 + comm.rank, dtype=np.float64)}}))
+            """
+        assert mpirun(2, again, tmp_path) == {0: 2, 1: 2}
+        with dp.open(url) as a:
+            assert len(a) == 3
+            np.testing.assert_array_equal(a[1]["x"][999:1001, 0], [1, 2])
+            np.testing.assert_array_equal(a[2]["x"][999:1001, 0], [7, 8])
 
 
 def test_corrupt_rank_written_chunk_is_caught(tmp_path):
@@ -227,14 +253,16 @@ def test_corrupt_rank_written_chunk_is_caught(tmp_path):
         )
 
 
+@pytest.mark.parametrize("aggregators", [1, 2, 4])
 def test_h5_ranks_send_their_blocks_in_pieces_and_no_rank_holds_the_global_step(
-    tmp_path,
+    tmp_path, aggregators
 ) -> None:
-    """h5:// under 4 ranks: rank 0 writes each rank's block piece by piece as it arrives (a
-    checksum per piece), so its peak memory grows by a piece and the library's own, not by
-    the 65 MiB global step; the global array is exact through dataplane and plain h5py. The
-    blocks' rows (one empty) cut HDF5's chunks anywhere: chunks a piece covers are written
-    raw, its edges through HDF5."""
+    """h5:// under 4 ranks: each aggregator (rank 0 alone, or 2 groups of 2, or every rank)
+    writes its group's blocks piece by piece as they arrive (a checksum per piece), so no
+    rank's peak memory grows by more than a piece and the library's own, not by the 65 MiB
+    global step; the global array is exact through dataplane and through plain h5py (with
+    subfiles: the main file's virtual datasets). The blocks' rows (one empty) cut HDF5's
+    chunks anywhere: chunks a piece covers are written raw, its edges through HDF5."""
     path = tmp_path / "run.h5"
     rows, cols = [3001, 0, 3122, 2165], 2048  # up to 24 MiB of int32 per rank
     got = mpirun(
@@ -250,10 +278,11 @@ def test_h5_ranks_send_their_blocks_in_pieces_and_no_rank_holds_the_global_step(
         block = np.arange(rows[rank] * {cols}, dtype=np.int32).reshape(rows[rank], {cols})
         block += rank * 10_000_000
         kib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        with dp.publish("h5://{tmp_path}/warm.h5", comm=comm) as pub:  # imports, MPI set-up
+        warm = "h5://{tmp_path}/warm.h5?aggregators={aggregators}"
+        with dp.publish(warm, comm=comm) as pub:  # imports, MPI set-up
             pub.write({{"x": dp.Block(np.zeros((1, 4)), start=(rank, 0), shape=(4, 4))}})
         before = kib()
-        with dp.publish("h5://{path}", comm=comm) as pub:
+        with dp.publish("h5://{path}", comm=comm, aggregators={aggregators}) as pub:
             for t in range(3):
                 where = (sum(rows[:rank]), 0)
                 pub.write({{"x": dp.Block(block, start=where, shape=(sum(rows), {cols})), "t": t}})
@@ -276,12 +305,18 @@ def test_h5_ranks_send_their_blocks_in_pieces_and_no_rank_holds_the_global_step(
             np.testing.assert_array_equal(part, (expect + t)[2900:6300, 5:9])
     with h5py.File(path, "r") as f:
         np.testing.assert_array_equal(f["x"][1], expect + 1)
+        assert f["x"].is_virtual == (aggregators > 1)
         end = int(f["__dataplane/meta_offsets"][1])
         info = json.loads(f["__dataplane/meta"][:end].tobytes())
+        written_by = json.loads(f["__dataplane"].attrs["written_by"])
     pieces = sum(-(-n // 1024) for n in rows)
     assert isinstance(info["c"]["x"], list) and len(info["c"]["x"]) == pieces
+    assert (written_by["ranks"], written_by["aggregators"]) == (4, aggregators)
+    subfiles = sorted(p.name for p in (tmp_path / "run.h5.agg").glob("*.h5"))
+    assert len(subfiles) == (aggregators if aggregators > 1 else 0)
+    assert written_by["files"] == ["run.h5"] + [f"run.h5.agg/{s}" for s in subfiles]
     # Gathering the 65 MiB step on rank 0 grew it by more than that.
-    assert got[0]["grew_kib"] < 32 * 1024, got
+    assert all(g["grew_kib"] < 32 * 1024 for g in got.values()), got
 
 
 def test_single_rank_comm_works(tmp_path) -> None:
@@ -408,3 +443,171 @@ def test_shuffle_sampler_takes_rank_and_world_from_mpi(tmp_path) -> None:
     a, b = got[0]["order"], got[1]["order"]
     assert len(a) == len(b) == 51
     assert set(a) | set(b) == set(range(101)) and len(set(a) & set(b)) == 1  # one padded
+
+
+SUBFILED = [(2, 3, 2), (4, 2, 2), (4, 2, 4)]  # writers, live readers, aggregators
+
+
+@pytest.mark.parametrize("m,n,k", SUBFILED, ids=[f"{m}x{n}-agg{k}" for m, n, k in SUBFILED])
+def test_h5_aggregators_write_subfiles_that_read_as_one_global_array(tmp_path, capsys, m, n, k):
+    """h5:// with aggregators=K: each group's aggregator writes a subfile, the main file joins
+    them; live reader ranks follow every step as it commits and read their parts exact (2-D
+    rows and 3-D grids, uneven and empty blocks), as do dataplane and plain h5py afterwards;
+    ``inspect --json`` says how it was written."""
+    url = url_for("h5", tmp_path)
+    result = mpiexec(
+        m + n,
+        sys.executable,
+        str(HERE / "mpi_roundtrip.py"),
+        url,
+        str(m),
+        str(tmp_path),
+        "--aggregators",
+        str(k),
+    )
+    assert result.returncode == 0, result.stderr
+    reports = {r: json.loads((tmp_path / f"{r}.json").read_text()) for r in range(m + n)}
+    for r, rep in reports.items():
+        assert "error" not in rep, f"rank {r}:\n{rep['error']}"
+    for r in range(m, m + n):
+        assert reports[r]["steps"] == [0, 1, 2] and reports[r]["bad"] == [], reports[r]
+    subfiles = sorted(f"run.h5.agg/{p.name}" for p in (tmp_path / "run.h5.agg").glob("*.h5"))
+    assert len(subfiles) == k
+    from dataplane.cli import main
+
+    assert main(["inspect", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["written_by"] == {
+        "ranks": m,
+        "method": "aggregators",
+        "aggregators": k,
+        "files": ["run.h5", *subfiles],
+    }
+    with dp.open(url) as a:
+        assert len(a) == 3
+        for t in range(3):
+            np.testing.assert_array_equal(a[t]["field2d"], rt.global2d(t))
+            np.testing.assert_array_equal(a[t]["field3d"], rt.global3d(t))
+            np.testing.assert_array_equal(a[t]["slabs3d"], rt.slabs3d(t))
+            assert float(a[t]["t"]) == t * 0.5
+    moved = tmp_path / "moved"  # the main file finds its subfiles relative to itself
+    moved.mkdir()
+    for p in ["run.h5", "run.h5.agg"]:
+        os.rename(tmp_path / p, moved / p)
+    with h5py.File(moved / "run.h5", "r") as f:
+        assert f["field3d"].is_virtual and f["field3d"].shape == (3, *rt.SHAPE3)
+        np.testing.assert_array_equal(f["field2d"][1], rt.global2d(1))
+        np.testing.assert_array_equal(f["tiles2d"][2], rt.global2d(2))
+        np.testing.assert_array_equal(
+            f["field3d"][:, 1:4, 2:5], [rt.global3d(t)[1:4, 2:5] for t in range(3)]
+        )
+
+
+def test_h5_aggregators_keep_the_blocks_of_the_first_step_and_append_alike(tmp_path):
+    """Subfiles are joined by fixed regions: a step whose blocks moved raises SchemaError on
+    every rank and writes nothing; an append continues the subfiles (same aggregators), and
+    another number of aggregators is refused."""
+    url = url_for("h5", tmp_path)
+    got = mpirun(
+        4,
+        f"""
+        import numpy as np, dataplane as dp
+        comm = MPI.COMM_WORLD
+        r = comm.rank
+        out = []
+        def rows(t, n=2):
+            return np.full((n, 3), 10 * t + r, dtype=np.int64)
+        with dp.publish({url!r}, comm=comm, aggregators=2) as pub:
+            pub.write({{"x": rows(0)}})
+            try:
+                pub.write({{"x": rows(1, n=1 + (r == 0))}})  # rank 1's block moved
+            except dp.SchemaError as exc:
+                out.append("moved" if "blocks of the first" in str(exc) else str(exc))
+            pub.write({{"x": rows(1)}})
+        with dp.publish({url!r}, comm=comm, aggregators=2, mode="a") as pub:
+            out.append(pub.write({{"x": rows(2)}}))
+        try:
+            dp.publish({url!r}, comm=comm, aggregators=4, mode="a")
+        except dp.OptionError as exc:
+            out.append("refused" if "aggregators=2" in str(exc) else str(exc))
+        report(out)
+        """,
+        tmp_path,
+    )
+    assert got == {r: ["moved", 2, "refused"] for r in range(4)}
+    with dp.open(url) as a:
+        assert len(a) == 3
+        for t in range(3):
+            want = np.repeat(10 * t + np.arange(4), 2)[:, None] * np.ones(3, np.int64)
+            np.testing.assert_array_equal(a[t]["x"], want)
+    before = sorted((tmp_path / "run.h5.agg").glob("*.h5"))
+    assert len(before) == 2
+    # A new channel in its place: the old subfiles go with the old main file.
+    again = f"""
+        import numpy as np, dataplane as dp
+        with dp.publish({url!r}, comm=MPI.COMM_WORLD, aggregators=2) as pub:
+            report(pub.write({{"x": np.full((1, 3), MPI.COMM_WORLD.rank)}}))
+        """
+    assert mpirun(4, again, tmp_path) == {r: 0 for r in range(4)}
+    after = sorted((tmp_path / "run.h5.agg").glob("*.h5"))
+    assert len(after) == 2 and not set(after) & set(before)
+    with dp.open(url) as a:
+        assert len(a) == 1
+        np.testing.assert_array_equal(a[0]["x"][:, 0], np.arange(4))
+
+
+@pytest.mark.parametrize("aggregators", [None, 4, 16])
+def test_16_ranks_oversubscribed_write_one_h5_global_array(tmp_path, aggregators):
+    """16 ranks on however many cores: the default (one aggregator per node: one file here),
+    4 groups and a subfile per rank all give the same global array."""
+    url = url_for("h5", tmp_path)
+    got = mpirun(
+        16,
+        f"""
+        import numpy as np, dataplane as dp
+        comm = MPI.COMM_WORLD
+        r = comm.rank
+        with dp.publish({url!r}, comm=comm, aggregators={aggregators}) as pub:
+            for t in range(2):
+                pub.write({{"x": dp.Block(np.full((3, 5), 100 * t + r), (3 * r, 0), (48, 5))}})
+        report(r)
+        """,
+        tmp_path,
+        timeout=240,
+    )
+    assert sorted(got.values()) == list(range(16))
+    with dp.open(url) as a:
+        for t in range(2):
+            np.testing.assert_array_equal(
+                a[t]["x"], np.repeat(100 * t + np.arange(16), 3)[:, None] * np.ones(5)
+            )
+    assert len(list(tmp_path.glob("run.h5.agg/*.h5"))) == (aggregators or 0)
+
+
+def test_bad_aggregators_raise_on_every_rank(tmp_path) -> None:
+    got = mpirun(
+        2,
+        f"""
+        import re
+        import dataplane as dp
+        comm = MPI.COMM_WORLD
+        out = []
+        for url, k in [
+            ("h5://{tmp_path}/a.h5", 0),
+            ("h5://{tmp_path}/b.h5", 3),
+            ("h5://{tmp_path}/c.h5", "two"),
+            ("bp5://{tmp_path}/d.bp", 2),
+        ]:
+            try:
+                dp.publish(url, comm=comm, aggregators=k).close()
+                out.append("opened")
+            except dp.OptionError as exc:  # (another rank's error says whose it is)
+                out.append(re.sub(r"^rank \\d+: ", "", str(exc)).split(":")[0][:40])
+        report(out)
+        """,
+        tmp_path,
+    )
+    assert got[0] == got[1]
+    assert got[0][:2] == ["aggregators must be between 1 and the 2 "] * 2
+    assert got[0][2].startswith("aggregators must be a whole") and got[0][3] == "bp5"
+    with pytest.raises(dp.OptionError, match="comm"):
+        dp.publish(f"h5://{tmp_path}/e.h5", aggregators=2)

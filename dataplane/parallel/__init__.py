@@ -20,6 +20,11 @@ disagreeing shapes or dtypes included). Then, per variable:
   8 MiB of rows, so HDF5 never patches a whole step's chunk in memory; chunks a piece covers
   are written raw). A rank sends a piece when rank 0 asks for it: the blocking transfer then
   runs at full speed and no rank spins while rank 0 writes.
+- **Aggregators write subfiles** (``h5://`` with ``aggregators=K``, default one per node): the
+  same, within each of K groups of ranks, whose lowest rank writes its group's pieces into a
+  subfile of its own; rank 0's main file joins the subfiles with HDF5 virtual datasets and
+  commits a step once every aggregator reported it (:mod:`dataplane.parallel.aggregators`,
+  :mod:`dataplane.transports._h5subfiles`).
 - **Otherwise the blocks travel to rank 0** (``Gatherv`` of raw bytes; blocks of whole rows
   land directly in the global array) and rank 0 writes the global array: every variable of
   ``bp5://``, ``sst://``, ``shm://`` and ``mem://`` with the serial adios2 from PyPI. Rank 0

@@ -38,7 +38,7 @@ class Collective:
         delay = 50e-6
         while not req.Test():
             time.sleep(delay)
-            delay = min(delay * 2, 2e-3)
+            delay = min(delay * 2, 1e-3)
 
     def agree(self, local: dict | None, error: BaseException | None) -> list[dict]:
         """Everyone's description; raises the first rank's error on every rank."""
@@ -52,12 +52,13 @@ class Collective:
                 raise decode_error(theirs["error"], f"rank {rank}: ")
         return [e["desc"] for e in everyone]
 
-    def outcome(self, error: BaseException | None, root: int = 0) -> Any:
-        """Root's success or error, on every rank (root re-raises its own)."""
+    def outcome(self, error: BaseException | None, root: int = 0, value: Any = None) -> Any:
+        """Root's success (with its ``value``, returned on every rank) or error, on every
+        rank (root re-raises its own)."""
         self.arrive()
-        msg = self.comm.bcast(encode_error(error) if error else None, root=root)
+        msg, value = self.comm.bcast([encode_error(error) if error else None, value], root=root)
         if msg is None:
-            return
+            return value
         if self.rank == root and error is not None:
             raise error
         raise decode_error(msg, f"rank {root}: ")

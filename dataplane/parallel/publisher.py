@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
-from dataplane.errors import DataplaneError, SchemaError, Terminated
+from dataplane.errors import DataplaneError, OptionError, SchemaError, Terminated
 from dataplane.model import VarSpec, check_attrs
+from dataplane.parallel.aggregators import Groups, aggregator_count
 from dataplane.parallel.collective import Collective, decode_error
 from dataplane.parallel.plan import aligned_chunks, describe_local, plan_step
 from dataplane.publisher import ChannelAttrs, Publisher
@@ -33,6 +37,7 @@ class ParallelPublisher:
         comm: Any,
         open_root: Callable[[], Publisher],
         transport: Transport,
+        aggregators: Any = None,
     ) -> None:
         self.comm = comm
         self._transport = transport  # every rank's, for writing its own blocks
@@ -56,6 +61,69 @@ class ParallelPublisher:
         self._aggregates = bool(
             comm.bcast(self._inner is not None and self._inner.transport.aggregates, root=0)
         )
+        self._groups: Groups | None = None
+        self._subfile: Any = None  # this aggregator's (Transport.subfile)
+        self._layout: dict[str, Any] | None = None  # the blocks of the first subfiled step
+        self._rows: int | None = None  # steps committed, once a step was
+        self._opened = False  # whether the aggregators opened their subfiles
+        self._setup_aggregators(aggregators)
+
+    def _setup_aggregators(self, aggregators: Any) -> None:
+        """Split the ranks into aggregator groups where the channel writes subfiles (all
+        ranks raise alike for a bad ``aggregators``)."""
+        error: BaseException | None = None
+        k, group_of = 1, [0] * self._coll.size
+        try:
+            k, group_of = aggregator_count(self.comm, aggregators)
+            if k > 1 and not self._transport.subfiles:
+                if aggregators is not None:
+                    raise OptionError(
+                        f"{self._transport.scheme}:// takes aggregators=1 only (its ranks' "
+                        f"blocks go to rank 0, which writes the channel); h5:// writes "
+                        f"subfiles with aggregators={k}"
+                    )
+                k, group_of = 1, [0] * self._coll.size
+        except Exception as exc:
+            error = exc
+        self._coll.agree(None, error)
+        existing: dict[str, Any] | None = None
+        error = None
+        if self._inner is not None:
+            try:
+                existing = self._continued(k)
+            except Exception as exc:
+                error = exc
+        self._coll.outcome(error)
+        if k == 1:
+            return
+        existing = self.comm.bcast(existing, root=0)
+        self._groups = Groups(self.comm, k, group_of)
+        self._token = (
+            existing["token"]
+            if existing
+            else self.comm.bcast(secrets.token_hex(4) if self.rank == 0 else None, root=0)
+        )
+        self._append = existing is not None
+        if existing:
+            self._layout = existing["layout"]
+
+    def _continued(self, k: int) -> dict[str, Any] | None:
+        """Rank 0: what an appended channel's subfiles are (None for a new one); raises if
+        it was written with another number of aggregators."""
+        assert self._inner is not None
+        before = self._inner.written_by() if self._inner.next_index else None
+        if self._inner.next_index == 0:
+            return None
+        had = int((before or {}).get("aggregators", 1))
+        if had != k:
+            raise OptionError(
+                f"{self.url} was written with aggregators={had}: append with the same number "
+                f"(its arrays are {'joined from subfiles' if had > 1 else 'in one file'})"
+            )
+        if k == 1:
+            return None
+        assert before is not None
+        return {"token": before["token"], "layout": before["layout"]}
 
     @property
     def closed(self) -> bool:
@@ -85,6 +153,8 @@ class ParallelPublisher:
             error = exc
         descs = self._coll.agree(desc, error)
         plan = plan_step(descs)  # the same on every rank: all raise, or none
+        if self._groups is not None:
+            return self._write_subfiled(plan, arrays, attrs)
         chunks = self._rank_chunks(plan)
         if chunks is not None or self._aggregates:
             return self._write_ranked(plan, chunks or {}, arrays, attrs)
@@ -156,8 +226,17 @@ class ParallelPublisher:
         row = None
         error: BaseException | None = None
         if self._inner is not None:
+            written_by = {
+                "ranks": self._coll.size,
+                # Ranks write their own chunks, or send them in pieces to rank 0, or both.
+                "method": "own-chunks" if chunks and not unaligned else "aggregators",
+                "aggregators": 1,
+                "files": [os.path.basename(self._transport.url.path)],
+            }
             try:
-                row = self._inner.begin_ranked(specs, attrs, chunks, by_root)
+                row = self._inner.begin_ranked(
+                    specs, attrs, chunks, by_root, {"written_by": written_by}
+                )
             except Exception as exc:
                 error = exc
         self._coll.outcome(error)
@@ -204,6 +283,114 @@ class ParallelPublisher:
         self._index += 1
         return index
 
+    def _write_subfiled(
+        self,
+        plan: dict[str, dict[str, Any]],
+        arrays: dict[str, np.ndarray],
+        attrs: Mapping | None,
+    ) -> int:
+        """A step with aggregators: each group's blocks travel in pieces to its aggregator,
+        which writes them into its subfile; rank 0 commits once every aggregator reported
+        its pieces' checksums (an aggregator that fails or dies leaves the step invisible)."""
+        groups = self._groups
+        assert groups is not None
+        specs = {n: VarSpec(np.dtype(e["dtype"]), tuple(e["shape"])) for n, e in plan.items()}
+        blocks = {n: e["parts"] for n, e in plan.items() if e["kind"] != "scalar"}
+        layout = json.loads(json.dumps(blocks))  # lists all through, as read back from a file
+        if self._layout is None:
+            self._layout = layout
+        elif layout != self._layout:
+            # Every rank has the same plan: all raise here, nothing was written.
+            raise SchemaError(
+                f"{self.url}: with aggregators={groups.k}, every step has the blocks of the "
+                f"first (HDF5 virtual datasets map fixed regions of the subfiles), but the "
+                f"variables or blocks changed: first {_blocks(self._layout)}, now "
+                f"{_blocks(layout)}. Keep each rank's blocks, or use aggregators=1."
+            )
+        transport = self._transport
+        names = {g: transport.subfile_name(self._token, g) for g in range(groups.k)}
+        error: BaseException | None = None
+        if not self._opened:  # the first step here: the subfiles open
+            if groups.is_aggregator:
+                try:
+                    self._subfile = transport.subfile(
+                        names[groups.group], {n: specs[n] for n in blocks}, self._append
+                    )
+                except Exception as exc:
+                    error = exc
+            self._coll.agree(None, error)  # every subfile is ready before readers see any
+            self._opened = True
+        row = None
+        error = None
+        if self._inner is not None:
+            sources = {
+                name: [
+                    (names[groups.group_of[r]], start, count)
+                    for r, (start, count) in enumerate(parts)
+                    if all(count)
+                ]
+                for name, parts in layout.items()
+            }
+            written_by = {
+                "ranks": self._coll.size,
+                "method": "aggregators",
+                "aggregators": groups.k,
+                "files": [transport.subfile_name("", -1)] + [names[g] for g in range(groups.k)],
+                "token": self._token,
+                "layout": layout,
+            }
+            scalars = {n: arrays[n] for n, e in plan.items() if e["kind"] == "scalar"}
+            try:
+                row = self._inner.begin_ranked(
+                    specs, attrs, {}, scalars, {"sources": sources, "written_by": written_by}
+                )
+            except Exception as exc:
+                error = exc
+        row = self._coll.outcome(error, value=row)
+        error = None
+        sub = self._subfile
+        if sub is not None:
+            try:
+                sub.begin(row)
+            except Exception as exc:
+                error = exc
+
+        def write(name: str, start: tuple[int, ...], piece: np.ndarray) -> Any:
+            if error is not None:
+                raise error
+            assert sub is not None
+            return transport.put_subfile_region(sub, name, start, piece)
+
+        regions, relay_error = groups.coll.relay(
+            groups.restrict(plan), arrays, write if sub is not None else None, PIECE_BYTES
+        )
+        error = error or relay_error
+        if sub is not None and error is None:
+            try:
+                sub.flush()  # before rank 0 hears of it: a committed step is in the subfile
+            except Exception as exc:
+                error = exc
+        reports = self._coll.gather_reports(regions, error)
+        error = None
+        if self._inner is not None:
+            assert reports is not None
+            failed = next(((r, e) for r, (_, e) in enumerate(reports) if e), None)
+            merged: dict[str, list] = {name: [] for name in blocks}
+            for rank_regions, _ in reports:
+                for name, got in rank_regions.items():
+                    merged[name].extend(got)
+            try:
+                self._inner.end_ranked(specs, merged if failed is None else None)
+                if failed is not None:
+                    error = decode_error(failed[1], f"rank {failed[0]}: ")
+            except Exception as exc:
+                error = error or exc
+        self._coll.outcome(error)
+        self._rows = row + 1
+        index = self._index
+        self._index += 1
+        return index
+
     def flush(self) -> None:
         """Collective: wait until rank 0 handed every step to the transport."""
         error: BaseException | None = None
@@ -221,12 +408,21 @@ class ParallelPublisher:
         self._closed = True
         failed = self._coll.any(failed)
         error: BaseException | None = None
+        if self._subfile is not None:
+            try:
+                self._subfile.close(self._rows)
+            except Exception as exc:
+                error = exc
+            self._subfile = None
+        self._coll.agree(None, error)  # the subfiles are whole before the channel says so
         if self._inner is not None:
             try:
                 self._inner.close(failed=failed)
             except Exception as exc:
                 error = exc
         self._coll.outcome(error)
+        if self._groups is not None:
+            self._groups.close()
 
     def __enter__(self) -> ParallelPublisher:
         return self
@@ -239,3 +435,10 @@ class ParallelPublisher:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"next step {self._index}"
         return f"<ParallelPublisher {self.url} rank {self.rank} {state}>"
+
+
+def _blocks(layout: dict[str, Any]) -> str:
+    return "; ".join(
+        f"{name}: " + ", ".join(f"rank {r} {s}+{c}" for r, (s, c) in enumerate(parts))
+        for name, parts in sorted(layout.items())
+    )

@@ -220,12 +220,16 @@ class _FileWriter(RankedWriter):
         specs: dict[str, VarSpec],
         attrs: dict[str, AttrValue],
         chunks: dict[str, tuple[int, ...]],
+        layout: dict[str, Any] | None = None,
     ) -> int:
-        """Begin a step whose arrays the ranks write with ``put_block`` (``chunks`` fixes the
-        chunking of arrays created now); returns the step's row in the file."""
+        """Begin a step whose arrays the ranks write with ``put_block`` (see
+        :meth:`RankedWriter.begin_ranked`); returns the step's row in the file."""
         if self._closed:
             raise DataplaneError(f"writer of {self._t.url.url} is closed")
-        return self._fw.begin_ranked(index, specs, attrs, chunks)
+        return self._fw.begin_ranked(index, specs, attrs, chunks, layout)
+
+    def written_by(self) -> dict[str, Any] | None:
+        return self._fw.written_by()
 
     def chunks_of(self, name: str) -> tuple[int, ...] | None:
         """The chunk shape of a variable's array (without the step axis), if it has one."""
@@ -465,6 +469,9 @@ class _FileArchive(Archive):
 
     def attrs(self) -> dict[str, AttrValue]:
         return guard(self._t.url.url, "the channel attributes", self._source.attrs)
+
+    def written_by(self) -> dict[str, Any] | None:
+        return guard(self._t.url.url, "how it was written", self._source.written_by)
 
     def close(self) -> None:
         self._source.close()

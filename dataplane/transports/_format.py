@@ -49,10 +49,15 @@ class FormatWriter(ABC):
         specs: dict[str, VarSpec],
         attrs: dict[str, AttrValue],
         chunks: dict[str, tuple[int, ...]],
+        layout: dict[str, Any] | None = None,
     ) -> int:
         raise NotImplementedError
 
     def chunks_of(self, name: str) -> tuple[int, ...] | None:
+        return None
+
+    def written_by(self) -> dict[str, Any] | None:
+        """How a stored channel's steps were written (``layout["written_by"]``), if known."""
         return None
 
     def put_region(self, name: str, start: tuple[int, ...], block: np.ndarray) -> None:
@@ -86,6 +91,10 @@ class StepSource(ABC):
 
     def attrs(self) -> dict[str, AttrValue]:
         return {}
+
+    def written_by(self) -> dict[str, Any] | None:
+        """How MPI ranks wrote the stored data, if it says (see ``Archive.written_by``)."""
+        return None
 
     @abstractmethod
     def close(self) -> None: ...

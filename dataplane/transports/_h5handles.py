@@ -109,6 +109,9 @@ class _Shared:
         self._datasets: dict[str, h5py.Dataset] = {}
         self._direct: dict[str, tuple[int, np.dtype, tuple[int, ...], int] | None] = {}
         self._chunk_at: dict[tuple[str, int], int] = {}
+        self._joined: dict[str, bool] = {}
+        #: Per dataset joined from subfiles: the steps committed when it was last refreshed.
+        self.seen: dict[str, int] = {}
 
     @classmethod
     def acquire(cls, path: str, settled: bool) -> _Shared:
@@ -183,6 +186,13 @@ class _Shared:
             )
         return self._direct[name]
 
+    def joined(self, name: str) -> bool:
+        """Whether dataset ``name`` is a virtual dataset (joined from subfiles)."""
+        got = self._joined.get(name)
+        if got is None:
+            got = self._joined[name] = bool(self.dataset(name).is_virtual)
+        return got
+
     def step_at(
         self, name: str, index: int
     ) -> tuple[int, tuple[int, np.dtype, tuple[int, ...], int]] | None:
@@ -204,6 +214,7 @@ class _Shared:
     def close_file(self) -> None:
         self._datasets.clear()
         self.rows.clear()
+        self.seen.clear()
         if self._f is not None:
             self._f.close()
             self._f = None

@@ -21,6 +21,7 @@ from dataplane.model import AttrValue, ChannelURL, VarSpec
 from dataplane.transports import _posix
 from dataplane.transports._files import FormatWriter
 from dataplane.transports._h5repair import clear_write_flags, superblock_flags
+from dataplane.transports._h5subfiles import create_virtual
 
 
 class H5Target(Protocol):
@@ -107,6 +108,7 @@ class _H5Writer(FormatWriter):
         self._attrs_written: dict[str, AttrValue] | None = None
         self._direct_ok: dict[str, bool] = {}
         self._dsets: dict[str, h5py.Dataset] = {}
+        self._virtual: set[str] = set()  # variables joined from subfiles (_h5subfiles)
         self._new: str | None = None  # where a new file is built until its first step
         flags = superblock_flags(t.path) if os.path.exists(t.path) else None
         if mode == "a" and flags is not None and flags & 1 and not flags & 4:
@@ -124,13 +126,20 @@ class _H5Writer(FormatWriter):
                     f"{t.url.url} was not written by dataplane; append needs its layout"
                 )
             self._open_meta()
+            # Subfiles a killed aggregator left open for writing: HDF5 would refuse them as
+            # sources of the main file's datasets (the lease says every writer is gone).
+            for name in (self.written_by() or {}).get("files", [])[1:]:
+                sub = os.path.join(os.path.dirname(t.path), name)
+                if os.path.exists(sub) and superblock_flags(sub):
+                    clear_write_flags(sub)
             n = int(self._committed[0])
             self.next_index = n
             names = json.loads(self._g.attrs["vars"])
             self._specs = {
                 name: VarSpec(self._f[name].dtype, self._f[name].shape[1:]) for name in names
             }
-            for name in self._specs:  # drop a step that was begun but never committed
+            self._virtual = {name for name in names if self._f[name].is_virtual}
+            for name in self._stored():  # drop a step that was begun but never committed
                 self._f[name].resize(n, axis=0)
             self._trim_meta(n)
             self._f.swmr_mode = True
@@ -172,6 +181,10 @@ class _H5Writer(FormatWriter):
         self._new = new
         with contextlib.suppress(FileNotFoundError):
             os.unlink(t.path)  # mode "w": the old channel goes (open readers keep their copy)
+        # With its subfiles (before the new channel's aggregators make theirs).
+        for old in glob.glob(os.path.join(glob.escape(t.path) + ".agg", "*.h5")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(old)
         return f
 
     def _place(self) -> None:
@@ -192,8 +205,27 @@ class _H5Writer(FormatWriter):
     def known_vars(self) -> dict[str, VarSpec]:
         return dict(self._specs)
 
-    def _create(self, specs: dict[str, VarSpec], pieces: bool = False) -> None:
+    def written_by(self) -> dict[str, Any] | None:
+        """How the channel's steps were written (ranks, method, files), if it says."""
+        raw = self._g.attrs.get("written_by")
+        return None if raw is None else dict(json.loads(raw))
+
+    def committed(self) -> int:
+        return int(self._committed[0])
+
+    def _stored(self) -> list[str]:
+        """The variables stored in this file (not joined from subfiles)."""
+        return [name for name in self._specs if name not in self._virtual]
+
+    def _create(
+        self, specs: dict[str, VarSpec], pieces: bool = False, layout: dict | None = None
+    ) -> None:
+        sources = (layout or {}).get("sources", {})
         for name, spec in specs.items():
+            if name in sources:
+                create_virtual(self._f, name, spec, sources[name])
+                self._virtual.add(name)
+                continue
             chunks = (_row_chunks if pieces else _chunks)(spec.shape, spec.dtype.itemsize)
             self._f.create_dataset(
                 name,
@@ -205,6 +237,8 @@ class _H5Writer(FormatWriter):
                 **self._t.dataset_opts,
             )
         self._g.attrs["vars"] = json.dumps(list(specs))
+        if layout and "written_by" in layout:
+            self._g.attrs["written_by"] = json.dumps(layout["written_by"])
         self._specs = dict(specs)
         self._f.swmr_mode = True  # no new objects from here on: readers may now follow
         self._place()
@@ -220,7 +254,7 @@ class _H5Writer(FormatWriter):
                 f"(use bp5:// or a new file for changing layouts)"
             )
         n = int(self._committed[0])
-        for name in self._specs:
+        for name in self._stored():
             self._dset(name).resize(n + 1, axis=0)
         self._pending = {"n": n, "attrs": attrs}
 
@@ -230,42 +264,21 @@ class _H5Writer(FormatWriter):
         specs: dict[str, VarSpec],
         attrs: dict[str, AttrValue],
         chunks: dict[str, tuple[int, ...]],
+        layout: dict | None = None,
     ) -> int:
-        """A step whose arrays arrive in pieces (``put_region``). A new file gets chunks of
-        about 8 MiB of rows: a piece written into a chunk of a whole large step would make
-        HDF5 read, patch and write that chunk, holding all of it in memory, per piece."""
+        """A step whose arrays arrive in pieces (``put_region``), or whose arrays aggregators
+        write into subfiles (``layout["sources"]``: see :mod:`._h5subfiles`). A new file gets
+        chunks of about 8 MiB of rows: a piece written into a chunk of a whole large step would
+        make HDF5 read, patch and write that chunk, holding all of it in memory, per piece."""
         if not self._specs and not self._f.swmr_mode:
-            self._create(specs, pieces=True)
+            self._create(specs, pieces=True, layout=layout)
         self.begin(index, specs, attrs)
         assert self._pending is not None
         return int(self._pending["n"])
 
     def put_region(self, name: str, start: tuple[int, ...], block: np.ndarray) -> None:
         assert self._pending is not None
-        n = self._pending["n"]
-        d = self._dset(name)
-        lo, hi = start[0], start[0] + block.shape[0] if block.ndim else 0
-        # Only chunks of one step: a raw chunk is written whole, never past the piece.
-        rows = d.chunks[1] if d.chunks is not None and d.ndim > 1 and d.chunks[0] == 1 else 0
-        if (
-            rows
-            and self._raw(name)
-            and tuple(d.chunks[2:]) == tuple(d.shape[2:]) == tuple(block.shape[1:])
-        ):
-            # Chunks the piece covers whole go in as raw bytes (h5py's generic write runs at
-            # ~1 GB/s); only the rows at its edges go through HDF5's own write.
-            first = min(-(-lo // rows) * rows, hi)
-            last = max(hi // rows * rows, first)
-            for c in range(first, last, rows):
-                d.id.write_direct_chunk(
-                    (n, c) + (0,) * (block.ndim - 1), block[c - lo : c - lo + rows]
-                )
-            for a, b in ((lo, first), (last, hi)):
-                if a < b:
-                    d[(n, slice(a, b))] = block[a - lo : b - lo]
-            return
-        where = tuple(slice(s, s + k) for s, k in zip(start, block.shape))
-        d[(n,) + where] = block
+        write_region(self._dset(name), self._pending["n"], start, block, self._raw(name))
 
     def _dset(self, name: str) -> h5py.Dataset:
         # h5py resolves a path on every f[name] (about 0.1 ms): a step uses each one 4 times.
@@ -289,16 +302,7 @@ class _H5Writer(FormatWriter):
         return known
 
     def _raw(self, name: str) -> bool:
-        """Whether ``name``'s chunks hold its values' bytes as they are (no filter, and a
-        type HDF5 stores as numpy does)."""
-        d = self._dset(name)
-        return (
-            d.compression is None
-            and not d.shuffle
-            and not d.fletcher32
-            and d.dtype.kind != "b"  # h5py stores bool as an enum type
-            and d.dtype.isnative
-        )
+        return raw_chunks(self._dset(name))
 
     def put(self, name: str, array: np.ndarray) -> None:
         assert self._pending is not None
@@ -324,7 +328,7 @@ class _H5Writer(FormatWriter):
         self._meta[end:] = blob
         self._offsets.resize(n + 2, axis=0)
         self._offsets[n + 1] = end + blob.size
-        for name in self._specs:
+        for name in self._stored():
             self._dset(name).flush()
         self._meta.flush()
         self._offsets.flush()
@@ -335,7 +339,7 @@ class _H5Writer(FormatWriter):
     def abort(self) -> None:
         if self._pending is not None:
             n = self._pending["n"]
-            for name in self._specs:
+            for name in self._stored():
                 self._dset(name).resize(n, axis=0)
             self._pending = None
 
@@ -375,6 +379,40 @@ class _H5Writer(FormatWriter):
                         del f.attrs[key]
                 for key, value in latest.items():
                     f.attrs[key] = _h5_attr(value)
+
+
+def raw_chunks(d: h5py.Dataset) -> bool:
+    """Whether ``d``'s chunks hold its values' bytes as they are (no filter, and a type HDF5
+    stores as numpy does)."""
+    return (
+        d.compression is None
+        and not d.shuffle
+        and not d.fletcher32
+        and d.dtype.kind != "b"  # h5py stores bool as an enum type
+        and d.dtype.isnative
+    )
+
+
+def write_region(
+    d: h5py.Dataset, n: int, start: tuple[int, ...], block: np.ndarray, raw: bool
+) -> None:
+    """Write ``block`` at ``start`` of step ``n`` of ``d`` (``raw``: :func:`raw_chunks`)."""
+    lo, hi = start[0], start[0] + block.shape[0] if block.ndim else 0
+    # Only chunks of one step: a raw chunk is written whole, never past the piece.
+    rows = d.chunks[1] if d.chunks is not None and d.ndim > 1 and d.chunks[0] == 1 else 0
+    if raw and rows and tuple(d.chunks[2:]) == tuple(d.shape[2:]) == tuple(block.shape[1:]):
+        # Chunks the piece covers whole go in as raw bytes (h5py's generic write runs at
+        # ~1 GB/s); only the rows at its edges go through HDF5's own write.
+        first = min(-(-lo // rows) * rows, hi)
+        last = max(hi // rows * rows, first)
+        for c in range(first, last, rows):
+            d.id.write_direct_chunk((n, c) + (0,) * (block.ndim - 1), block[c - lo : c - lo + rows])
+        for a, b in ((lo, first), (last, hi)):
+            if a < b:
+                d[(n, slice(a, b))] = block[a - lo : b - lo]
+        return
+    where = tuple(slice(s, s + k) for s, k in zip(start, block.shape))
+    d[(n,) + where] = block
 
 
 def _describe(specs: dict[str, VarSpec]) -> str:

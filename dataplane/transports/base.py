@@ -125,8 +125,28 @@ class Transport:
     #: ``begin_ranked`` and ``end_ranked``) that the ranks send it: no process holds the
     #: global step (:meth:`dataplane.parallel.Collective.relay`).
     aggregates: bool = False
+    #: With ``aggregators=K > 1``, each group's aggregator writes its group's blocks into a
+    #: subfile of its own (:meth:`subfile`), which the channel joins (see
+    #: :mod:`dataplane.parallel.aggregators`).
+    subfiles: bool = False
     #: The URL may name an fsspec protocol (``zarr://s3://bucket/run.zarr``).
     accepts_protocol: ClassVar[bool] = False
+
+    def subfile_name(self, token: str, group: int) -> str:
+        """Group ``group``'s subfile, relative to the channel's folder (``group=-1``: the
+        channel's own file); ``subfiles`` only."""
+        raise OptionError(f"{self.scheme}:// does not write subfiles")
+
+    def subfile(self, name: str, specs: dict[str, VarSpec], append: bool) -> Any:
+        """An aggregator's subfile (see :meth:`subfile_name`), new or, with ``append``, the
+        one there; ``subfiles`` only."""
+        raise OptionError(f"{self.scheme}:// does not write subfiles")
+
+    def put_subfile_region(
+        self, sub: Any, name: str, start: tuple[int, ...], block: np.ndarray
+    ) -> Any:
+        """Write a piece of the step begun in ``sub``; its checksum record."""
+        raise OptionError(f"{self.scheme}:// does not write subfiles")
 
     @classmethod
     def steps_ahead(cls, queue_limit: int) -> int:
@@ -274,9 +294,16 @@ class RankedWriter(Writer):
         specs: dict[str, VarSpec],
         attrs: dict[str, AttrValue],
         chunks: dict[str, tuple[int, ...]],
+        layout: dict[str, Any] | None = None,
     ) -> int:
         """Begin a step whose arrays the ranks write (``chunks`` fixes the chunking of arrays
-        created now); returns the step's row in the store."""
+        created now; ``layout``, read when the channel's arrays are created: ``written_by``,
+        how it is written, for ``inspect``, and ``sources``, arrays that aggregators write
+        into subfiles); returns the step's row in the store."""
+
+    def written_by(self) -> dict[str, Any] | None:
+        """How the stored channel's steps were written, if it says (an append continues it)."""
+        return None
 
     @abstractmethod
     def chunks_of(self, name: str) -> tuple[int, ...] | None:
@@ -336,6 +363,10 @@ class Archive(ABC):
     def version(self, index: int) -> str | None:
         """A string that changes whenever the content of step ``index`` does (e.g. its
         checksums), or None when the format records nothing of the kind. Caches key on it."""
+        return None
+
+    def written_by(self) -> dict[str, Any] | None:
+        """How MPI ranks wrote the channel (ranks, method, files), where it records that."""
         return None
 
     def vars(self) -> dict[str, VarSpec]:

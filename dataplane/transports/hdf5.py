@@ -51,6 +51,7 @@ import numpy as np
 
 from dataplane.errors import DataplaneError, IntegrityError, OptionError
 from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec
+from dataplane.transports._checksums import block_sums
 from dataplane.transports._files import (
     FileTransport,
     FormatWriter,
@@ -58,12 +59,22 @@ from dataplane.transports._files import (
     Seen,
     StepSource,
     read_lease,
+    storage_errors,
     writer_state,
 )
 from dataplane.transports._foreign import ForeignSource
 from dataplane.transports._h5handles import _pread_rows, _Shared
 from dataplane.transports._h5repair import superblock
-from dataplane.transports._h5writer import _META, _from_h5_attr, _H5Writer, _locked_elsewhere
+from dataplane.transports._h5subfiles import Subfile, subfile_name
+from dataplane.transports._h5writer import (
+    _META,
+    _from_h5_attr,
+    _H5Writer,
+    _locked_elsewhere,
+    _row_chunks,
+    raw_chunks,
+    write_region,
+)
 
 __all__ = ["HDF5Transport"]
 
@@ -76,6 +87,7 @@ class HDF5Transport(FileTransport):
     scheme = "h5"
     supports_changing_layout = False
     aggregates = True
+    subfiles = True
 
     def __init__(
         self,
@@ -106,6 +118,25 @@ class HDF5Transport(FileTransport):
 
     def lease_io(self) -> LeaseIO:
         return LeaseIO(self.path + ".lease")
+
+    def subfile_name(self, token: str, group: int) -> str:
+        if group < 0:
+            return os.path.basename(self.path)
+        return subfile_name(self.path, token, group)
+
+    def subfile(self, name: str, specs: dict[str, VarSpec], append: bool) -> Subfile:
+        path = os.path.join(os.path.dirname(self.path), name)
+        return storage_errors(
+            lambda: Subfile(path, specs, _row_chunks, self.dataset_opts, append=append)
+        )
+
+    def put_subfile_region(
+        self, sub: Any, name: str, start: tuple[int, ...], block: np.ndarray
+    ) -> Any:
+        block = block if block.flags.c_contiguous else np.array(block, order="C")
+        d = sub.dataset(name)
+        storage_errors(lambda: write_region(d, sub.row, start, block, raw_chunks(d)))
+        return block_sums(block)
 
     def format_writer(self, mode: str) -> FormatWriter:
         return _H5Writer(self, mode)
@@ -245,6 +276,11 @@ class _H5Source(StepSource):
             if where is None:
                 if sh.direct(name):
                     raise IntegrityError(self._inconsistent(f"no chunk for step {index}", index))
+                if sh.joined(name) and sh.seen.get(name, 0) <= index:
+                    # Joined from subfiles (a VDS): HDF5 holds each subfile's chunk index as
+                    # it last read it, from before this step's chunks were written there.
+                    d.refresh()
+                    sh.seen[name] = max(self._count, index + 1)
                 return np.asarray(d[(index,) + selection.slices])
         return _pread_rows(sh.fd, where[0], where[1], selection)
 
@@ -255,6 +291,14 @@ class _H5Source(StepSource):
             f"this process (outside dataplane) can corrupt it. Close that handle, or read the "
             f"file through dataplane only."
         )
+
+    def written_by(self) -> dict[str, Any] | None:
+        with self._lock:
+            raw = self._sh.file()[_META].attrs.get("written_by")
+        if raw is None:
+            return None
+        info = dict(json.loads(raw))
+        return {k: info[k] for k in ("ranks", "method", "aggregators", "files") if k in info}
 
     def attrs(self) -> dict[str, AttrValue]:
         with self._lock:

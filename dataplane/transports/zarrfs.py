@@ -245,9 +245,12 @@ class _ZarrWriter(FormatWriter):
         specs: dict[str, VarSpec],
         attrs: dict[str, AttrValue],
         chunks: dict[str, tuple[int, ...]],
+        layout: dict[str, Any] | None = None,
     ) -> int:
         self._chunk_hint = chunks
         try:
+            if layout and "written_by" in layout and not self._specs and self._n == 0:
+                self._meta.attrs["written_by"] = layout["written_by"]
             self.begin(index, specs, attrs)
         finally:
             self._chunk_hint = {}
@@ -388,6 +391,13 @@ class _ZarrSource(StepSource):
 
     def attrs(self) -> dict[str, AttrValue]:
         return retrying(lambda: dict(zarr.open_group(store=self._store, mode="r").attrs))
+
+    def written_by(self) -> dict[str, Any] | None:
+        def look() -> Any:
+            return zarr.open_group(store=self._store, path=_META, mode="r").attrs.get("written_by")
+
+        got = retrying(look)
+        return None if got is None else dict(got)
 
     def close(self) -> None:
         self._arrays.clear()
