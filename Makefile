@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench soak docs lint clean
+.PHONY: demo test test-mpio bench soak docs lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,28 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check dataplane tests bench examples
 	$(VENV)/bin/mypy dataplane
 	$(PY) -m pytest -q
+
+# Native MPI-IO: a second virtualenv whose mpi4py and h5py are built against Debian's MPICH
+# and MPI-enabled HDF5 (the PyPI wheels are serial), and the tests that need it. Needs root
+# for apt-get the first time; the builds take about ten minutes on two cores.
+MPIO_VENV ?= .venv-mpio
+HDF5_MPICH ?= /usr/lib/x86_64-linux-gnu/hdf5/mpich
+MPIO_STAMP := $(MPIO_VENV)/.installed
+
+$(MPIO_STAMP): pyproject.toml
+	test -d $(HDF5_MPICH) && command -v mpicc >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libhdf5-mpich-dev mpich)
+	test -x $(MPIO_VENV)/bin/python || $(PYTHON) -m venv $(MPIO_VENV)
+	$(MPIO_VENV)/bin/pip install --quiet --upgrade pip "setuptools>=77" wheel numpy cython pkgconfig
+	CC=mpicc $(MPIO_VENV)/bin/pip install --quiet --no-binary=mpi4py mpi4py
+	CC=mpicc HDF5_MPI=ON HDF5_DIR=$(HDF5_MPICH) \
+		$(MPIO_VENV)/bin/pip install --quiet --no-binary=h5py --no-build-isolation h5py
+	$(MPIO_VENV)/bin/pip install --quiet -e . pytest pytest-timeout
+	touch $(MPIO_STAMP)
+
+test-mpio: $(MPIO_STAMP)
+	$(MPIO_VENV)/bin/python -c "import h5py, sys; sys.exit(0 if h5py.get_config().mpi else 'h5py without MPI')"
+	$(MPIO_VENV)/bin/python -m pytest -q tests/test_mpio.py
 
 bench: $(STAMP)
 	$(VENV)/bin/dataplane bench all --dir $(or $(BENCH_DIR),/tmp) --out bench_results

@@ -18,6 +18,7 @@ from dataplane._sigterm import end_cleanly_on_sigterm
 from dataplane.errors import DataplaneError, OptionError, SchemaError
 from dataplane.model import ChannelURL, check_timeout
 from dataplane.parallel.collective import Collective
+from dataplane.parallel.mpio import MPIIOPublisher
 from dataplane.parallel.publisher import ParallelPublisher
 from dataplane.publisher import ChannelAttrs, Publisher
 from dataplane.registry import resolve
@@ -93,7 +94,7 @@ def publish(
     mode: str = "w",
     aggregators: int | None = None,
     **opts: Any,
-) -> Publisher | ParallelPublisher:
+) -> Publisher | ParallelPublisher | MPIIOPublisher:
     """Open ``url`` for writing steps.
 
     Parameters
@@ -165,6 +166,8 @@ def publish(
         raise OptionError(f"mode must be 'w' (new channel) or 'a' (append), got {mode!r}")
     if comm is not None and comm.Get_size() > 1:
         transport = _transport(parsed, dict(opts))  # checks the URL and options on every rank
+        if aggregators is None and not asynchronous and transport.mpio():
+            return MPIIOPublisher(comm, transport, mode)
         return ParallelPublisher(
             comm,
             lambda: _publisher(

@@ -54,10 +54,12 @@ ALLOWED = {
     "dataplane.transports._h5handles": [*_BOTTOM, *_FILE_PIECES, "dataplane.transports._h5repair"],
     "dataplane.transports._h5subfiles": [*_BOTTOM, "dataplane.transports._h5repair"],
     "dataplane.transports._h5writer": [*_BOTTOM, *_H5],
+    "dataplane.transports._h5mpio": [*_BOTTOM, *_H5, "dataplane.transports._h5writer"],
     "dataplane.transports.hdf5": [
         *_BOTTOM,
         *_H5,
         "dataplane.transports._h5writer",
+        "dataplane.transports._h5mpio",
         "dataplane.transports._foreign",
     ],
     "dataplane.transports._foreign": [*_BOTTOM, "dataplane.transports._format"],
@@ -78,6 +80,13 @@ ALLOWED = {
     # user's comm. The parallel publisher drives a Publisher; never the front door (api).
     "dataplane.parallel": ["dataplane.errors", "dataplane.model", "dataplane.parallel"],
     "dataplane.parallel.publisher": [
+        "dataplane.errors",
+        "dataplane.model",
+        "dataplane.parallel",
+        "dataplane.publisher",
+        "dataplane.transports.base",
+    ],
+    "dataplane.parallel.mpio": [
         "dataplane.errors",
         "dataplane.model",
         "dataplane.parallel",

@@ -37,8 +37,10 @@ that raises makes every rank raise and the step is dropped; a rank that dies tak
 job with it before rank 0 commits. Single values (0-d arrays, Python numbers) and channel
 attributes are rank 0's.
 
-MPI-enabled builds of h5py and adios2 are not used for native parallel I/O yet: they work,
-through the same aggregation.
+- **Ranks write through MPI-IO** (``h5://`` with an MPI-enabled h5py, no ``aggregators``
+  asked for): every rank writes its own blocks into the one file itself
+  (:mod:`dataplane.parallel.mpio`). An MPI-enabled adios2 is not used natively yet: it works
+  through the gathering above.
 
 The metadata travels with mpi4py's pickle-based lowercase methods as our own small JSON
 strings between ranks of one job, never as data read from a channel.

@@ -132,6 +132,15 @@ class Transport:
     #: The URL may name an fsspec protocol (``zarr://s3://bucket/run.zarr``).
     accepts_protocol: ClassVar[bool] = False
 
+    def mpio(self) -> bool:
+        """Whether MPI ranks can write this channel together through MPI-IO (an MPI-enabled
+        format library), each its own blocks: see :mod:`dataplane.parallel.mpio`."""
+        return False
+
+    def mpio_writer(self, comm: Any, mode: str) -> Any:
+        """The channel's writer on every rank of ``comm`` (collective; ``mpio`` only)."""
+        raise OptionError(f"{self.scheme}:// is not written through MPI-IO")
+
     def subfile_name(self, token: str, group: int) -> str:
         """Group ``group``'s subfile, relative to the channel's folder (``group=-1``: the
         channel's own file); ``subfiles`` only."""

@@ -51,6 +51,7 @@ import numpy as np
 
 from dataplane.errors import DataplaneError, IntegrityError, OptionError
 from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec
+from dataplane.transports import _h5mpio
 from dataplane.transports._checksums import block_sums
 from dataplane.transports._files import (
     FileTransport,
@@ -118,6 +119,13 @@ class HDF5Transport(FileTransport):
 
     def lease_io(self) -> LeaseIO:
         return LeaseIO(self.path + ".lease")
+
+    def mpio(self) -> bool:
+        # Filters need collective writes in parallel HDF5; ranks here write independently.
+        return _h5mpio.available() and not self.dataset_opts
+
+    def mpio_writer(self, comm: Any, mode: str) -> Any:
+        return _h5mpio.MPIIOWriter(self, comm, mode)
 
     def subfile_name(self, token: str, group: int) -> str:
         if group < 0:
