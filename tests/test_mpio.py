@@ -139,3 +139,80 @@ def test_aggregators_still_choose_subfiles_over_mpio(tmp_path):
     with dp.open(url) as a:
         assert a.written_by["method"] == "aggregators" and a.written_by["aggregators"] == 2
         np.testing.assert_array_equal(a[0]["x"][:, 0], [0, 0, 1, 1])
+
+
+def test_a_rank_killed_inside_a_step_leaves_the_committed_steps_and_an_append_goes_on(tmp_path):
+    """A rank killed inside step 2: readers get the two committed steps, exact, and the end
+    of a channel whose writer died; an append from the same ranks drops the half step and
+    goes on."""
+    url = f"h5://{tmp_path}/run.h5"
+    code = f"""
+        import os, signal, numpy as np, dataplane as dp
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        with dp.publish({url!r}, comm=comm) as pub:
+            for t in range(4):
+                if t == 2 and comm.rank == 1:
+                    pub._w.put = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+                pub.write({{"x": np.full((100, 10), t + comm.rank, dtype=np.float64)}})
+        """
+    result = mpiexec(2, sys.executable, "-c", textwrap.dedent(code), timeout=120)
+    assert result.returncode != 0  # the job died with its rank
+    with dp.open(url) as a:
+        assert len(a) == 2
+        for t in range(2):
+            np.testing.assert_array_equal(a[t]["x"][99:101, 0], [t, t + 1])
+    with dp.subscribe(url, timeout=20) as sub:
+        with pytest.raises(dp.ChannelBroken):
+            for _ in sub:
+                pass
+    again = f"""
+        import numpy as np, dataplane as dp
+        r = MPI.COMM_WORLD.rank
+        with dp.publish({url!r}, comm=MPI.COMM_WORLD, mode="a") as pub:
+            report(pub.write({{"x": np.full((100, 10), 7 + r, dtype=np.float64)}}))
+        """
+    assert mpirun(2, again, tmp_path) == {0: 2, 1: 2}
+    with dp.open(url) as a:
+        assert len(a) == 3
+        for t, base in ((0, 0), (1, 1), (2, 7)):
+            np.testing.assert_array_equal(a[t]["x"][99:101, 0], [base, base + 1])
+
+
+def test_a_live_reader_waits_for_the_close_then_takes_every_step(tmp_path):
+    """No SWMR with MPI-IO: while the ranks write, a subscriber gets no step (the file's
+    metadata is in flux), then every step once they closed it."""
+    url = f"h5://{tmp_path}/run.h5"
+    got = mpirun(
+        3,
+        f"""
+        import numpy as np, dataplane as dp
+        world = MPI.COMM_WORLD
+        writer = world.rank < 2
+        comm = world.Split(0 if writer else 1, world.rank)
+        out = []
+        if writer:
+            pub = dp.publish({url!r}, comm=comm)
+            for t in range(2):
+                pub.write({{"x": np.full((3, 2), 10 * t + comm.rank)}})
+        else:
+            sub = dp.subscribe({url!r}, timeout=60)
+        world.Barrier()  # two steps committed
+        if not writer:
+            try:
+                sub.next(timeout=1.0)
+                out.append("a step while the file was being written")
+            except dp.StepTimeoutError:
+                out.append("waited")
+        world.Barrier()
+        if writer:
+            pub.close()
+        world.Barrier()
+        if not writer:
+            out += [step["x"][:, 0].tolist() for step in sub]
+            sub.close()
+        report(out)
+        """,
+        tmp_path,
+    )
+    assert got[2] == ["waited", [0, 0, 0, 1, 1, 1], [10, 10, 10, 11, 11, 11]]

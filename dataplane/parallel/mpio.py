@@ -10,8 +10,8 @@ gathered on every rank, and rank 0's record of the step and the commit count are
 last, then flushed by all. A rank that fails makes every rank drop the step and raise.
 
 Readers: HDF5 1.10 cannot combine SWMR with MPI-IO. A subscriber of a channel being written
-this way waits (its lease says the writer is alive, the file says it is open for writing)
-and takes every step, verified, once the writer closed it; readers of the finished file see
+this way waits (the writer's lease says it writes through MPI-IO) and takes every step,
+verified, once the writer closed it; readers of the finished file see
 one global dataset per variable, as from any dataplane writer (``inspect`` says
 ``"method": "mpio"``).
 """

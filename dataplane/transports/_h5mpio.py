@@ -8,9 +8,9 @@ only raw values are written by one rank (its blocks; rank 0 the step records). T
 the one a single dataplane writer makes. The writer's lease is rank 0's.
 
 Readers: HDF5 1.10 cannot combine SWMR with MPI-IO, and a file HDF5 changes without SWMR may
-be inconsistent on disk at any moment, so readers do not open it while the lease says its
-writer is alive (the superblock says "open for writing"): a live subscriber takes every step,
-verified, once the writer closed the file (see :mod:`dataplane.parallel.mpio`).
+be inconsistent on disk at any moment (parallel HDF5 does not mark it "open for writing"), so
+the lease says ``mpio`` and readers do not open the file while it says the writer is alive: a
+live subscriber takes every step, verified, once the writer closed it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import dataplane.errors as errors
 from dataplane.errors import DataplaneError, OptionError, SchemaError
 from dataplane.model import AttrValue, VarSpec
 from dataplane.transports._checksums import block_sums
+from dataplane.transports._h5repair import clear_write_flags, superblock_flags
 from dataplane.transports._h5writer import _META, _describe, _h5_attr, _row_chunks
 from dataplane.transports._lease import Lease
 
@@ -68,6 +69,9 @@ class MPIIOWriter:
                     self._lease = None
         self._all_ok(error, root_only=True)
         append = comm.bcast(mode == "a" and os.path.exists(t.path), root=0)
+        if append and self.rank == 0 and superblock_flags(t.path):
+            clear_write_flags(t.path)  # its writer died (this one holds the lease now)
+        comm.Barrier()
         try:
             self._f = h5py.File(
                 t.path, "r+" if append else "w", driver="mpio", comm=comm, libver="latest"
@@ -86,7 +90,7 @@ class MPIIOWriter:
                 self._lease.release("failed")
             raise
         if self._lease is not None:
-            self._lease.ready()
+            self._lease.ready(mpio=True)  # readers wait for the close (see hdf5.py)
 
     # -- collective error handling ---------------------------------------------------------
     def _all_ok(self, error: BaseException | None, root_only: bool = False) -> None:

@@ -174,9 +174,11 @@ class Lease:
         )
         self._thread.start()
 
-    def ready(self) -> None:
-        """The writer has set the channel up: readers may look at it."""
-        self._info["ready"] = True
+    def ready(self, **facts: Any) -> None:
+        """The writer has set the channel up: readers may look at it (``facts``: what they
+        should know of how it is written, e.g. ``mpio=True``)."""
+        with self._lock:  # the heartbeat thread serialises this dict
+            self._info.update(facts, ready=True)
         self._write()
 
     def _write(self) -> None:

@@ -59,9 +59,8 @@ from dataplane.transports._files import (
     LeaseIO,
     Seen,
     StepSource,
-    read_lease,
+    lease_state,
     storage_errors,
-    writer_state,
 )
 from dataplane.transports._foreign import ForeignSource
 from dataplane.transports._h5handles import _pread_rows, _Shared
@@ -150,10 +149,14 @@ class HDF5Transport(FileTransport):
         return _H5Writer(self, mode)
 
     def format_source(self, seen: Seen | None = None) -> StepSource | None:
-        lease = seen[1] if seen is not None else writer_state(read_lease(self.lease_io()))
+        info, lease = seen if seen is not None else lease_state(self.lease_io())
         try:
             flags, eof, size = superblock(self.path)
         except FileNotFoundError:
+            return None
+        if lease == "alive" and info is not None and info.get("mpio"):
+            # Written through MPI-IO, which HDF5 cannot combine with SWMR, and parallel HDF5
+            # leaves no "open for writing" flag: readable once its writer closed it.
             return None
         writing_without_swmr = flags is not None and flags & 1 and not flags & 4
         if lease == "alive" and (flags is None or writing_without_swmr):
