@@ -12,8 +12,10 @@ disagreeing shapes or dtypes included). Then, per variable:
   last block, qualifies. Rank 0 begins the step, the ranks write their chunks concurrently
   (no chunk is shared, so none is read-modified-written by two ranks), each block's xxh3
   checksum goes to rank 0, and rank 0 commits. Readers verify each block.
-- **Ranks send their blocks to rank 0 in pieces** (``h5://``, and the unaligned arrays of
-  ``zarr://``): rank 0 begins the step,
+- **Ranks send their blocks to rank 0 in pieces** (``h5://``, ``bp5://``, and the unaligned
+  arrays of ``zarr://``): rank 0 begins the step (``bp5://``: opens the ADIOS2 step, writing
+  each piece out at once, ``Put(Sync)`` and ``PerformDataWrite``; an aborted step is cut
+  from the metadata as a failed one is),
   takes each rank's block in pieces of whole rows of at most ``PIECE_BYTES`` (32 MiB) and
   writes each into its place as it arrives, with a checksum per piece, then commits. No rank's
   memory grows by more than its own blocks and a piece (the file's arrays are chunked in about
@@ -27,8 +29,7 @@ disagreeing shapes or dtypes included). Then, per variable:
   :mod:`dataplane.transports._h5subfiles`).
 - **Otherwise the blocks travel to rank 0** (``Gatherv`` of raw bytes; blocks of whole rows
   land directly in the global array) and rank 0 writes the global array: every variable of
-  ``bp5://``, ``sst://``, ``shm://`` and ``mem://`` with the serial adios2 from PyPI. Rank 0
-  needs memory for those global arrays.
+  ``sst://``, ``shm://`` and ``mem://``. Rank 0 needs memory for those global arrays.
 
 Either way the channel looks exactly as if one process had written the global arrays: plain
 h5py, zarr and adios2 read them as such, and readers read any hyperslab of them, only the

@@ -168,7 +168,7 @@ class _StepEncoder:
     def write(
         self, index: int, pending: dict[str, Any], extra: dict[str, Any] | None = None
     ) -> None:
-        io, eng = self._io, self._engine
+        eng = self._engine
         info: dict[str, Any] = {"i": index, "a": pending["attrs"], "v": {}}
         if self._stream:
             info["ca"] = self._ca
@@ -185,12 +185,7 @@ class _StepEncoder:
                     # keeps the memory alive until EndStep.
                     data = data.ctypes.data
                 eng.Put(self._variable(name, arr), data, ab.Mode.Deferred)
-        if not self._stream:
-            for name in self._step_attrs - set(pending["attrs"]):
-                io.RemoveAttribute(_STEP_ATTR + name)
-            for name, value in pending["attrs"].items():
-                _adios_attr(io, _STEP_ATTR + name, value)
-            self._step_attrs = set(pending["attrs"])
+        self._step_attributes(pending["attrs"])
         sums = pending["sums"]
         if callable(sums):
             # Write the arrays now, while their checksums are still being computed beside.
@@ -200,6 +195,74 @@ class _StepEncoder:
         info["c"] = sums
         eng.Put(self._step_var, json.dumps(info))  # last: marks the step complete
         eng.EndStep()
+
+    # -- a step whose arrays arrive in pieces (MPI ranks' blocks relayed to the writer) --------
+    def begin(self) -> None:
+        """Open an ADIOS2 step that :meth:`put_piece` fills and :meth:`end` closes."""
+        self._engine.BeginStep()
+
+    def put_piece(
+        self, name: str, spec: VarSpec, start: tuple[int, ...], block: np.ndarray
+    ) -> None:
+        """``block`` at ``start`` of the global array ``name`` (shape ``spec.shape``), written
+        out now: ADIOS2 holds no more than this piece (``PerformDataWrite``)."""
+        if not block.size:
+            return
+        var = self._global(name, spec)
+        var.SetSelection([list(start), list(block.shape)])
+        self._engine.Put(var, np.ascontiguousarray(_stored(block)), ab.Mode.Sync)
+        self._engine.PerformDataWrite()
+
+    def put_whole(self, name: str, arr: np.ndarray) -> None:
+        """A variable the writer holds whole (a single value) in the open step; ``arr`` must
+        live until :meth:`end`."""
+        if arr.size:
+            data: Any = _stored(arr).reshape(-1) if arr.ndim == 0 else _stored(arr)
+            self._engine.Put(self._variable(name, arr), data, ab.Mode.Deferred)
+
+    def end(
+        self, index: int, attrs: dict[str, AttrValue], specs: dict[str, VarSpec], sums: Any
+    ) -> None:
+        """Close the step begun with :meth:`begin`: its record last, as :meth:`write` does."""
+        info: dict[str, Any] = {
+            "i": index,
+            "a": attrs,
+            "v": {name: [s.dtype.str, list(s.shape)] for name, s in specs.items()},
+        }
+        self._step_attributes(attrs)
+        info["c"] = sums() if callable(sums) else sums
+        self._engine.Put(self._step_var, json.dumps(info))  # last: marks the step complete
+        self._engine.EndStep()
+
+    def _step_attributes(self, attrs: dict[str, AttrValue]) -> None:
+        if self._stream:
+            return
+        io = self._io
+        for name in self._step_attrs - set(attrs):
+            io.RemoveAttribute(_STEP_ATTR + name)
+        for name, value in attrs.items():
+            _adios_attr(io, _STEP_ATTR + name, value)
+        self._step_attrs = set(attrs)
+
+    def _global(self, name: str, spec: VarSpec) -> Any:
+        """Variable ``name`` with the global shape of ``spec`` (defined at its first step)."""
+        shape = list(spec.shape)
+        var = self._vars.get(name)
+        if var is None:
+            template = np.zeros(1, _STORED_AS.get(spec.dtype, spec.dtype))
+            var = self._io.DefineVariable(name, template, shape, [0] * len(shape), shape, False)
+            self._vars[name] = var
+            self._ndim[name] = len(shape)
+            if self._operator is not None and shape:
+                var.AddOperation(self._operator, {})
+            return var
+        if self._ndim[name] != len(shape):
+            raise SchemaError(
+                f"{self._t.url.url}: variable {name!r} was {self._ndim[name]}-d and is now "
+                f"{len(shape)}-d; an ADIOS2 variable keeps its number of dimensions"
+            )
+        var.SetShape(shape)
+        return var
 
     def _variable(self, name: str, arr: np.ndarray) -> Any:
         stored = _stored(arr)

@@ -68,6 +68,7 @@ __all__ = ["BP5Transport"]
 class BP5Transport(_ADIOSTransport):
     scheme = "bp5"
     engine = "BP5"
+    aggregates = True
 
     def __init__(
         self,
@@ -155,14 +156,52 @@ class _BP5Writer(FormatWriter):
         # Nothing touches ADIOS2 until commit: an aborted step leaves no trace.
         self._pending = {"index": index, "attrs": attrs, "arrays": []}
 
+    def begin_ranked(
+        self,
+        index: int,
+        specs: dict[str, VarSpec],
+        attrs: dict[str, AttrValue],
+        chunks: dict[str, tuple[int, ...]],
+        layout: dict[str, Any] | None = None,
+    ) -> int:
+        """A step whose arrays MPI ranks send in pieces (``put_region``): the ADIOS2 step opens
+        now and each piece is written out as it comes, so the writer never holds the global
+        step. An aborted one is cut from the metadata (:meth:`_fail`), as a failed step is."""
+        need = sum(s.size * s.dtype.itemsize for s in specs.values())
+        self._check_room(index, need)
+        if self._engine is None:
+            self._open(ab.Mode.Append)  # the last step failed: continue after the ones before
+        self._pending = {"index": index, "attrs": attrs, "arrays": [], "specs": specs}
+        try:
+            self._enc.begin()
+        except BaseException:
+            self._fail()
+            raise
+        return index
+
+    def put_region(self, name: str, start: tuple[int, ...], block: np.ndarray) -> None:
+        p = self._pending
+        assert p is not None and "specs" in p
+        self._enc.put_piece(name, p["specs"][name], start, block)
+
     def put(self, name: str, array: np.ndarray) -> None:
         assert self._pending is not None
         self._pending["arrays"].append((name, array))
+        if "specs" in self._pending:
+            self._enc.put_whole(name, array)  # the step is open (ranked)
 
     def commit(self, checksums: Callable[[], dict[str, Any]]) -> None:
         p = self._pending
         assert p is not None
         self._pending = None
+        if "specs" in p:
+            try:
+                self._enc.end(p["index"], p["attrs"], p["specs"], checksums)
+            except BaseException:
+                self._fail()
+                raise
+            self._log.record()
+            return
         self._check_space(p)
         p["sums"] = checksums
         if self._engine is None:
@@ -192,7 +231,10 @@ class _BP5Writer(FormatWriter):
         # metadata and the close. Something else filling the disk at the same moment can still
         # beat the check.
         """
-        need = sum(a.nbytes for _, a in pending["arrays"]) + _METADATA_ROOM
+        self._check_room(pending["index"], sum(a.nbytes for _, a in pending["arrays"]))
+
+    def _check_room(self, index: int, nbytes: int) -> None:
+        need = nbytes + _METADATA_ROOM
         try:
             st = os.statvfs(self._t.path)
         except OSError:
@@ -201,12 +243,14 @@ class _BP5Writer(FormatWriter):
         if free < need:
             raise OSError(
                 errno.ENOSPC,
-                f"{free} bytes free where step {pending['index']} needs {need} with room for "
+                f"{free} bytes free where step {index} needs {need} with room for "
                 f"its metadata (checked before writing: ADIOS2 does not survive a full disk)",
             )
 
     def abort(self) -> None:
-        self._pending = None
+        p, self._pending = self._pending, None
+        if p is not None and "specs" in p and self._engine is not None:
+            self._fail()  # its ADIOS2 step is open: cut it from the metadata
 
     def set_attrs(self, attrs: dict[str, AttrValue]) -> None:
         if self._engine is not None:
