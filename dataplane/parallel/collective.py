@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 import dataplane.errors as errors
-from dataplane.errors import DataplaneError
-from dataplane.parallel.plan import row_blocks
+from dataplane.errors import DataplaneError, SchemaError
+from dataplane.model import check_attrs
+from dataplane.parallel.plan import describe_local, row_blocks
 
 # Gatherv counts are C ints; larger blocks go to rank 0 point to point, in pieces of this size.
 _PIECE = 1 << 30
@@ -51,6 +52,25 @@ class Collective:
                     raise error
                 raise decode_error(theirs["error"], f"rank {rank}: ")
         return [e["desc"] for e in everyone]
+
+    def agree_step(self, data: Any, attrs: Any) -> tuple[list[dict], dict[str, np.ndarray], dict]:
+        """Every rank's description of its blocks of one step (for ``plan_step``), this rank's
+        arrays and the checked step attributes; a bad block or attribute on any rank raises
+        on every rank before anything is written."""
+        desc: dict | None = None
+        arrays: dict[str, np.ndarray] = {}
+        step_attrs: dict = {}
+        error: BaseException | None = None
+        try:
+            if isinstance(data, (str, bytes)) or not isinstance(data, (Mapping, Iterable)):
+                raise SchemaError(
+                    f"write() takes a mapping of variable name to array, got {type(data).__name__}"
+                )
+            desc, arrays = describe_local(data)
+            step_attrs = check_attrs(attrs)
+        except Exception as exc:  # every rank must hear of it, or the others wait forever
+            error = exc
+        return self.agree(desc, error), arrays, step_attrs
 
     def outcome(self, error: BaseException | None, root: int = 0, value: Any = None) -> Any:
         """Root's success (with its ``value``, returned on every rank) or error, on every

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from dataplane.errors import DataplaneError, SchemaError, Terminated
-from dataplane.model import VarSpec, check_attrs
+from dataplane.errors import DataplaneError, Terminated
+from dataplane.model import VarSpec
 from dataplane.parallel.collective import Collective, encode_error
-from dataplane.parallel.plan import describe_local, plan_step
+from dataplane.parallel.plan import plan_step
 from dataplane.publisher import ChannelAttrs
 from dataplane.transports.base import Transport
 
@@ -61,20 +61,7 @@ class MPIIOPublisher:
         """Collective: write this rank's blocks of one global step; returns its index."""
         if self._closed:
             raise DataplaneError(f"publisher of {self.url} is closed")
-        desc: dict | None = None
-        arrays: dict[str, np.ndarray] = {}
-        step_attrs: dict = {}
-        error: BaseException | None = None
-        try:
-            if isinstance(data, (str, bytes)) or not isinstance(data, (Mapping, Iterable)):
-                raise SchemaError(
-                    f"write() takes a mapping of variable name to array, got {type(data).__name__}"
-                )
-            desc, arrays = describe_local(data)
-            step_attrs = check_attrs(attrs)
-        except Exception as exc:  # every rank must hear of it, or the others wait forever
-            error = exc
-        descs = self._coll.agree(desc, error)
+        descs, arrays, step_attrs = self._coll.agree_step(data, attrs)
         plan = plan_step(descs)  # the same on every rank: all raise, or none
         specs = {n: VarSpec(np.dtype(e["dtype"]), tuple(e["shape"])) for n, e in plan.items()}
         w = self._w

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from dataplane.errors import DataplaneError, OptionError, SchemaError, Terminated
-from dataplane.model import VarSpec, check_attrs
+from dataplane.model import VarSpec
 from dataplane.parallel.aggregators import Groups, aggregator_count
 from dataplane.parallel.collective import Collective, decode_error
-from dataplane.parallel.plan import aligned_chunks, describe_local, plan_step
+from dataplane.parallel.plan import aligned_chunks, plan_step
 from dataplane.publisher import ChannelAttrs, Publisher
 from dataplane.transports.base import Transport
 
@@ -139,19 +139,7 @@ class ParallelPublisher:
         """Collective: publish this rank's blocks of one global step; returns its index."""
         if self._closed:
             raise DataplaneError(f"publisher of {self.url} is closed")
-        desc: dict | None = None
-        arrays: dict[str, np.ndarray] = {}
-        error: BaseException | None = None
-        try:
-            if isinstance(data, (str, bytes)) or not isinstance(data, (Mapping, Iterable)):
-                raise SchemaError(
-                    f"write() takes a mapping of variable name to array, got {type(data).__name__}"
-                )
-            desc, arrays = describe_local(data)
-            check_attrs(attrs)
-        except Exception as exc:  # every rank must hear of it, or the others wait forever
-            error = exc
-        descs = self._coll.agree(desc, error)
+        descs, arrays, _ = self._coll.agree_step(data, attrs)
         plan = plan_step(descs)  # the same on every rank: all raise, or none
         if self._groups is not None:
             return self._write_subfiled(plan, arrays, attrs)

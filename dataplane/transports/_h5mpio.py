@@ -29,7 +29,13 @@ from dataplane.errors import DataplaneError, OptionError, SchemaError
 from dataplane.model import AttrValue, VarSpec
 from dataplane.transports._checksums import block_sums
 from dataplane.transports._h5repair import clear_write_flags, superblock_flags
-from dataplane.transports._h5writer import _META, _describe, _h5_attr, _row_chunks
+from dataplane.transports._h5writer import (
+    _META,
+    _describe,
+    _h5_attr,
+    _row_chunks,
+    create_meta,
+)
 from dataplane.transports._lease import Lease
 
 __all__ = ["MPIIOWriter", "available"]
@@ -114,9 +120,7 @@ class MPIIOWriter:
     def _create_meta(self) -> None:
         f = self._f
         assert f is not None
-        g = f.create_group(_META)
-        g.attrs["version"] = 1
-        g.attrs["layout"] = "step-axis"
+        g = create_meta(f)
         g.attrs["written_by"] = json.dumps(
             {
                 "ranks": self._comm.Get_size(),
@@ -124,15 +128,6 @@ class MPIIOWriter:
                 "aggregators": self._comm.Get_size(),
                 "files": [os.path.basename(self._t.path)],
             }
-        )
-        g.create_dataset("committed", data=np.zeros(1, np.int64))
-        g.create_dataset("meta", (0,), maxshape=(None,), chunks=(1 << 16,), dtype=np.uint8)
-        g.create_dataset(
-            "meta_offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(4096,)
-        )
-        g.create_dataset("attrs_log", (0,), maxshape=(None,), chunks=(1 << 14,), dtype=np.uint8)
-        g.create_dataset(
-            "attrs_offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(256,)
         )
 
     def _open_existing(self) -> int:

@@ -145,18 +145,7 @@ class _H5Writer(FormatWriter):
             self._f.swmr_mode = True
         else:
             self._f = self._new_file()
-            g = self._f.create_group(_META)
-            g.attrs["version"] = 1
-            g.attrs["layout"] = "step-axis"
-            g.create_dataset("committed", data=np.zeros(1, np.int64))
-            g.create_dataset("meta", (0,), maxshape=(None,), chunks=(1 << 16,), dtype=np.uint8)
-            g.create_dataset(
-                "meta_offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(4096,)
-            )
-            g.create_dataset("attrs_log", (0,), maxshape=(None,), chunks=(1 << 14,), dtype=np.uint8)
-            g.create_dataset(
-                "attrs_offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(256,)
-            )
+            create_meta(self._f)
             self._open_meta()
 
     def _new_file(self) -> h5py.File:
@@ -379,6 +368,20 @@ class _H5Writer(FormatWriter):
                         del f.attrs[key]
                 for key, value in latest.items():
                     f.attrs[key] = _h5_attr(value)
+
+
+def create_meta(f: h5py.File) -> h5py.Group:
+    """The ``__dataplane`` group of a new file: the commit count, the step records and the
+    channel attributes' log (the layout the module docstring of ``hdf5`` describes)."""
+    g = f.create_group(_META)
+    g.attrs["version"] = 1
+    g.attrs["layout"] = "step-axis"
+    g.create_dataset("committed", data=np.zeros(1, np.int64))
+    g.create_dataset("meta", (0,), maxshape=(None,), chunks=(1 << 16,), dtype=np.uint8)
+    g.create_dataset("meta_offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(4096,))
+    g.create_dataset("attrs_log", (0,), maxshape=(None,), chunks=(1 << 14,), dtype=np.uint8)
+    g.create_dataset("attrs_offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(256,))
+    return g
 
 
 def raw_chunks(d: h5py.Dataset) -> bool:
