@@ -52,7 +52,7 @@ ALLOWED = {
     ],
     "dataplane.transports._h5repair": _BOTTOM,
     "dataplane.transports._h5handles": [*_BOTTOM, *_FILE_PIECES, "dataplane.transports._h5repair"],
-    "dataplane.transports._h5subfiles": [*_BOTTOM, "dataplane.transports._h5repair"],
+    "dataplane.transports._h5subfiles": _BOTTOM,
     "dataplane.transports._h5writer": [*_BOTTOM, *_H5],
     "dataplane.transports._h5mpio": [*_BOTTOM, *_H5, "dataplane.transports._h5writer"],
     "dataplane.transports.hdf5": [

@@ -24,7 +24,6 @@ from typing import Any
 import h5py
 
 from dataplane.model import VarSpec
-from dataplane.transports._h5repair import clear_write_flags, superblock_flags
 
 __all__ = ["Subfile", "create_virtual", "subfile_name"]
 
@@ -75,8 +74,7 @@ class Subfile:
         self.path = path
         self._row = -1
         if append:
-            if superblock_flags(path):
-                clear_write_flags(path)  # its aggregator died: the main file's lease says so
+            # (A killed aggregator's write flags were cleared with the main file's: _H5Writer.)
             self._f = h5py.File(path, "r+", libver="latest")
         else:
             os.makedirs(os.path.dirname(path), exist_ok=True)
