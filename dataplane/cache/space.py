@@ -141,21 +141,8 @@ class Space:
             for e in it:
                 with contextlib.suppress(FileNotFoundError):
                     last_use[e.name] = e.stat(follow_symlinks=False).st_mtime_ns
-        entries = []
-        used = 0
-        for sub in ("entries", "tmp"):
-            with os.scandir(os.path.join(self.path, sub)) as it:
-                for e in it:
-                    try:
-                        st = e.stat()
-                    except FileNotFoundError:
-                        continue
-                    if sub == "tmp":
-                        used += max(st.st_size, st.st_blocks * 512)
-                    else:
-                        used += st.st_size
-                        used_at = max(st.st_mtime_ns, last_use.pop(e.name, 0))
-                        entries.append((e.name, st.st_size, used_at))
+        found, used = scan(self.path)
+        entries = [(n, size, max(mtime, last_use.pop(n, 0))) for n, size, mtime in found]
         return entries, used, list(last_use)
 
     def close(self, mine: bool) -> None:
@@ -163,3 +150,30 @@ class Space:
             if m is not None and mine:
                 m.close()
         self._bound = self._gen = None
+
+
+def scan(path: str) -> tuple[list[tuple[str, int, int]], int]:
+    """(entries as (name, bytes, mtime), bytes in use counting entries being written).
+
+    NOTE: writers rename ``tmp/`` files into ``entries/`` without the space lock, so ``tmp/`` is
+    listed first: an entry renamed during the scan is then seen in one listing or both (counted
+    once, by inode), never in neither, which undercounted and let stores exceed the capacity.
+    A file being written counts its allocated blocks (fallocated ahead of its bytes).
+    """
+    pending: set[int] = set()
+    used = 0
+    with os.scandir(os.path.join(path, "tmp")) as it:
+        for e in it:
+            with contextlib.suppress(FileNotFoundError):
+                st = e.stat(follow_symlinks=False)
+                pending.add(st.st_ino)
+                used += max(st.st_size, st.st_blocks * 512)
+    entries = []
+    with os.scandir(os.path.join(path, "entries")) as it:
+        for e in it:
+            with contextlib.suppress(FileNotFoundError):
+                st = e.stat(follow_symlinks=False)
+                if st.st_ino not in pending:
+                    used += st.st_size
+                entries.append((e.name, st.st_size, st.st_mtime_ns))
+    return entries, used

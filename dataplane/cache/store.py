@@ -41,7 +41,7 @@ from dataplane.cache._files import COUNTERS, Counters, KeyLocks, open_file, owne
 from dataplane.cache._maps import Maps
 from dataplane.cache.plans import Plans
 from dataplane.cache.policy import Plan
-from dataplane.cache.space import Space
+from dataplane.cache.space import Space, scan
 from dataplane.errors import DataplaneError, OptionError
 from dataplane.model import check_seconds, parse_size
 
@@ -430,14 +430,8 @@ class NodeCache:
 
 def usage(path: str) -> tuple[int, int]:
     """(entries, bytes) in the cache at ``path``, counting entries being written."""
-    n = used = 0
-    for sub in ("entries", "tmp"):
-        with os.scandir(os.path.join(path, sub)) as it:
-            for e in it:
-                with contextlib.suppress(FileNotFoundError):
-                    used += e.stat().st_blocks * 512 if sub == "tmp" else e.stat().st_size
-                    n += sub == "entries"
-    return n, used
+    entries, used = scan(path)
+    return len(entries), used
 
 
 def cache_stats(path: str) -> dict[str, Any]:
