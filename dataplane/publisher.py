@@ -319,14 +319,7 @@ def write_step(
 ) -> None:
     if channel_attrs is not None:
         w.set_attrs(channel_attrs)
-    w.begin_step(index, specs, attrs)
-    try:
-        for name, arr in arrays:
-            w.put(name, arr)
-        w.end_step()
-    except BaseException:
-        w.abort_step()
-        raise
+    w.write_step(index, specs, arrays, attrs)
 
 
 def storage_full(exc: OSError, url: str, index: int, closing: bool = False) -> OSError:

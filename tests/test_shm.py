@@ -11,11 +11,13 @@ import uuid
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dataplane as dp
 from dataplane.testing import Consumer, assert_same_array, read_events, run_proc, wait_for_event
 from dataplane.transports import _posix
-from dataplane.transports.shm import default_dir
+from dataplane.transports.shm import choose_slot, default_dir
 
 TIMEOUT = 20.0
 
@@ -306,3 +308,112 @@ def test_where_libc_has_no_robust_mutex_the_channel_locks_with_flock_across_proc
     got = [e["digests"]["x"] for e in events if "index" in e]
     assert got == sent
     assert events[-1]["end"] == "closed"
+
+
+def _choose_reference(
+    seqs: list[int], caps: list[int], pinned: set[int], min_cursor: int | None, ql: int
+) -> int | None:
+    """The slot rules stated plainly (the writer's first version, before it became one pass)."""
+    if min_cursor is not None and len([s for s in seqs if s >= min_cursor]) >= ql:
+        return None
+    empty = seqs.count(-1)
+    if empty and len(seqs) - empty < ql:
+        return max((i for i, s in enumerate(seqs) if s < 0), key=lambda i: caps[i])
+    free = [
+        (s, i)
+        for i, s in enumerate(seqs)
+        if s >= 0 and s not in pinned and (min_cursor is None or s < min_cursor)
+    ]
+    if free:
+        return min(free)[1]
+    return seqs.index(-1) if empty else None
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.integers(-1, 12), min_size=1, max_size=9), st.data())
+def test_choose_slot_follows_the_slot_rules(drawn: list[int], data) -> None:
+    seqs: list[int] = []
+    for s in drawn:  # slots hold distinct steps, or nothing (-1)
+        seqs.append(-1 if s in seqs and s >= 0 else s)
+    caps = data.draw(st.lists(st.integers(0, 3), min_size=len(seqs), max_size=len(seqs)))
+    pinned = set(data.draw(st.lists(st.sampled_from([-1, *seqs]), max_size=4)))
+    min_cursor = data.draw(st.none() | st.integers(0, 14))
+    ql = data.draw(st.integers(1, len(seqs)))
+    got = choose_slot(seqs, caps, pinned, min_cursor, ql)
+    assert got == _choose_reference(seqs, caps, pinned, min_cursor, ql)
+    if got is not None:  # never a step being read or one the slowest subscriber still needs
+        assert seqs[got] not in pinned or seqs[got] < 0
+        assert min_cursor is None or seqs[got] < min_cursor
+
+
+def test_a_step_failing_midway_in_the_fused_write_is_dropped_whole(url: str, monkeypatch) -> None:
+    """The writer copies a small step's arrays in one call (not put by put): a copy that fails
+    there leaves nothing of the step visible, and the next write takes its index."""
+    from dataplane.transports import shm as shm_module
+
+    calls = []
+
+    class FailingSecondCopy:
+        def __getattr__(self, name: str):
+            return getattr(np, name)
+
+        @staticmethod
+        def copyto(dst: np.ndarray, src: np.ndarray, casting: str) -> None:
+            calls.append(dst.shape)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device (injected)")
+            np.copyto(dst, src, casting=casting)
+
+    with dp.publish(url) as pub, dp.subscribe(url, timeout=TIMEOUT) as sub:
+        pub.write({"x": np.zeros(3), "y": np.zeros(2)})
+        monkeypatch.setattr(shm_module, "np", FailingSecondCopy())
+        with pytest.raises(dp.StorageFullError, match="while writing step 1; step 0 is"):
+            pub.write({"x": np.full(3, 7.0), "y": np.full(2, 7.0)})
+        monkeypatch.undo()
+        assert calls == [(3,), (2,)] and pub.next_index == 1
+        pub.write({"x": np.ones(3), "y": np.ones(2)})
+        got = []
+        for _ in range(2):
+            s = sub.next()
+            got.append((s.index, np.array(s["x"]), np.array(s["y"])))
+    assert [g[0] for g in got] == [0, 1]
+    assert_same_array(got[0][1], np.zeros(3)) and assert_same_array(got[1][1], np.ones(3))
+    assert_same_array(got[1][2], np.ones(2))
+
+
+_inherited: dict = {}
+
+
+def _use_inherited_ends(out) -> None:
+    for what, call in (
+        ("write", lambda: _inherited["pub"].write({"x": np.ones(3)})),
+        ("next", lambda: _inherited["sub"].next(1.0)),
+    ):
+        try:
+            call()
+            out.put((what, "no error"))
+        except dp.DataplaneError as exc:
+            out.put((what, str(exc)))
+
+
+@pytest.mark.timeout(60)
+def test_ends_inherited_by_a_forked_child_refuse_to_be_used_there(url: str) -> None:
+    """The per-step process check does without a system call (the pid is refreshed at fork):
+    a forked child that uses its parent's ends still gets a clear error, not a shared slot."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    with dp.publish(url) as pub, dp.subscribe(url, timeout=TIMEOUT) as sub:
+        pub.write({"x": np.zeros(3)})
+        _inherited.update(pub=pub, sub=sub)
+        out = ctx.Queue()
+        child = ctx.Process(target=_use_inherited_ends, args=(out,))
+        child.start()
+        got = dict(out.get(timeout=30) for _ in range(2))
+        child.join(30)
+        _inherited.clear()
+        assert "was opened in process" in got["write"], got
+        assert "was opened in process" in got["next"], got
+        # The parent's ends are untouched.
+        pub.write({"x": np.ones(3)})
+        assert sub.next().index == 0 and sub.next().index == 1

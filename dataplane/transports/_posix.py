@@ -23,6 +23,7 @@ from dataplane.errors import DataplaneError
 __all__ = [
     "SHM_DIR",
     "create_segment",
+    "current_pid",
     "futex_wait",
     "futex_wake",
     "is_alive",
@@ -151,6 +152,21 @@ def process_identity(pid: int) -> int | None:
 
 
 _me: tuple[int, int] | None = None
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def current_pid() -> int:
+    """This process's pid without a system call (``os.getpid`` makes one per call, a cost in
+    per-step checks of microsecond steps); kept current across ``os.fork``."""
+    return _pid
 
 
 def my_identity() -> tuple[int, int]:
@@ -290,13 +306,16 @@ class SharedMutex:
         self._unlock, self._consistent = fns["unlock"], fns["consistent"]
 
     def __enter__(self) -> None:
+        r = self._try(self._m)
+        if r == 0:
+            return
         # Holders keep the lock for microseconds: trying again is cheaper than sleeping in the
         # kernel and being woken, which dominates when writer and reader collide.
-        for _ in range(MUTEX_TRIES):
+        tries = 1
+        while r == errno.EBUSY and tries < MUTEX_TRIES:
             r = self._try(self._m)
-            if r != errno.EBUSY:
-                break
-        else:
+            tries += 1
+        if r == errno.EBUSY:
             r = self._lock(self._m)
         if r == 0:
             return

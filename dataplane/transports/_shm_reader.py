@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,6 +36,9 @@ class ShmTarget(Protocol):
 
     @property
     def channel_file(self) -> str: ...
+
+
+_NONE: Any = MappingProxyType({})  # no step's arrays (read-only: nothing lands in it)
 
 
 class ShmReader(Reader):
@@ -120,18 +124,21 @@ class ShmReader(Reader):
         return True
 
     def next_step(self, timeout: float | None) -> StepMeta | None:
-        if os.getpid() != self._pid:
+        if _posix.current_pid() != self._pid:
             raise DataplaneError(
                 f"subscriber of {self._t.url.url} was opened in process {self._pid}; subscribe "
                 f"again in this process"
             )
-        self._cur_mm, self._cur_vars, self._cur_views = None, {}, {}
-        deadline = _deadline(timeout)
-        if self._ctl is None and not self._connect(deadline):
-            raise StepTimeoutError(
-                f"{self._t.url.url}: no writer opened the channel within {timeout}s "
-                f"(looked for {self._t.channel_file})"
-            )
+        self._cur_mm, self._cur_vars, self._cur_views = None, _NONE, _NONE
+        # The deadline is set when a look finds nothing (most steps are there at once).
+        deadline, waiting = None, self._ctl is None
+        if waiting:
+            deadline = _deadline(timeout)
+            if not self._connect(deadline):
+                raise StepTimeoutError(
+                    f"{self._t.url.url}: no writer opened the channel within {timeout}s "
+                    f"(looked for {self._t.channel_file})"
+                )
         ctl = self._ctl
         assert ctl is not None
         me = ctl.subs[self._me]
@@ -145,10 +152,10 @@ class ShmReader(Reader):
                     )
                 moved = me.current >= 0
                 me.current = -1
-                best, best_seq = -1, -1
+                best, best_seq, cursor = -1, -1, me.cursor
                 for i, sl in enumerate(ctl.slots):
                     seq = sl.seq
-                    if seq >= me.cursor and (best < 0 or seq < best_seq):
+                    if seq >= cursor and (best < 0 or seq < best_seq):
                         best, best_seq = i, seq
                 if best >= 0:
                     sl = ctl.slots[best]
@@ -167,6 +174,8 @@ class ShmReader(Reader):
                     f"{self._t.url.url}: the writer failed (raised inside its 'with' block or was "
                     f"abandoned without close()); every step it completed was delivered"
                 )
+            if not waiting:
+                deadline, waiting = _deadline(timeout), True
             now = time.monotonic()
             if now - self._alive_checked >= _POLL:
                 self._alive_checked = now

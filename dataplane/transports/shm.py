@@ -164,6 +164,47 @@ class _WriterSlot:
         self.views: dict[tuple, dict[str, np.ndarray | None]] = {}
 
 
+def choose_slot(
+    seqs: list[int],
+    capacities: list[int],
+    pinned: set[int],
+    min_cursor: int | None,
+    queue_limit: int,
+) -> int | None:
+    """The slot the next step goes into, or None when it must wait.
+
+    ``seqs``: the step each slot holds (-1: empty); ``capacities``: their sizes; ``pinned``:
+    steps subscribers are reading; ``min_cursor``: the slowest subscriber's next step under
+    ``policy="block"`` (None: none, or a policy that drops). A slot holding a step the
+    slowest subscriber still needs, or one being read, is never taken; an empty slot is taken
+    (the largest first) while fewer than ``queue_limit`` hold steps, else the oldest free one.
+    """
+    # NOTE: one pass, as a step costs microseconds; tests hold it to a plain statement of
+    # these rules (tests/test_shm.py).
+    unconsumed = empty = 0
+    first_empty = largest_empty = slot = oldest = -1
+    for i, seq in enumerate(seqs):
+        if seq < 0:
+            empty += 1
+            if first_empty < 0:
+                first_empty = largest_empty = i
+            elif capacities[i] > capacities[largest_empty]:
+                largest_empty = i
+        elif min_cursor is not None and seq >= min_cursor:
+            # Count the slowest subscriber's unconsumed steps rather than compare indices:
+            # indices need not start at its cursor or be contiguous (appends, relays).
+            unconsumed += 1
+        elif seq not in pinned and (slot < 0 or seq < oldest):
+            oldest, slot = seq, i
+    if unconsumed >= queue_limit:
+        return None
+    if empty and len(seqs) - empty < queue_limit:
+        return largest_empty  # prefer a slot that already has memory
+    if slot >= 0:
+        return slot
+    return first_empty if empty else None
+
+
 class _ShmWriter(Writer):
     def __init__(self, t: ShmTransport, policy: str, queue_limit: int) -> None:
         self._t = t
@@ -186,6 +227,7 @@ class _ShmWriter(Writer):
             self._ctl = _Control.create(self._token, nslots, t.max_subscribers)
             self._seqs = [-1] * nslots
             self._wslots = [_WriterSlot() for _ in range(nslots)]
+            self._capacities = [0] * nslots
             h = self._ctl.h
             h.policy, h.queue_limit = _POLICY_CODE[policy], queue_limit
             h.next_seq = t.start_index
@@ -233,7 +275,7 @@ class _ShmWriter(Writer):
     def _check_usable(self) -> None:
         if self._closed:
             raise DataplaneError(f"writer of {self._t.url.url} is closed")
-        if os.getpid() != self._pid:
+        if _posix.current_pid() != self._pid:
             raise DataplaneError(
                 f"writer of {self._t.url.url} was opened in process {self._pid}; open a new one "
                 f"in this process"
@@ -241,31 +283,19 @@ class _ShmWriter(Writer):
 
     def _choose(self, index: int) -> int | None:
         """Pick a slot for step ``index`` (under the lock), or None if it must wait."""
-        seqs, ql = self._seqs, self._queue_limit  # the writer alone sets seq: its own copy
-        subs = self._ctl.live_subscribers()
-        pinned = {s.current for s in subs}  # -1 (none) matches no slot's step
-        min_cursor = min([s.cursor for s in subs]) if subs else None
+        ctl = self._ctl
+        pinned = set()
+        min_cursor = None
+        for s in ctl.subs[: ctl.h.sub_hwm]:
+            if s.active:
+                pinned.add(s.current)  # -1 (none) matches no slot's step
+                cursor = s.cursor
+                if min_cursor is None or cursor < min_cursor:
+                    min_cursor = cursor
         if self._policy != "block":
             min_cursor = None  # nothing is "needed": slow subscribers lose the oldest steps
-        elif min_cursor is not None:
-            # Count the slowest subscriber's unconsumed steps rather than compare indices:
-            # indices need not start at its cursor or be contiguous (appends, relays).
-            if len([seq for seq in seqs if seq >= min_cursor]) >= ql:
-                return None
-        empty = seqs.count(-1)
-        if empty and len(seqs) - empty < ql:
-            # Prefer a slot that already has memory.
-            ws = self._wslots
-            return max((i for i, seq in enumerate(seqs) if seq < 0), key=lambda i: ws[i].capacity)
-        oldest, slot = None, None
-        for i, seq in enumerate(seqs):
-            if seq < 0 or seq in pinned or (min_cursor is not None and min_cursor <= seq):
-                continue
-            if oldest is None or seq < oldest:
-                oldest, slot = seq, i
-        if slot is not None:
-            return slot
-        return seqs.index(-1) if empty else None
+        # The writer alone sets seq: its own copy.
+        return choose_slot(self._seqs, self._capacities, pinned, min_cursor, self._queue_limit)
 
     def _acquire(self, index: int) -> int:
         ctl = self._ctl
@@ -304,6 +334,7 @@ class _ShmWriter(Writer):
         if ws.capacity:
             _posix.unlink_segment(_slot_name(self._token, slot, ws.gen))
         self._wslots[slot] = ws = _WriterSlot(ws.gen + 1, cap, mm)
+        self._capacities[slot] = cap
         return ws
 
     def _layout(self, specs: dict[str, VarSpec]) -> tuple[tuple, bytes, dict[str, int], int]:
@@ -331,6 +362,44 @@ class _ShmWriter(Writer):
     def begin_step(
         self, index: int, specs: dict[str, VarSpec], attrs: dict[str, AttrValue]
     ) -> None:
+        self._pending = self._begin(index, specs, attrs)
+
+    def put(self, name: str, array: np.ndarray) -> None:
+        p = self._pending
+        if p is None:
+            raise DataplaneError("put() outside a step")
+        dst = p.views[name]
+        if dst is not None:
+            np.copyto(dst, array, casting="no")
+
+    def end_step(self) -> None:
+        p = self._pending
+        if p is None:
+            raise DataplaneError("end_step() outside a step")
+        self._pending = None
+        self._publish(p)
+
+    def write_step(
+        self,
+        index: int,
+        specs: dict[str, VarSpec],
+        arrays: list[tuple[str, np.ndarray]],
+        attrs: dict[str, AttrValue],
+    ) -> None:
+        # begin, put and end in one call: small steps cost microseconds of Python each.
+        p = self._begin(index, specs, attrs)
+        views = p.views
+        for name, arr in arrays:
+            dst = views[name]
+            if dst is not None:
+                np.copyto(dst, arr, casting="no")
+        # An error above publishes nothing: the slot was retired when it was taken.
+        self._publish(p)
+
+    def _begin(
+        self, index: int, specs: dict[str, VarSpec], attrs: dict[str, AttrValue]
+    ) -> _Pending:
+        """Take a slot for step ``index`` and lay the step out in it."""
         self._check_usable()
         key, vars_json, offsets, size = self._layout(specs)
         attrs_json = json.dumps(attrs).encode() if attrs else b"{}"
@@ -359,21 +428,9 @@ class _ShmWriter(Writer):
             if len(ws.views) > 8:
                 ws.views.clear()
             ws.views[(key, data_off)] = views
-        self._pending = _Pending(slot, index, views, len(vars_json), len(attrs_json), data_off)
+        return _Pending(slot, index, views, len(vars_json), len(attrs_json), data_off)
 
-    def put(self, name: str, array: np.ndarray) -> None:
-        p = self._pending
-        if p is None:
-            raise DataplaneError("put() outside a step")
-        dst = p.views[name]
-        if dst is not None:
-            np.copyto(dst, array, casting="no")
-
-    def end_step(self) -> None:
-        p = self._pending
-        if p is None:
-            raise DataplaneError("end_step() outside a step")
-        self._pending = None
+    def _publish(self, p: _Pending) -> None:
         ctl = self._ctl
         with ctl.locked:
             s = ctl.slots[p.slot]
