@@ -261,11 +261,20 @@ def test_dataplane_bench_under_mpi_reports_aggregate_and_per_rank(tmp_path) -> N
         assert r["seconds"] == max(x["seconds"] for x in per_rank)
         assert 0 < r["au"] <= 1  # with --compute-ms
     writes = figures(rows, "write")
-    assert {(r["transport"], r["mode"]) for r in writes} == {
-        ("plain h5py", "sync"),
-        ("h5", "sync"),
-        ("h5", "async"),
-    }
+    # h5:// under MPI also with aggregators=1 and =ranks; the default (one aggregator per
+    # node: here 1) is not measured twice. Each row says how the ranks wrote, as inspect does.
+    assert sorted((r["transport"], r["mode"], r["written"]) for r in writes) == [
+        ("h5", "async", "aggregators=1"),
+        ("h5", "sync", "aggregators=1"),
+        ("h5", "sync", "aggregators=2"),
+        ("plain h5py", "sync", "a file per rank"),
+    ]
+    per_rank = [r for r in rows if r["phase"] == "write" and r["rank"] is not None]
+    assert sorted((r["written"], r["rank"]) for r in per_rank if r["mode"] == "sync") == [
+        (w, rank) for w in ("a file per rank", "aggregators=1", "aggregators=2") for rank in (0, 1)
+    ]
+    report = (tmp_path / "results" / "bench.md").read_text()
+    assert "| ranks write |" in report and "| aggregators=2 |" in report
 
 
 def test_dataplane_bench_rejects_bad_options(tmp_path, capsys) -> None:

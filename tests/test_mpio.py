@@ -216,3 +216,24 @@ def test_a_live_reader_waits_for_the_close_then_takes_every_step(tmp_path):
         tmp_path,
     )
     assert got[2] == ["waited", [0, 0, 0, 1, 1, 1], [10, 10, 10, 11, 11, 11]]
+
+
+def test_bench_write_under_mpiexec_reports_mpio_beside_plain_mpio(tmp_path):
+    """`dataplane bench write` under mpiexec: h5:// written natively (`ranks write: mpio`)
+    and with aggregators, next to plain h5py through MPI-IO and a file per rank."""
+    out = tmp_path / "out"
+    args = ["bench", "write", "--quick", "--transports", "h5", "--dir", str(tmp_path / "d")]
+    result = mpiexec(2, sys.executable, "-m", "dataplane.cli", *args, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    writes = [r for r in rows if r["phase"] == "write" and r["rank"] is None]
+    assert sorted((r["transport"], r["mode"], r["written"]) for r in writes) == [
+        ("h5", "async", "aggregators=1"),  # asynchronous publishing goes through rank 0
+        ("h5", "sync", "aggregators=1"),
+        ("h5", "sync", "aggregators=2"),
+        ("h5", "sync", "mpio"),
+        ("plain h5py", "sync", "a file per rank"),
+        ("plain h5py", "sync", "mpio"),
+    ]
+    assert all(r["gbps"] > 0 for r in writes if r["mode"] == "sync")
+    assert "| mpio |" in (out / "bench.md").read_text()

@@ -68,13 +68,17 @@ def markdown(rows: list[dict[str, Any]], command: str = "") -> str:
             "Blocked: time in `write` per step, the simulation not computing. Synchronous: "
             "nothing between steps, GB/s from open to close. Asynchronous: the simulation "
             "computes between steps twice as long as a synchronous write of a step took. "
-            "Baseline: plain h5py, a file per rank, a dataset per step.",
+            "Baseline: plain h5py, a file per rank, a dataset per step. Ranks write: how "
+            "the channel was written (`mpio`: every rank its hyperslab through MPI-IO; "
+            "`aggregators=K`: K ranks write subfiles of the others' blocks; `own-chunks`: every "
+            "rank its own chunks), as `dataplane inspect` reports it.",
             "",
         ]
         out += _table(
             [
                 "transport",
                 "publish",
+                "ranks write",
                 "compute ms/step",
                 "blocked ms/step",
                 "GB/s",
@@ -86,6 +90,7 @@ def markdown(rows: list[dict[str, Any]], command: str = "") -> str:
                 [
                     r["transport"],
                     r["mode"],
+                    r.get("written", ""),
                     _f(r.get("compute_ms_per_step")),
                     _f(r["blocked_ms_per_step"]),
                     _f(r["gbps"]),
@@ -206,7 +211,12 @@ def plots(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
         labels = [f"{r['transport']}\n{r['mode']}" for r in wr]
         sync = [r for r in wr if r["gbps"] is not None]
-        a1.bar([r["transport"] for r in sync], [r["gbps"] for r in sync], color="#0571b0")
+        names = [
+            r["transport"]
+            + (f"\n{r['written']}" if r.get("written", "one process") != "one process" else "")
+            for r in sync
+        ]
+        a1.bar(names, [r["gbps"] for r in sync], color="#0571b0")
         a1.set_ylabel("GB/s")
         a1.set_title("Synchronous write throughput")
         a2.bar(labels, [r["blocked_ms_per_step"] for r in wr], color="#ca0020")

@@ -77,7 +77,12 @@ def _timed_steps(
 
 
 def write_channel(
-    cfg: Config, world: World, url: str, asynchronous: bool, compute: float = 0.0
+    cfg: Config,
+    world: World,
+    url: str,
+    asynchronous: bool,
+    compute: float = 0.0,
+    aggregators: int | None = None,
 ) -> dict[str, Any]:
     """Publish the benchmark's steps to ``url`` from every rank, timed."""
 
@@ -85,13 +90,50 @@ def write_channel(
         pub.write({"x": block})
 
     resolve(url)  # imports the library (adios2, h5py, zarr) before the clock
-
+    opts: dict[str, Any] = {} if aggregators is None else {"aggregators": aggregators}
     return _timed_steps(
         cfg,
         world,
-        lambda: dp.publish(url, comm=world.mpi, asynchronous=asynchronous),
+        lambda: dp.publish(url, comm=world.mpi, asynchronous=asynchronous, **opts),
         write,
         compute,
+    )
+
+
+def written_as(url: str, world: World) -> str:
+    """How the ranks wrote the channel at ``url`` (its ``written_by``), e.g. ``mpio`` or
+    ``aggregators=2``; the same answer on every rank."""
+    how = "one process"
+    if world.rank == 0 and world.size > 1:
+        with dp.open(url) as arc:
+            wb = arc.written_by or {}
+        how = str(wb.get("method", "rank 0 writes"))
+        if how == "aggregators":
+            how = f"aggregators={wb.get('aggregators')}"
+    return str(world.gather(how)[0])
+
+
+def _h5_mpio() -> bool:
+    import h5py
+
+    return bool(h5py.get_config().mpi)
+
+
+def _plain_h5_mpio(cfg: Config, world: World, directory: str) -> dict[str, Any]:
+    """Plain h5py through MPI-IO: one file, a dataset per step, each rank its hyperslab."""
+    import h5py
+
+    path = os.path.join(directory, "plain-mpio.h5")
+    start, stop = rank_rows(cfg, world)
+    shape = (cfg.rows_per_step, cfg.sample_size // 4)
+
+    def write(f: Any, s: int, block: np.ndarray) -> None:
+        dset = f.create_dataset(f"step{s}/x", shape=shape, dtype=np.float32)
+        with dset.collective:
+            dset[start:stop] = block
+
+    return _timed_steps(
+        cfg, world, lambda: h5py.File(path, "w", driver="mpio", comm=world.comm), write
     )
 
 
@@ -164,10 +206,20 @@ def run(
             phase="write",
             transport=transport,
             mode=mode,
+            written=extra.get("written"),
         )
         return row
 
-    figure("plain h5py", "sync", plain, per_rank, compute_ms_per_step=0.0)
+    plain_as = "a file per rank" if world.size > 1 else "one process"
+    figure("plain h5py", "sync", plain, per_rank, compute_ms_per_step=0.0, written=plain_as)
+    if world.size > 1 and "h5" in cfg.file_transports and _h5_mpio():
+        with rec.task("write plain h5py mpio"):
+            res = _plain_h5_mpio(cfg, world, workdir)
+            per_rank = world.gather(res)
+            world.barrier()
+            if world.rank == 0:
+                _remove(os.path.join(workdir, "plain-mpio.h5"))
+        figure("plain h5py", "sync", res, per_rank, compute_ms_per_step=0.0, written="mpio")
     for transport in cfg.file_transports:
         path = os.path.join(workdir, f"data{SUFFIX[transport]}")
         url = f"{transport}://{path}"
@@ -175,9 +227,27 @@ def run(
             res = write_channel(cfg, world, url, False)
             per_rank = world.gather(res)
             world.barrier()
+            how = written_as(url, world)
+            world.barrier()
             if world.rank == 0 and not keep:
                 _remove(path)
-        sync = figure(transport, "sync", res, per_rank, compute_ms_per_step=0.0)
+        sync = figure(transport, "sync", res, per_rank, compute_ms_per_step=0.0, written=how)
+        for k in _aggregator_counts(transport, world, how):
+            other = os.path.join(workdir, f"agg{k}{SUFFIX[transport]}")
+            with rec.task(f"write {transport} aggregators={k}"):
+                res = write_channel(cfg, world, f"{transport}://{other}", False, aggregators=k)
+                per_rank = world.gather(res)
+                world.barrier()
+                if world.rank == 0:
+                    _remove(other)
+            figure(
+                transport,
+                "sync",
+                res,
+                per_rank,
+                compute_ms_per_step=0.0,
+                written=f"aggregators={k}",
+            )
         if keep:
             kept[transport] = path
         # Asynchronous publish, with the simulation computing between steps twice as long as
@@ -190,6 +260,8 @@ def run(
             res = write_channel(cfg, world, f"{transport}://{path}", True, compute)
             per_rank = world.gather(res)
             world.barrier()
+            how = written_as(f"{transport}://{path}", world)
+            world.barrier()
             if world.rank == 0:
                 _remove(path)
         blocked = max(p["blocked_mean"] for p in per_rank)
@@ -198,6 +270,7 @@ def run(
             "async",
             res,
             per_rank,
+            written=how,
             compute_ms_per_step=compute * 1e3,
             vs_sync_blocked=blocked / max(sync["blocked_ms_per_step"] / 1e3, 1e-9),
             # The time writing added to the simulation's run, beyond its computing.
@@ -206,6 +279,14 @@ def run(
             ),
         )
     return kept
+
+
+def _aggregator_counts(transport: str, world: World, default: str) -> list[int]:
+    """The ``aggregators=K`` also measured for ``transport`` under MPI (h5:// writes subfiles
+    through K aggregators): one, and one per rank, unless the default write was just that."""
+    if world.size == 1 or transport != "h5":
+        return []
+    return [k for k in sorted({1, world.size}) if default != f"aggregators={k}"]
 
 
 def prepare(rec: Recorder, world: World, workdir: str) -> dict[str, str]:

@@ -401,7 +401,7 @@ class _ShmWriter(Writer):
     ) -> _Pending:
         """Take a slot for step ``index`` and lay the step out in it."""
         self._check_usable()
-        key, vars_json, offsets, size = self._layout(specs)
+        _, vars_json, offsets, size = self._layout(specs)
         attrs_json = json.dumps(attrs).encode() if attrs else b"{}"
         head = vars_json + attrs_json
         data_off = _align(len(head))
@@ -414,7 +414,9 @@ class _ShmWriter(Writer):
         if ws.head != head:
             ws.mm[: len(head)] = head
             ws.head = head
-        views = ws.views.get((key, data_off))
+        # Keyed by the layout's JSON (names, dtypes, shapes, offsets): the cached bytes object
+        # keeps its hash, where the spec tuples would be hashed again every step.
+        views = ws.views.get((vars_json, data_off))
         if views is None:
             # Destination arrays over the slot, made once per layout and reused every lap.
             views = {
@@ -427,7 +429,7 @@ class _ShmWriter(Writer):
             }
             if len(ws.views) > 8:
                 ws.views.clear()
-            ws.views[(key, data_off)] = views
+            ws.views[(vars_json, data_off)] = views
         return _Pending(slot, index, views, len(vars_json), len(attrs_json), data_off)
 
     def _publish(self, p: _Pending) -> None:
