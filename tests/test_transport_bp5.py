@@ -141,3 +141,40 @@ def test_damaged_metadata_gives_an_error_not_a_crash(tmp_path, written_bp, name)
                         assert e["digests"] == want[str(e["index"])], (seed, e)
                 end = events[-1]
                 assert end["end"] == "closed" or "IntegrityError" in end["error"], (seed, end)
+
+
+def test_reading_leaves_no_profile_files_in_tmp(tmp_path) -> None:
+    """ADIOS2's BP5 reader writes `/tmp/<name>_<pid>_profiling.json` when it closes, whatever
+    `Profile` says (180 of them per `make test`, one per process and file for a training run):
+    dataplane's readers remove theirs, and keep it when `params={"Profile": "On"}` asks."""
+    import subprocess
+    import sys
+    import uuid
+
+    name = f"noprof{uuid.uuid4().hex[:8]}.bp"
+    url = f"bp5://{tmp_path / name}"
+    with dp.publish(url) as pub:
+        for i in range(3):
+            pub.write({"x": np.full(4, float(i))})
+
+    def profiles() -> list[str]:
+        return [f for f in os.listdir("/tmp") if f.startswith(f"{name}_") and "profiling" in f]
+
+    # Each in a process of its own: ADIOS2 names the file by process.
+    read = (
+        "import json, sys, dataplane as dp\n"
+        "url, params = sys.argv[1], json.loads(sys.argv[2])\n"
+        "with dp.open(url, params=params) as arc:\n"
+        "    assert [float(arc.read('x', step=i)[0]) for i in range(3)] == [0.0, 1.0, 2.0]\n"
+        "with dp.subscribe(url, timeout=10, params=params) as sub:\n"
+        "    assert [float(s['x'][0]) for s in sub] == [0.0, 1.0, 2.0]\n"
+    )
+    for params, kept in (("{}", 0), ('{"Profile": "On"}', 1)):
+        done = subprocess.run(
+            [sys.executable, "-c", read, url, params], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        made = profiles()
+        for f in made:
+            os.remove(os.path.join("/tmp", f))
+        assert len(made) == kept, (params, made)

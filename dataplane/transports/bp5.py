@@ -326,6 +326,25 @@ def _least_bytes(info: dict[str, Any]) -> int:
     )
 
 
+class _ReaderProfile:
+    """The profile ADIOS2's BP5 reader (2.10 and later) writes when it closes: always, into
+    ``/tmp/<file name>_<pid in hex>_profiling.json``, whatever ``Profile`` says, and never
+    removed: one file per process and file read, thousands for a training run whose
+    DataLoader workers are new processes every epoch. Removed after the close unless it was
+    there before or ``params={"Profile": "On"}`` asked for it."""
+
+    def __init__(self, t: _ADIOSTransport, path: str) -> None:
+        name = os.path.basename(os.path.normpath(path))
+        self.path = os.path.join("/tmp", f"{name}_{os.getpid():x}_profiling.json")
+        wanted = str(t.params.get("Profile", "")).lower() in ("on", "true", "1")
+        self.keep = t.engine != "BP5" or wanted or os.path.exists(self.path)
+
+    def closed(self) -> None:
+        if not self.keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+
 class _BP5Source(StepSource):
     """Random access (ReadRandomAccess) to the complete steps of a BP5 file."""
 
@@ -334,6 +353,7 @@ class _BP5Source(StepSource):
         _bp5meta.Checker(t.path, t.url.url).check()  # ADIOS2 crashes on damaged metadata
         self._ad = t._adios()
         self._io = t.reader_io(self._ad)
+        self._profile = _ReaderProfile(t, t.path)
         self._engine = self._io.Open(t.path, ab.Mode.ReadRandomAccess)
         self._steps: list[tuple[int, dict[str, Any]]] = []  # (step in file, info)
         self._least: dict[int, int] = {}
@@ -396,6 +416,7 @@ class _BP5Source(StepSource):
     def close(self) -> None:
         if self._engine is not None:
             self._engine.Close()
+            self._profile.closed()
 
 
 class _BP5Stream(StepStream):
@@ -410,6 +431,7 @@ class _BP5Stream(StepStream):
             self._checker.check()
         self._ad = t._adios()
         self._io = t.reader_io(self._ad)
+        self._profile = _ReaderProfile(t, target or t.path)
         self._engine = self._io.Open(target or t.path, ab.Mode.Read)
         self._in_step = False
         self._info: dict[str, Any] | None = None
@@ -469,3 +491,4 @@ class _BP5Stream(StepStream):
             self._engine.EndStep()
             self._in_step = False
         self._engine.Close()
+        self._profile.closed()
