@@ -24,7 +24,12 @@ _H5 = [
     "dataplane.transports._h5handles",
     "dataplane.transports._h5subfiles",
 ]
-_ADIOS = [*_FILE_PIECES, "dataplane.transports._files", "dataplane.transports._adios_steps"]
+_ADIOS = [
+    *_FILE_PIECES,
+    "dataplane.transports._files",
+    "dataplane.transports._adios2",
+    "dataplane.transports._adios_steps",
+]
 
 # What each part of the package may import from dataplane itself (prefix match).
 ALLOWED = {
@@ -71,7 +76,12 @@ ALLOWED = {
         "dataplane.transports._foreign",
         "dataplane.transports._zarrstore",
     ],
-    "dataplane.transports._adios_steps": [*_BOTTOM, *_FILE_PIECES, "dataplane.transports._files"],
+    "dataplane.transports._adios_steps": [
+        *_BOTTOM,
+        *_FILE_PIECES,
+        "dataplane.transports._files",
+        "dataplane.transports._adios2",
+    ],
     "dataplane.transports.bp5": [*_BOTTOM, *_ADIOS, "dataplane.transports._bp5meta"],
     "dataplane.transports.sst": [*_BOTTOM, *_ADIOS, "dataplane.transports.shm"],
     "dataplane.transports._sst_relay": [*_BOTTOM, *_ADIOS, "dataplane.transports.shm"],

@@ -178,3 +178,36 @@ def test_reading_leaves_no_profile_files_in_tmp(tmp_path) -> None:
         for f in made:
             os.remove(os.path.join("/tmp", f))
         assert len(made) == kept, (params, made)
+
+
+def test_bp5_channels_leave_torch_unimported_and_adios2_whole(tmp_path) -> None:
+    """A simulation rank that writes bp5:// (and a process that reads it) loads ADIOS2's
+    bindings without the adios2 package, which imports torch and cupy when they are installed
+    (1.2-1.5 s and hundreds of MiB a process); the user's own `import adios2` still works,
+    torch support included, and reads what dataplane wrote."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, dataplane as dp\n"
+        "url = sys.argv[1]\n"
+        "with dp.publish(url) as pub:\n"
+        "    for i in range(3):\n"
+        "        pub.write({'x': np.full(4, float(i))})\n"
+        "with dp.subscribe(url, timeout=10) as sub:\n"
+        "    assert [s['x'][0] for s in sub] == [0.0, 1.0, 2.0]\n"
+        "assert 'torch' not in sys.modules and 'adios2' not in sys.modules, sorted(sys.modules)\n"
+        "import adios2, torch\n"
+        "assert adios2.engine.ADIOS2_HAS_TORCH\n"
+        "assert adios2.bindings.Mode is sys.modules['adios2.bindings.adios2_bindings'].Mode\n"
+        "with adios2.FileReader(url[len('bp5://'):]) as f:\n"
+        "    got = f.read('x', step_selection=[2, 1]).tolist()\n"
+        "    assert got == [2.0] * 4, got\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, f"bp5://{tmp_path / 'run.bp'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

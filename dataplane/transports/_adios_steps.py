@@ -10,11 +10,13 @@ import threading
 from typing import Any
 
 import numpy as np
-from adios2 import bindings as ab
 
 from dataplane.errors import DataplaneError, OptionError, SchemaError
 from dataplane.model import AttrValue, Selection, StepMeta, VarSpec
+from dataplane.transports._adios2 import load_bindings
 from dataplane.transports._files import FileTransport
+
+ab = load_bindings()
 
 _STEP_VAR = "__dp_step"
 _STEP_ATTR = "step/"

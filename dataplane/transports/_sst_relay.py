@@ -19,26 +19,20 @@ Each shm step carries the step's JSON (index, attributes, checksums, dtypes) as 
 
 from __future__ import annotations
 
+import faulthandler
+import json
+import os
+import signal
 import sys
+import time
+from typing import Any
 
-# The adios2 package imports torch and cupy when they are installed (1.4 s here) though a relay
-# only moves numpy arrays: keep them out, so that a subscriber's relay starts in a tenth of that.
-for _optional in ("torch", "cupy"):
-    sys.modules.setdefault(_optional, None)  # type: ignore[arg-type]
+import numpy as np
 
-import faulthandler  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-from adios2 import bindings as ab  # noqa: E402
-
-from dataplane.errors import ChannelBroken, StepTimeoutError  # noqa: E402
-from dataplane.model import ChannelURL, Selection, VarSpec  # noqa: E402
-from dataplane.transports._adios_steps import (  # noqa: E402
+from dataplane.errors import ChannelBroken, StepTimeoutError
+from dataplane.model import ChannelURL, Selection, VarSpec
+from dataplane.transports._adios2 import load_bindings
+from dataplane.transports._adios_steps import (
     _STEP_VAR,
     _channel_attrs,
     _decode_step,
@@ -47,8 +41,10 @@ from dataplane.transports._adios_steps import (  # noqa: E402
     _read_var,
     _StepEncoder,
 )
-from dataplane.transports._files import LeaseIO, read_lease, writer_state  # noqa: E402
-from dataplane.transports.shm import ShmTransport  # noqa: E402
+from dataplane.transports._files import LeaseIO, read_lease, writer_state
+from dataplane.transports.shm import ShmTransport
+
+ab = load_bindings()
 
 _stop = False
 

@@ -34,11 +34,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from adios2 import bindings as ab
 
 from dataplane.errors import IntegrityError, OptionError
 from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec
 from dataplane.transports import _bp5meta
+from dataplane.transports._adios2 import load_bindings
 from dataplane.transports._adios_steps import (
     _STEP_VAR,
     _ADIOSTransport,
@@ -61,6 +61,8 @@ from dataplane.transports._files import (
     StepSource,
     StepStream,
 )
+
+ab = load_bindings()
 
 __all__ = ["BP5Transport"]
 
