@@ -6,6 +6,7 @@ import glob
 import os
 
 import numpy as np
+import pytest
 import zarr
 
 import dataplane as dp
@@ -77,22 +78,26 @@ def test_append_after_a_writer_died_creating_its_first_arrays(tmp_path):
     ]
 
 
-def test_append_after_a_writer_killed_while_setting_up(tmp_path):
-    """A writer killed between creating the channel's group and its step index left a store
-    that the next append could not open (KeyError: 'steps'); nothing was committed, so the
-    append starts the channel at step 0."""
+@pytest.mark.parametrize(
+    "dies_in", [("create_group", "__dataplane"), ("create_array", "steps")], ids="-".join
+)
+def test_append_after_a_writer_killed_while_setting_up(tmp_path, dies_in):
+    """A writer killed after creating the channel's group, before its layout group (an empty
+    group: "not written by dataplane", a kill test hit it under load) or before its step index
+    (KeyError: 'steps'): nothing was committed, so the append starts the channel at step 0."""
     import subprocess
     import sys
 
     url = f"zarr://{tmp_path}/run.zarr"
+    method, name = dies_in
     code = (
         "import os, signal, zarr, dataplane as dp\n"
-        "real = zarr.Group.create_array\n"
+        f"real = zarr.Group.{method}\n"
         "def dying(self, name, *a, **k):\n"
-        "    if name == 'steps':\n"
+        f"    if name == {name!r}:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(self, name, *a, **k)\n"
-        "zarr.Group.create_array = dying\n"
+        f"zarr.Group.{method} = dying\n"
         f"dp.publish({url!r})\n"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == -9
@@ -102,3 +107,18 @@ def test_append_after_a_writer_killed_while_setting_up(tmp_path):
     with dp.open(url) as a:
         assert len(a) == 1
         np.testing.assert_array_equal(a[0]["u"], np.arange(4.0))
+
+
+def test_append_to_a_zarr_group_not_written_by_dataplane_is_refused(tmp_path):
+    """A group holding someone else's arrays (or attributes) is never written over."""
+    path = str(tmp_path / "theirs.zarr")
+    g = zarr.open_group(path, mode="w")
+    g.create_array("t", shape=(3,), dtype="f8")[:] = [1.0, 2.0, 3.0]
+    with pytest.raises(dp.DataplaneError, match="not written by dataplane"):
+        dp.publish(f"zarr://{path}", mode="a")
+    assert zarr.open_group(path, mode="r")["t"][:].tolist() == [1.0, 2.0, 3.0]
+    only_attrs = str(tmp_path / "attrs.zarr")
+    zarr.open_group(only_attrs, mode="w").attrs["owner"] = "them"
+    with pytest.raises(dp.DataplaneError, match="not written by dataplane"):
+        dp.publish(f"zarr://{only_attrs}", mode="a")
+    assert dict(zarr.open_group(only_attrs, mode="r").attrs) == {"owner": "them"}

@@ -206,6 +206,8 @@ class _ZarrWriter(FormatWriter):
             meta = self._g[_META]
             if "steps" not in meta or "committed" not in meta.attrs:
                 self._g = None  # its writer was killed setting it up: nothing was committed
+        elif self._g is not None and not list(self._g.keys()) and not dict(self._g.attrs):
+            self._g = None  # an empty group: its writer was killed before making the layout
         if self._g is not None:
             if _META not in self._g:
                 raise DataplaneError(
