@@ -14,7 +14,8 @@ through dataplane into ``h5://``), batch 32, shuffled, a warm page cache and a w
 Each figure is samples/s, the median of ``--repeat`` epochs after a warm-up epoch, with
 ``num_workers`` 0 and 2 (workers are forked anew each epoch, as by default). ``memcpy`` is
 one-thread copy bandwidth in the same run. ``new process``: one epoch of a new process over
-the full cache, against a second epoch in the first process's loader.
+the full cache (median of ``--repeat`` processes), against later epochs in one loader (median
+of ``--repeat``).
 
     python bench/bench_batches.py [--samples 20000] [--sample-kib 64 4] [--repeat 3]
                                   [--workers 0 2] [--dir PATH] [--json out.json]
@@ -149,7 +150,7 @@ def run_size(root: str, samples: int, kib: int, workers: list[int], repeat: int)
         res[f"workers={w}"] = row
     # A second epoch in the same loader, against a new process over the same full cache.
     for whole in (False, True):
-        same = measure(lambda whole=whole: ours(0, whole), 1)
+        same = measure(lambda whole=whole: ours(0, whole), repeat)
         fresh = statistics.median(new_process(url, cache_dir, whole) for _ in range(repeat))
         res[f"new_process_{'batches' if whole else 'dataplane'}"] = {"same": same, "new": fresh}
     shutil.rmtree(cache_dir, ignore_errors=True)
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             np_ = r[f"new_process_{kind}"]
             print(
                 f"{kib:3d} KiB new process over the full cache ({kind}): {np_['new']:.0f}/s, "
-                f"{np_['new'] / np_['same']:.0%} of a second epoch in one loader "
+                f"{np_['new'] / np_['same']:.0%} of a later epoch in one loader "
                 f"({np_['same']:.0f}/s)"
             )
     if args.json:
