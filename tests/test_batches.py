@@ -347,3 +347,72 @@ def test_mapping_ahead_keeps_to_its_window_and_ends_with_its_owner(tmp_path) -> 
     del owner  # its dataset is gone: the thread ends at its next look
     ahead._thread.join(10 * _ahead.POLL)
     assert ahead.done
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_batch_buffers_are_reused_only_once_dropped(url, tmp_path, cache) -> None:
+    """Batches the loop keeps keep their values (their buffers are never written again);
+    batches it drops give their buffers to later batches (a new buffer cost 0.7-0.9 ms per
+    2 MiB in page faults, four times a warm gather)."""
+    ds = dataset(url, tmp_path, cache=cache)
+    sampler = ShuffleSampler(ds, seed=3, block=4)
+    ld = loader(ds, 8, sampler=sampler)
+    kept = [b for b in ld]  # every batch held: all distinct, all exact
+    assert len({b[0].data_ptr() for b in kept}) == len(kept)
+    sampler.set_epoch(1)
+    ptrs, seen = set(), []
+    for b in ld:  # the usual loop: each batch dropped when the next arrives
+        ptrs.add(b[0].data_ptr())
+        seen += check_batch(*b)
+    assert sorted(seen) == list(range(ROWS * STEPS))
+    assert len(ptrs) <= 3, "dropped batches' buffers are taken again"
+    got = [i for b in kept for i in check_batch(*b)]
+    assert sorted(got) == list(range(ROWS * STEPS)), "held batches were not written over"
+
+
+def test_recycler_never_hands_out_a_buffer_still_in_use() -> None:
+    import gc
+    import weakref
+
+    from dataplane.loaders._batch import Recycler
+
+    r = Recycler()
+    shape, dt = (4, 3), torch.float32
+
+    def held_by(keep) -> None:
+        t = r.take(shape, dt)
+        t.fill_(7.0)
+        holder = keep(t)
+        ptr = t.data_ptr()
+        del t
+        gc.collect()
+        for _ in range(Recycler.KEEP + 1):
+            u = r.take(shape, dt)
+            assert u.data_ptr() != ptr, keep
+            u.fill_(-1.0)  # what reuse would write over the held buffer
+            del u
+        del holder
+        gc.collect()
+
+    w = torch.ones(3, requires_grad=True)
+    held_by(lambda t: t)  # the batch itself
+    held_by(lambda t: {"x": t})  # a dict of it
+    held_by(lambda t: t.numpy())  # a numpy array on it
+    held_by(lambda t: t[1:])  # a view
+    held_by(lambda t: (t * w).sum())  # autograd keeps the input for the gradient
+    held_by(lambda t: torch.utils.dlpack.to_dlpack(t))
+    held_by(lambda t: weakref.ref(t))  # could bring it back
+
+    # Dropped, it is taken again; changed in place (resized, made to need grad), it is not.
+    r.clear()
+    t = r.take(shape, dt)
+    ptr = t.data_ptr()
+    del t
+    assert r.take(shape, dt).data_ptr() == ptr
+    for change in (lambda t: t.resize_(2, 2), lambda t: t.requires_grad_(), lambda t: t.t_()):
+        r.clear()
+        t = r.take(shape, dt)
+        change(t)
+        del t
+        u = r.take(shape, dt)
+        assert tuple(u.shape) == shape and u.is_contiguous() and not u.requires_grad
