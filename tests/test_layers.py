@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dataplane"
 
-_BOTTOM = ["dataplane.errors", "dataplane.model"]
+_BOTTOM = ["dataplane.errors", "dataplane.model", "dataplane._pids"]
 _FILE_PIECES = [
     "dataplane.transports.base",
     "dataplane.transports._posix",
@@ -34,10 +34,11 @@ _ADIOS = [
 # What each part of the package may import from dataplane itself (prefix match).
 ALLOWED = {
     "dataplane.errors": [],
+    "dataplane._pids": [],
     "dataplane.model": ["dataplane.errors"],
     # A transport imports only the contract (base), the pieces the file transports share
     # and its own helpers; sst's relay runs over a private shm:// channel (one exception).
-    "dataplane.transports": ["dataplane.errors", "dataplane.model"],
+    "dataplane.transports": _BOTTOM,
     "dataplane.transports._lease": [*_BOTTOM, "dataplane.transports._posix"],
     "dataplane.transports._shm_control": [*_BOTTOM, "dataplane.transports._posix"],
     "dataplane.transports._files": [*_BOTTOM, *_FILE_PIECES],
@@ -122,7 +123,7 @@ ALLOWED = {
         "dataplane.subscriber",
         "dataplane.transports.base",
     ],
-    "dataplane.cache": ["dataplane.errors", "dataplane.model", "dataplane.cache"],
+    "dataplane.cache": [*_BOTTOM, "dataplane.cache"],
     "dataplane.loaders": [
         "dataplane.errors",
         "dataplane.model",

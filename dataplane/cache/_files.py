@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+from dataplane._pids import process_identity
 from dataplane.errors import DataplaneError
 
 COUNTERS = (
@@ -36,25 +37,9 @@ COUNTERS = (
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs. A zombie (killed, not yet reaped by its parent) is
-    dead: it writes nothing more, yet signal 0 still reaches it, and its leftovers were kept."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        data = b""
-    if data:
-        state = data[data.rindex(b")") + 2 : data.rindex(b")") + 3]
-        return state not in (b"Z", b"X")
-    try:  # no procfs
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Whether process ``pid`` runs; a zombie (killed, not yet reaped by its parent) does
+    not: it writes nothing more, though signal 0 still reaches it."""
+    return process_identity(pid) is not None
 
 
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
