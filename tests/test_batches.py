@@ -403,6 +403,15 @@ def test_recycler_never_hands_out_a_buffer_still_in_use() -> None:
     held_by(lambda t: torch.utils.dlpack.to_dlpack(t))
     held_by(lambda t: weakref.ref(t))  # could bring it back
 
+    # What it keeps stays within its bound, whatever the shapes asked for.
+    r.clear()
+    big = [r.take((Recycler.BYTES // 4 // 3, 3), torch.uint8) for _ in range(Recycler.KEEP)]
+    assert r.nbytes() <= Recycler.BYTES
+    del big
+    for n in range(Recycler.SHAPES * 2):
+        r.take((n + 1, 3), dt)
+    assert len(r._held) <= Recycler.SHAPES and r.nbytes() <= Recycler.BYTES
+
     # Dropped, it is taken again; changed in place (resized, made to need grad), it is not.
     r.clear()
     t = r.take(shape, dt)

@@ -111,6 +111,7 @@ class Recycler:
 
     KEEP = 4  # per shape and dtype: the batch in use, the one being made, and slack
     SHAPES = 8  # shapes and dtypes kept (an epoch's last batch is smaller, for one)
+    BYTES = 1 << 30  # the most all kept buffers may hold, in use or not (kept after training)
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
@@ -144,7 +145,16 @@ class Recycler:
             held.append(t)
             if len(held) > self.KEEP:
                 held.popleft()  # freed with its batch, wherever that is now
+            while self._held and self.nbytes() > self.BYTES:
+                oldest = next(iter(self._held.values()))
+                oldest.popleft()
+                if not oldest:
+                    del self._held[next(iter(self._held))]
             return t
+
+    def nbytes(self) -> int:
+        """Bytes of the buffers kept (call under the mutex)."""
+        return sum(t.nbytes for held in self._held.values() for t in held)
 
     def clear(self) -> None:
         with self._mutex:
