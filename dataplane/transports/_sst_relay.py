@@ -31,7 +31,6 @@ import numpy as np
 
 from dataplane.errors import ChannelBroken, StepTimeoutError
 from dataplane.model import ChannelURL, Selection, VarSpec
-from dataplane.transports._adios2 import load_bindings
 from dataplane.transports._adios_steps import (
     _STEP_VAR,
     _channel_attrs,
@@ -40,11 +39,10 @@ from dataplane.transports._adios_steps import (
     _meta_from,
     _read_var,
     _StepEncoder,
+    ab,
 )
 from dataplane.transports._files import LeaseIO, read_lease, writer_state
 from dataplane.transports.shm import ShmTransport
-
-ab = load_bindings()
 
 _stop = False
 

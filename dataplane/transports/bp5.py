@@ -38,7 +38,6 @@ import numpy as np
 from dataplane.errors import IntegrityError, OptionError
 from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec
 from dataplane.transports import _bp5meta
-from dataplane.transports._adios2 import load_bindings
 from dataplane.transports._adios_steps import (
     _STEP_VAR,
     _ADIOSTransport,
@@ -52,6 +51,7 @@ from dataplane.transports._adios_steps import (
     _params,
     _read_var,
     _StepEncoder,
+    ab,
 )
 from dataplane.transports._files import (
     END,
@@ -61,8 +61,6 @@ from dataplane.transports._files import (
     StepSource,
     StepStream,
 )
-
-ab = load_bindings()
 
 __all__ = ["BP5Transport"]
 

@@ -211,8 +211,8 @@ class _ShmWriter(Writer):
         self._policy = policy
         self._queue_limit = queue_limit
         self._pending: _Pending | None = None
-        self._layouts: dict[tuple, tuple[tuple, bytes, dict[str, int], int]] = {}
-        self._last_layout: tuple[dict, tuple[tuple, bytes, dict[str, int], int]] | None = None
+        self._layouts: dict[tuple, tuple[bytes, dict[str, int], int]] = {}
+        self._last_layout: tuple[dict, tuple[bytes, dict[str, int], int]] | None = None
         self._closed = False
         self._pid = os.getpid()
         self._last_reap = 0.0
@@ -337,7 +337,7 @@ class _ShmWriter(Writer):
         self._capacities[slot] = cap
         return ws
 
-    def _layout(self, specs: dict[str, VarSpec]) -> tuple[tuple, bytes, dict[str, int], int]:
+    def _layout(self, specs: dict[str, VarSpec]) -> tuple[bytes, dict[str, int], int]:
         """Variables' JSON, offsets and data size; cached, as steps usually repeat their layout
         (the publisher passes a repeated layout as the same dict)."""
         last = self._last_layout
@@ -352,7 +352,7 @@ class _ShmWriter(Writer):
                 offsets[name] = offset
                 entries.append([name, spec.dtype.str, list(spec.shape), offset])
                 offset = _align(offset + spec.nbytes)
-            hit = (key, json.dumps(entries).encode(), offsets, offset)
+            hit = (json.dumps(entries).encode(), offsets, offset)
             if len(self._layouts) > 64:
                 self._layouts.clear()
             self._layouts[key] = hit
@@ -401,7 +401,7 @@ class _ShmWriter(Writer):
     ) -> _Pending:
         """Take a slot for step ``index`` and lay the step out in it."""
         self._check_usable()
-        _, vars_json, offsets, size = self._layout(specs)
+        vars_json, offsets, size = self._layout(specs)
         attrs_json = json.dumps(attrs).encode() if attrs else b"{}"
         head = vars_json + attrs_json
         data_off = _align(len(head))
