@@ -636,18 +636,20 @@ def test_a_dataloader_worker_killed_while_filling_the_cache(tmp_path, monkeypatc
     write_rows(url, steps, rows, 256)  # 64 KiB steps: one shard each
     path = tmp_path / "c"
     tmp_dir = str(path / "tmp")
-    real_pwrite = os.pwrite
+    real_pwritev = os.pwritev
 
-    def into_the_cache(fd: int, data, offset: int) -> bool:
+    def into_the_cache(fd: int, buffers, offset: int) -> bool:
         in_worker = get_worker_info() is not None
         return in_worker and os.readlink(f"/proc/self/fd/{fd}").startswith(tmp_dir)
 
-    def half(fd: int, data, offset: int) -> None:
-        real_pwrite(fd, bytes(data)[: len(data) // 2], offset)
+    def half(fd: int, buffers, offset: int) -> None:
+        whole = b"".join(bytes(b) for b in buffers)
+        real_pwritev(fd, [whole[: len(whole) // 2]], offset)
 
-    # Two writes per entry (payload, then header and table): die in the 1st to 6th.
-    nth = kill_point(seed, 6) + 1
-    die_at_call(monkeypatch, os, "pwrite", nth, when=into_the_cache, before=half)
+    # One write per entry (header, table and payload at once): die in a worker's 1st to 3rd
+    # (its first batch alone needs more shards than that).
+    nth = kill_point(seed, 3) + 1
+    die_at_call(monkeypatch, os, "pwritev", nth, when=into_the_cache, before=half)
 
     def epoch() -> list[int]:
         ds = SampleDataset(url, "x", cache=NodeCache(path, capacity="64MiB"),

@@ -40,14 +40,15 @@ CRASH = textwrap.dedent(
         w.begin_step(2, specs, {})
         w.put("u", step["u"])
         pubs.append(pub)
-    real = os.pwrite
-    def stuck(fd, data, offset):  # a cache entry half written when the end comes
+    real = os.pwritev
+    def stuck(fd, buffers, offset):  # a cache entry half written when the end comes
         if "/cache/tmp/" in os.readlink(f"/proc/self/fd/{fd}"):
-            real(fd, bytes(data)[: len(data) // 2], offset)
+            whole = b"".join(bytes(b) for b in buffers)
+            real(fd, [whole[: len(whole) // 2]], offset)
             print('{"ready": true}', flush=True)
             time.sleep(3600)
-        return real(fd, data, offset)
-    os.pwrite = stuck
+        return real(fd, buffers, offset)
+    os.pwritev = stuck
     NodeCache(cache_path, capacity="16MiB").fetch("a" * 40, lambda: {"z": np.ones(1 << 16)})
     """
 )
