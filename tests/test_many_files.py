@@ -101,6 +101,47 @@ def test_files_written_later_join_at_the_next_epoch(tmp_path, files) -> None:
     assert got == sorted(want + expected([100]))
 
 
+def test_a_look_opens_each_file_once_and_describes_what_a_read_sees(
+    tmp_path, files, monkeypatch
+) -> None:
+    """Taking the files in opens each once, however few may stay open (taking their steps
+    in after counting them reopened all but the last few), and records of every step what
+    reading it shows: its variables and its version (part of the cache's keys)."""
+    import dataplane.api as api
+    from dataplane.loaders import _sources
+
+    monkeypatch.setattr(_sources, "OPEN_AT_ONCE", 2)
+    opened: list[str] = []
+    real_open = api.open
+
+    def counting(url, **kw):
+        opened.append(url)
+        return real_open(url, **kw)
+
+    monkeypatch.setattr(api, "open", counting)
+    ds = SampleDataset(f"h5://{tmp_path}/data/*.h5", vars=("x", "job"), cache=NodeCache(
+        tmp_path / "c", capacity="64MiB"))  # fmt: skip
+    assert sorted(opened) == sorted(files)
+    write_file(f"h5://{tmp_path}/data/run-100.h5", 100)
+    write_file(files[-1], 6, steps=1, mode="a", first=2)  # the last file grows
+    opened.clear()
+    assert ds.refresh() == 17 * ROWS
+    # Unchanged files that cannot grow are not opened; the last one and the new one are.
+    assert sorted(opened) == sorted([files[-1], f"h5://{tmp_path}/data/run-100.h5"])
+    monkeypatch.setattr(api, "open", real_open)
+    snap = ds._snap
+    with _sources.Sources(snap.files, {}, snap.file_counts, False) as arc:
+        for i in range(len(arc)):
+            step = arc[i]
+            assert snap.versions[i] == arc.version(i) is not None
+            assert snap.counts[i] == step.vars["x"].shape[0] == ROWS
+    x, job = ds.batch(list(range(len(ds))))
+    assert values(x) == expected(list(range(7))) + [60200 + r for r in range(ROWS)] + expected(
+        [100]
+    )
+    ds.close()
+
+
 def test_an_earlier_file_that_grows_is_not_misread(tmp_path, files) -> None:
     ds = SampleDataset(f"h5://{tmp_path}/data/*.h5", vars="x")
     before = values(ds.batch(list(range(len(ds)))))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from dataplane.cache import NodeCache
 from dataplane.errors import OptionError, SchemaError, VariableNotFoundError
-from dataplane.model import Step
+from dataplane.model import VarSpec
 
 RowSpec = dict[str, tuple[np.dtype, tuple[int, ...]]]
 
@@ -109,27 +110,34 @@ class Snapshot:
         """Take in the steps of ``arc`` (an open archive) beyond those known."""
         many = self.files is not None
         for i in range(len(self.counts), len(arc)):
-            self.take(i, arc[i])
-            if versions:
-                self.versions.append(arc.version(i))
+            seen = arc.described(i) if many else None
+            if seen is None:
+                self.take(i, arc[i].vars)
+                if versions:
+                    self.versions.append(arc.version(i))
+            else:
+                self.take(i, seen[0])
+                if versions:
+                    self.versions.append(seen[1])
             if many:
                 self.where.append(arc.where(i))
         if many:
             self.file_counts, self.file_sigs = list(arc.counts), list(arc.sigs)
         self.offsets = np.concatenate(([0], np.cumsum(self.counts, dtype=np.int64)))
 
-    def take(self, i: int, step: Step) -> None:
-        missing = [n for n in self.names if n not in step.vars]
+    def take(self, i: int, specs: Mapping[str, VarSpec]) -> None:
+        """Take in step ``i``, whose variables are ``specs``."""
+        missing = [n for n in self.names if n not in specs]
         if missing:
             raise VariableNotFoundError(
                 f"step {i} of {self.url} has no variable {missing[0]!r} (it has: "
-                f"{', '.join(sorted(step.vars)) or 'none'}); every step must hold every "
+                f"{', '.join(sorted(specs)) or 'none'}); every step must hold every "
                 f"variable the dataset reads"
             )
         nbytes = 0
         rows = None
         for name in self.names:
-            spec = step.vars[name]
+            spec = specs[name]
             nbytes += spec.nbytes
             if self.sample == "step":
                 continue

@@ -122,8 +122,9 @@ class SampleDataset(torch.utils.data.Dataset):
             grow(self.url, self._files)
         snap = self._snap
         counts, sigs = snap.file_counts, snap.file_sigs
-        with open_steps(self.url, self.opts, self._files, counts, True, sigs) as arc:
-            snap.take_in(arc, versions=self.cache is not None)
+        versions = self.cache is not None
+        with open_steps(self.url, self.opts, self._files, counts, True, sigs, versions) as arc:
+            snap.take_in(arc, versions)
         self._table = None
         if self.cache is not None and self._snap.counts:
             # An entry is a shard plus a header and per-array alignment.
