@@ -221,13 +221,28 @@ class _H5Source(StepSource):
         return list(json.loads(raw.item()))
 
     def _meta_set(self, name: str) -> h5py.Dataset:
+        if self._sh.settled:  # read once: not held open (see _Shared.transient)
+            return self._sh.transient(f"{_META}/{name}")
         return self._sh.dataset(f"{_META}/{name}")
+
+    def _meta_now(self, name: str) -> h5py.Dataset:
+        """Record dataset ``name`` as the file is now."""
+        if self._sh.settled:
+            return self._sh.transient(f"{_META}/{name}")
+        return self._sh.current(f"{_META}/{name}")
 
     def refresh(self) -> int:
         with self._lock:
             return self._refresh()
 
     def _refresh(self) -> int:
+        if self._sh.settled:
+            # No writer has the file, and none gets in while it is open here.
+            count = int(self._meta_now("committed")[0])
+            if count != self._count and not self._names:
+                self._names = self._vars()
+            self._count = count
+            return count
         count = int(self._sh.current(f"{_META}/committed")[0])
         if count != self._count:
             if not self._names:
@@ -313,11 +328,11 @@ class _H5Source(StepSource):
 
     def attrs(self) -> dict[str, AttrValue]:
         with self._lock:
-            offsets = self._sh.current(f"{_META}/attrs_offsets")
+            offsets = self._meta_now("attrs_offsets")
             k = offsets.shape[0] - 1
             if k == 0:
                 return {key: _from_h5_attr(v) for key, v in self._sh.file().attrs.items()}
-            log = self._sh.current(f"{_META}/attrs_log")
+            log = self._meta_now("attrs_log")
             a, b = (int(x) for x in offsets[k - 1 : k + 1])
             return json.loads(log[a:b].tobytes())
 
