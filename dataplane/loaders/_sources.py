@@ -125,28 +125,26 @@ class Sources:
                 try:
                     now = len(arc)
                     known = int(counts[k]) if k < len(counts) else 0
-                    # (A fixed file's steps past its count are not read: not described.)
-                    end = min(now, known) if fixed else now
+                    if fixed:
+                        if now > known:
+                            warnings.warn(
+                                f"{url} gained {now - known} steps after the dataset took it "
+                                f"in; they are not read (only the last file of a dataset may "
+                                f"grow, else every later step's number would change)",
+                                RuntimeWarning,
+                                stacklevel=4,
+                            )
+                        now = min(now, known)
+                    # The steps new to the snapshot, described while the file is open.
                     self._described[k] = (
                         known,
                         [
                             (arc[j].vars, arc.version(j) if versions else None)
-                            for j in range(known, end)
+                            for j in range(known, now)
                         ],
                     )
                 finally:
                     arc.close()
-                if fixed:
-                    known = int(counts[k])
-                    if now > known:
-                        warnings.warn(
-                            f"{url} gained {now - known} steps after the dataset took it in; "
-                            f"they are not read (only the last file of a dataset may grow, "
-                            f"else every later step's number would change)",
-                            RuntimeWarning,
-                            stacklevel=4,
-                        )
-                    now = min(now, known)
                 seen.append(now)
         self.counts = seen
         self.offsets = np.concatenate(([0], np.cumsum(seen, dtype=np.int64)))

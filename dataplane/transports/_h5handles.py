@@ -152,8 +152,7 @@ class _Shared:
     def dataset(self, name: str) -> h5py.Dataset:
         d = self._datasets.get(name)
         if d is None:
-            # (h5d.open costs half of File.__getitem__, which resolves links and object types.)
-            d = self._datasets[name] = h5py.Dataset(h5py.h5d.open(self.file().id, name.encode()))
+            d = self._datasets[name] = self.transient(name)
         return d
 
     def transient(self, name: str) -> h5py.Dataset:
@@ -161,6 +160,7 @@ class _Shared:
         settled file's metadata, read once: every dataset a process holds open makes each
         HDF5 close in it slower (a file closed beside 64 open files, each holding 5
         datasets, cost 2.5 ms to open and close; holding one each, 1.4 ms)."""
+        # (h5d.open costs half of File.__getitem__, which resolves links and object types.)
         return h5py.Dataset(h5py.h5d.open(self.file().id, name.encode()))
 
     def current(self, name: str) -> h5py.Dataset:

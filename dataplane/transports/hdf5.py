@@ -226,7 +226,8 @@ class _H5Source(StepSource):
         return self._sh.dataset(f"{_META}/{name}")
 
     def _meta_now(self, name: str) -> h5py.Dataset:
-        """Record dataset ``name`` as the file is now."""
+        """Record dataset ``name`` as the file is now (no writer has a settled file, and none
+        gets in while it is open here: HDF5's lock)."""
         if self._sh.settled:
             return self._sh.transient(f"{_META}/{name}")
         return self._sh.current(f"{_META}/{name}")
@@ -236,19 +237,13 @@ class _H5Source(StepSource):
             return self._refresh()
 
     def _refresh(self) -> int:
-        if self._sh.settled:
-            # No writer has the file, and none gets in while it is open here.
-            count = int(self._meta_now("committed")[0])
-            if count != self._count and not self._names:
-                self._names = self._vars()
-            self._count = count
-            return count
-        count = int(self._sh.current(f"{_META}/committed")[0])
+        count = int(self._meta_now("committed")[0])
         if count != self._count:
             if not self._names:
                 self._names = self._vars()
-            self._sh.current(f"{_META}/meta_offsets")
-            self._sh.current(f"{_META}/meta")
+            if not self._sh.settled:  # (a settled file's records are read when needed)
+                self._sh.current(f"{_META}/meta_offsets")
+                self._sh.current(f"{_META}/meta")
             self._count = count
         return count
 
