@@ -272,3 +272,27 @@ def test_a_finished_file_read_holds_only_its_variables_open(tmp_path) -> None:
         assert names == ["/u", "/v"], names
     finally:
         arc.close()
+
+
+def test_records_read_one_by_one_do_not_reopen_their_datasets(tmp_path, monkeypatch) -> None:
+    """A file of many steps reads each step's record alone; those reads keep the record
+    datasets open (opening two datasets per step took 6,000 steps from 1.3 to 2.6-2.9 s)."""
+    from dataplane.transports import hdf5
+
+    monkeypatch.setattr(hdf5, "_METAS_AT_ONCE", 4)
+    url = f"h5://{tmp_path}/long.h5"
+    with dp.publish(url) as pub:
+        for s in range(40):
+            pub.write({"u": np.full(3, s, np.int64)})
+    real = h5py.h5d.open
+    opened: list[bytes] = []
+
+    def counting(loc, name, *args, **kw):
+        opened.append(name)
+        return real(loc, name, *args, **kw)
+
+    monkeypatch.setattr(h5py.h5d, "open", counting)
+    with dp.open(url) as arc:
+        for s in range(len(arc)):
+            np.testing.assert_array_equal(arc[s]["u"], np.full(3, s, np.int64))
+    assert len(opened) < 10, opened

@@ -220,8 +220,10 @@ class _H5Source(StepSource):
         a.read(raw)
         return list(json.loads(raw.item()))
 
-    def _meta_set(self, name: str) -> h5py.Dataset:
-        if self._sh.settled:  # read once: not held open (see _Shared.transient)
+    def _meta_set(self, name: str, once: bool = False) -> h5py.Dataset:
+        """Record dataset ``name``; ``once``: read whole now, so a settled file need not hold
+        it open (see _Shared.transient)."""
+        if once and self._sh.settled:
             return self._sh.transient(f"{_META}/{name}")
         return self._sh.dataset(f"{_META}/{name}")
 
@@ -273,11 +275,15 @@ class _H5Source(StepSource):
         known = self._metas
         if known is None or index + 1 >= len(known[0]):
             n = max(self._count, index + 1)
-            offsets = self._meta_set("meta_offsets")[: n + 1] if n <= _METAS_AT_ONCE else None
+            offsets = (
+                self._meta_set("meta_offsets", once=True)[: n + 1] if n <= _METAS_AT_ONCE else None
+            )
             if offsets is None or len(offsets) <= index + 1 or offsets[-1] > _META_BYTES_AT_ONCE:
+                # One step's record at a time: the datasets stay open for the next.
                 a, b = (int(x) for x in self._meta_set("meta_offsets")[index : index + 2])
                 return bytes(self._meta_set("meta")[a:b].tobytes())
-            known = self._metas = offsets, self._meta_set("meta")[: int(offsets[-1])].tobytes()
+            whole = self._meta_set("meta", once=True)[: int(offsets[-1])].tobytes()
+            known = self._metas = offsets, whole
         offsets, blob = known
         return blob[int(offsets[index]) : int(offsets[index + 1])]
 
