@@ -21,19 +21,21 @@ from dataplane.parallel.collective import Collective
 from dataplane.parallel.mpio import MPIIOPublisher
 from dataplane.parallel.publisher import ParallelPublisher
 from dataplane.publisher import ChannelAttrs, Publisher
-from dataplane.registry import resolve
+from dataplane.registry import get_transport, resolve
 from dataplane.subscriber import Archive, Subscriber, SubscriberStats
-from dataplane.transports.base import POLICIES, Transport, coerce_option
+from dataplane.transports.base import POLICIES, Located, Transport, coerce_option
 
 __all__ = [
     "Archive",
     "ChannelAttrs",
+    "Located",
     "ParallelPublisher",
     "Publisher",
     "Subscriber",
     "SubscriberStats",
     "open",
     "publish",
+    "read_located",
     "subscribe",
 ]
 
@@ -273,6 +275,15 @@ def open(url: str, **opts: Any) -> Archive:  # noqa: A001 - mirrors the contract
     """Open stored steps at ``url`` for random access."""
     transport = _transport(url, opts)
     return Archive(transport, transport.open_archive())
+
+
+def read_located(
+    scheme: str, fd: int, at: Located, first: int, rows: int, out: np.ndarray | None = None
+) -> np.ndarray | None:
+    """Rows ``first:first+rows`` of what :meth:`Archive.locate` found, read from ``fd`` (the
+    file, opened by the caller; into ``out`` if given) and verified; None where they cannot
+    be vouched for (read them through the archive then: it says what is wrong)."""
+    return get_transport(scheme).read_located(fd, at, first, rows, out)
 
 
 def _as_names(vars: Iterable[str]) -> Iterable[str]:

@@ -14,7 +14,7 @@ from dataplane.errors import DataplaneError, SchemaError, StepTimeoutError
 from dataplane.model import AttrValue, Step, StepMeta, VarSpec, check_timeout
 from dataplane.parallel.plan import split
 from dataplane.transports.base import Archive as _ArchiveImpl
-from dataplane.transports.base import Reader, Transport
+from dataplane.transports.base import Located, Reader, Transport
 
 __all__ = ["Archive", "Subscriber", "SubscriberStats"]
 
@@ -233,6 +233,13 @@ class Archive:
         file's size and modification time for files dataplane did not write); None when
         nothing tells. Caches key on it."""
         return self._impl.version(self._index(step))
+
+    def locate(self, step: int) -> dict[str, Located] | None:
+        """Where each variable of step ``step`` lies as raw bytes in the channel's file, or
+        None where the format or the layout has no such place (see
+        :class:`~dataplane.transports.base.Located`; read with
+        :func:`dataplane.api.read_located`)."""
+        return self._impl.locate(self._index(step))
 
     def close(self) -> None:
         self._finalizer()

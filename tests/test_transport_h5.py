@@ -296,3 +296,82 @@ def test_records_read_one_by_one_do_not_reopen_their_datasets(tmp_path, monkeypa
         for s in range(len(arc)):
             np.testing.assert_array_equal(arc[s]["u"], np.full(3, s, np.int64))
     assert len(opened) < 10, opened
+
+
+@pytest.fixture(scope="module")
+def located_file(tmp_path_factory):
+    """Steps of several checksum blocks (16 rows each), rows of several blocks (``wide``),
+    steps that share chunks (``small``), and a gzip copy."""
+    root = tmp_path_factory.mktemp("located")
+    rng = np.random.default_rng(5)
+    steps = [rng.standard_normal((37, 64, 16)).astype(np.float32) for _ in range(6)]
+    wide = [rng.standard_normal((3, 40, 1024)).astype(np.float32) for _ in range(6)]
+    small = [np.full((4, 2), s, np.int16) for s in range(6)]
+    for name, opts in (("raw", {}), ("gzip", {"compression": "gzip"})):
+        with dp.publish(f"h5://{root}/{name}.h5", **opts) as pub:
+            for s in range(6):
+                pub.write({"u": steps[s], "wide": wide[s], "small": small[s]})
+    return root, steps, wide, small
+
+
+def test_located_bytes_read_back_what_the_archive_reads(located_file) -> None:
+    from dataplane import api
+
+    root, steps, wide, small = located_file
+    with dp.open(f"h5://{root}/gzip.h5") as arc:
+        assert arc.locate(0) is None, "filtered chunks are not raw bytes"
+    with dp.open(f"h5://{root}/raw.h5") as arc:
+        fd = os.open(f"{root}/raw.h5", os.O_RDONLY)
+        try:
+            for s in range(6):
+                found = arc.locate(s)
+                assert set(found) == {"u", "wide", "small"}
+                assert found["u"].stored is not None
+                for first, rows in ((0, 37), (5, 1), (3, 30), (36, 1), (0, 0)):
+                    got = api.read_located("h5", fd, found["u"], first, rows)
+                    np.testing.assert_array_equal(got, steps[s][first : first + rows])
+                    out = np.full((rows, 64, 16), -1, np.float32)
+                    assert api.read_located("h5", fd, found["u"], first, rows, out) is out
+                    np.testing.assert_array_equal(out, steps[s][first : first + rows])
+                np.testing.assert_array_equal(
+                    api.read_located("h5", fd, found["small"], 1, 2), small[s][1:3]
+                )
+                for first, rows in ((0, 3), (1, 1), (2, 1)):
+                    out = np.empty((rows, 40, 1024), np.float32)
+                    assert api.read_located("h5", fd, found["wide"], first, rows, out) is out
+                    np.testing.assert_array_equal(out, wide[s][first : first + rows])
+        finally:
+            os.close(fd)
+
+
+def test_located_bytes_that_do_not_match_are_not_vouched_for(located_file, tmp_path) -> None:
+    """A flipped byte, or a file that ends early, gives None (the caller reads through the
+    archive, which raises), never other values."""
+    import shutil
+
+    from dataplane import api
+
+    root, steps, _, _ = located_file
+    path = str(tmp_path / "copy.h5")
+    shutil.copy(f"{root}/raw.h5", path)
+    with dp.open(f"h5://{path}") as arc:
+        found = arc.locate(2)["u"]
+    with open(path, "r+b") as f:
+        f.seek(found.offset + 20 * 64 * 16 * 4 + 3)  # in row 20, the second block
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert api.read_located("h5", fd, found, 30, 1) is None  # a row of the same block
+        np.testing.assert_array_equal(api.read_located("h5", fd, found, 0, 16), steps[2][:16])
+        unverified = found._replace(stored=None)
+        assert not np.array_equal(api.read_located("h5", fd, unverified, 20, 1), steps[2][20:21])
+        os.truncate(path, found.offset + 100)
+        assert api.read_located("h5", fd, found, 0, 37) is None
+        assert api.read_located("h5", fd, unverified, 0, 37) is None
+    finally:
+        os.close(fd)
+    with pytest.raises(dp.IntegrityError):
+        with dp.open(f"h5://{path}") as arc:
+            arc.read("u", 2)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from dataplane.cache import NodeCache
+from dataplane.loaders._direct import DirectReads
 from dataplane.loaders._snapshot import Snapshot
 
 #: Rows between two wanted rows are read along (one call instead of two) while the gap is
@@ -18,10 +19,15 @@ Dtypes = dict[str, "np.dtype | None"]
 
 
 def rows_from_source(
-    arc: Any, snap: Snapshot, idx: np.ndarray, outs: list[np.ndarray]
+    arc: Any,
+    snap: Snapshot,
+    idx: np.ndarray,
+    outs: list[np.ndarray],
+    direct: DirectReads | None = None,
 ) -> tuple[int, int]:
     """Rows ``idx`` into ``outs`` (one per variable), with one hyperslab read per variable
-    per run of nearby rows of a step. Returns the reads and bytes read."""
+    per run of nearby rows of a step (through ``direct`` where it can). Returns the reads
+    and bytes read."""
     row_bytes = sum(
         int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for dtype, shape in snap.rows.values()
     )
@@ -37,12 +43,17 @@ def rows_from_source(
         if not len(run):
             continue
         first, last = int(local[run[0]]), int(local[run[-1]])
-        step = arc[int(steps[run[0]])]
+        i = int(steps[run[0]])
         where = order[run]
         pick = local[run] - first
-        for out, name in zip(outs, snap.names):
-            shape = snap.rows[name][1]
-            block = step.read(name, (first, *(0,) * len(shape)), (last - first + 1, *shape))
+        got = direct.rows(i, first, last + 1) if direct is not None else None
+        if got is None:
+            step = arc[i]
+            got = [
+                step.read(name, (first, *(0,) * len(shape)), (last - first + 1, *shape))
+                for name, shape in ((n, snap.rows[n][1]) for n in snap.names)
+            ]
+        for out, block in zip(outs, got):
             reads += 1
             nbytes += block.nbytes
             out[where] = block[pick]
@@ -50,15 +61,23 @@ def rows_from_source(
 
 
 def steps_from_source(
-    arc: Any, names: tuple[str, ...], dtypes: Dtypes, idx: np.ndarray
+    arc: Any,
+    names: tuple[str, ...],
+    dtypes: Dtypes,
+    idx: np.ndarray,
+    direct: DirectReads | None = None,
 ) -> tuple[list[list[np.ndarray]], int]:
-    """Whole steps ``idx``: one list of arrays per variable, and the bytes read."""
+    """Whole steps ``idx`` (through ``direct`` where it can): one list of arrays per
+    variable, and the bytes read."""
     columns: list[list[np.ndarray]] = [[] for _ in names]
     nbytes = 0
     for i in idx.tolist():
-        step = arc[i]
-        for k, name in enumerate(names):
-            arr = step[name]
+        got = direct.rows(i, 0, None) if direct is not None else None
+        if got is None:
+            step = arc[i]
+            got = [step[name] for name in names]
+        for k, arr in enumerate(got):
+            name = names[k]
             nbytes += arr.nbytes
             columns[k].append(_cast(arr, dtypes[name]))
     return columns, nbytes

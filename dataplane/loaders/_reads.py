@@ -12,6 +12,7 @@ import torch
 from dataplane.cache import NodeCache
 from dataplane.loaders._batch import empty
 from dataplane.loaders._common import as_tensor
+from dataplane.loaders._direct import DirectReads
 from dataplane.loaders._gather import Dtypes, from_cache, rows_from_source, steps_from_source
 from dataplane.loaders._shards import ShardSource, read_shard
 from dataplane.loaders._snapshot import Snapshot
@@ -36,6 +37,11 @@ class Reads:
         self.url, self.opts, self.snap, self.dtypes, self.cache = url, opts, snap, dtypes, cache
         self._arc: Any = None  # an api.Archive, or _sources.Sources
         self._pid = -1
+        self.direct = (
+            DirectReads(snap.files, snap.file_sigs, snap.where, snap.located)
+            if snap.files is not None
+            else None
+        )
         self.reads = 0
         self.bytes_read = 0
 
@@ -49,6 +55,8 @@ class Reads:
         if self._arc is not None and self._pid == os.getpid():
             self._arc.close()
         self._arc = None
+        if self.direct is not None:
+            self.direct.close()
 
     def columns(self, idx: np.ndarray, memory: str, table: Table) -> list[Any]:
         """One column per variable: a tensor of the rows (``sample="row"``), or a list of
@@ -60,10 +68,12 @@ class Reads:
             produce = lambda s: functools.partial(self.shard, s, table[0])  # noqa: E731
             columns = from_cache(self.cache, snap, self.dtypes, table, idx, outs, produce)
         elif outs is None:
-            columns, nbytes = steps_from_source(self.archive(), snap.names, self.dtypes, idx)
+            columns, nbytes = steps_from_source(
+                self.archive(), snap.names, self.dtypes, idx, self.direct
+            )
             self._count(len(idx) * len(snap.names), nbytes)
         else:
-            self._count(*rows_from_source(self.archive(), snap, idx, outs))
+            self._count(*rows_from_source(self.archive(), snap, idx, outs, self.direct))
             columns = None
         if columns is not None:
             return [[as_tensor(a) for a in col] for col in columns]
@@ -81,7 +91,9 @@ class Reads:
         """Shard ``s`` from the source: rows ``a:b`` of one step, or whole steps."""
         snap = self.snap
         a, b = int(bounds[s]), int(bounds[s + 1])
-        out = read_shard(self.archive(), snap.sample, snap.names, snap.rows, snap.offsets, a, b)
+        out = read_shard(
+            self.archive(), snap.sample, snap.names, snap.rows, snap.offsets, a, b, self.direct
+        )
         self._count(len(out), sum(x.nbytes for x in out.values()))
         return out
 
@@ -102,6 +114,7 @@ class Reads:
             self.cache,
             snap.files,
             snap.file_counts,
+            self.direct,
         )
 
     def _count(self, reads: int, nbytes: int) -> None:

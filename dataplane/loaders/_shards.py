@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from dataplane.cache import NodeCache
+from dataplane.loaders._direct import DirectReads
 from dataplane.loaders._snapshot import step_runs
 from dataplane.loaders._sources import open_steps
 
@@ -21,15 +22,31 @@ def read_shard(
     offsets: np.ndarray,
     a: int,
     b: int,
+    direct: DirectReads | None = None,
 ) -> dict[str, np.ndarray]:
     """Samples ``a:b`` from the source: rows (one hyperslab per variable and step they
-    span), or whole steps (``"<step>/<name>"``)."""
+    span), or whole steps (``"<step>/<name>"``); through ``direct`` where it can."""
     out: dict[str, np.ndarray] = {}
     if sample == "step":
         for i in range(a, b):
-            step = arc[i]
-            for name in names:
-                out[f"{i}/{name}"] = step[name]
+            got = direct.rows(i, 0, None) if direct is not None else None
+            if got is None:
+                step = arc[i]
+                got = [step[name] for name in names]
+            for name, arr in zip(names, got):
+                out[f"{i}/{name}"] = arr
+        return out
+    if direct is not None:
+        # Each run read into its place in the shard: one copy per byte.
+        out = {name: np.empty((b - a, *rows[name][1]), rows[name][0]) for name in names}
+        for i, r0, r1 in step_runs(offsets, a, b):
+            at = int(offsets[i]) + r0 - a
+            dst = [out[name][at : at + r1 - r0] for name in names]
+            if direct.rows(i, r0, r1, dst) is None:
+                step = arc[i]
+                for name, d in zip(names, dst):
+                    shape = rows[name][1]
+                    d[...] = step.read(name, (r0, *(0,) * len(shape)), (r1 - r0, *shape))
         return out
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for i, r0, r1 in step_runs(offsets, a, b):
@@ -59,9 +76,11 @@ class ShardSource:
         cache: NodeCache,
         files: list[str] | None = None,
         file_counts: list[int] | None = None,
+        direct: DirectReads | None = None,
     ) -> None:
         self.url, self.opts, self.sample, self.names = url, opts, sample, names
         self.files, self.file_counts = files, list(file_counts or [])
+        self.direct = direct
         self.rows, self.offsets, self.bounds, self.nbytes = rows, offsets, bounds, nbytes
         self.cache: NodeCache | None = cache
         self._reset()
@@ -94,6 +113,7 @@ class ShardSource:
                 "cache": [self.cache.path, self.cache.capacity],
                 "files": self.files,
                 "file_counts": self.file_counts,
+                "direct": self.direct.spec() if self.direct is not None else None,
             },
         }
 
@@ -111,6 +131,7 @@ class ShardSource:
         cache: list,
         files: list[str] | None = None,
         file_counts: list[int] | None = None,
+        direct: dict[str, Any] | None = None,
     ) -> ShardSource:
         return cls(
             url,
@@ -124,6 +145,7 @@ class ShardSource:
             NodeCache(cache[0], capacity=cache[1]),
             files,
             file_counts,
+            DirectReads.from_spec(direct) if direct is not None else None,
         )
 
     def _archive(self) -> Any:
@@ -145,7 +167,9 @@ class ShardSource:
         def produce() -> dict[str, np.ndarray]:
             with self._lock:
                 arc = self._archive()
-                return read_shard(arc, self.sample, self.names, self.rows, self.offsets, a, b)
+                return read_shard(
+                    arc, self.sample, self.names, self.rows, self.offsets, a, b, self.direct
+                )
 
         self.cache.fetch_if_free(key, produce)
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from dataplane.cache import NodeCache
 from dataplane.errors import OptionError, SchemaError, VariableNotFoundError
+from dataplane.loaders._direct import places
 from dataplane.model import VarSpec
 
 RowSpec = dict[str, tuple[np.dtype, tuple[int, ...]]]
@@ -93,6 +94,7 @@ class Snapshot:
         self.where: list[tuple[int, int]] = []  # per step: (file, step in the file)
         self.file_counts: list[int] = []  # steps of each file taken in
         self.file_sigs: list[str | None] = []  # and what each file looked like then
+        self.located: list[list[Any] | None] = []  # per step: where its bytes lie (_direct)
         self.counts: list[int] = []
         self.step_bytes: list[int] = []
         self.versions: list[str | None] = []
@@ -121,8 +123,10 @@ class Snapshot:
                     self.versions.append(seen[1])
             if many:
                 self.where.append(arc.where(i))
+                self.located.append(places(seen[2], self.names) if seen is not None else None)
         if many:
-            self.file_counts, self.file_sigs = list(arc.counts), list(arc.sigs)
+            # In place: direct reads share the list.
+            self.file_counts, self.file_sigs[:] = list(arc.counts), arc.sigs
         self.offsets = np.concatenate(([0], np.cumsum(self.counts, dtype=np.int64)))
 
     def take(self, i: int, specs: Mapping[str, VarSpec]) -> None:

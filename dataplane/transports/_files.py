@@ -44,6 +44,7 @@ from dataplane.transports._format import (
     StepSource,
     StepStream,
     guard,
+    pread_rows,
     storage_errors,
 )
 from dataplane.transports._lease import (
@@ -55,7 +56,7 @@ from dataplane.transports._lease import (
     setting_up,
     writer_state,
 )
-from dataplane.transports.base import Archive, RankedWriter, Reader, Transport, Writer
+from dataplane.transports.base import Archive, Located, RankedWriter, Reader, Transport, Writer
 
 __all__ = [
     "END",
@@ -147,6 +148,32 @@ class FileTransport(Transport):
         if source is None:
             raise DataplaneError(f"{self.url.url}: nothing is stored there (no such file)")
         return _FileArchive(self, source)
+
+    @classmethod
+    def read_located(
+        cls, fd: int, at: Located, first: int, rows: int, out: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        shape = tuple(at.shape)
+        sel = (
+            Selection((first, *(0,) * (len(shape) - 1)), (rows, *shape[1:]))
+            if shape
+            else Selection((), ())
+        )
+        dtype = np.dtype(at.dtype)
+
+        def read(box: Selection) -> np.ndarray:
+            # Straight into `out` where the checksum blocks need no more than was asked for.
+            into = out if box == sel else None
+            return pread_rows(fd, at.offset, dtype, shape, box, into)
+
+        try:
+            got = read(sel) if at.stored is None else verified_read(read, shape, sel, at.stored)
+        except (Corrupt, IntegrityError):  # (pread_rows: the file ends early)
+            return None
+        if out is not None and got is not out:
+            out[...] = got
+            return out
+        return got
 
     def checked(
         self,
@@ -466,6 +493,17 @@ class _FileArchive(Archive):
             sums.get(name),
             lambda sel: self._source.get(index, name, sel),
         )
+
+    def locate(self, index: int) -> dict[str, Located] | None:
+        meta, sums = self._meta(index)
+        out = {}
+        for name, spec in meta.vars.items():
+            at = guard(self._t.url.url, f"step {index}", partial(self._source.locate, index, name))
+            if at is None or at[1] != spec.dtype or at[2] != spec.shape or 0 in spec.shape:
+                return None
+            stored = sums.get(name) if self._t.verify else None
+            out[name] = Located(at[0], spec.dtype.str, spec.shape, stored or None)
+        return out
 
     def attrs(self) -> dict[str, AttrValue]:
         return guard(self._t.url.url, "the channel attributes", self._source.attrs)

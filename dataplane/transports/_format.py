@@ -4,6 +4,7 @@ and how errors of format libraries are told apart: a full disk, damage, or ours.
 from __future__ import annotations
 
 import errno
+import os
 import re
 import time
 from abc import ABC, abstractmethod
@@ -94,6 +95,11 @@ class StepSource(ABC):
 
     def written_by(self) -> dict[str, Any] | None:
         """How MPI ranks wrote the stored data, if it says (see ``Archive.written_by``)."""
+        return None
+
+    def locate(self, index: int, name: str) -> tuple[int, np.dtype, tuple[int, ...]] | None:
+        """(byte offset, dtype, shape) of committed step ``index`` of ``name`` where it is one
+        run of raw C-order bytes in the file; None otherwise (filters, several files)."""
         return None
 
     @abstractmethod
@@ -203,3 +209,33 @@ def guard(url: str, what: str, fn: Callable[[], Any]) -> Any:
         raise
     except Exception as exc:
         raise IntegrityError(f"{url}: cannot read {what}: {type(exc).__name__}: {exc}") from exc
+
+
+def pread_rows(
+    fd: int,
+    offset: int,
+    dtype: np.dtype,
+    shape: tuple[int, ...],
+    sel: Selection,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Rows ``sel`` of an array of ``shape`` whose C-order bytes start at ``offset`` in
+    ``fd``: the rows read whole with one pread (into ``out`` if given: C-contiguous, of the
+    whole rows' shape), then cut along the other axes."""
+    row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    first, rows = (sel.start[0], sel.count[0]) if shape else (0, 1)
+    if out is None:
+        out = np.empty((rows, *shape[1:]) if shape else (), dtype)
+    buf = out.reshape(-1).view(np.uint8)
+    done = 0
+    while done < buf.size:
+        got = os.preadv(fd, [buf[done:].data], offset + first * row + done)
+        if got <= 0:
+            raise IntegrityError(
+                f"the file ends inside the rows being read (at byte {offset + first * row + done})"
+                f": it was truncated"
+            )
+        done += got
+    if not shape or tuple(sel.count[1:]) == shape[1:]:
+        return out
+    return out[(slice(None),) + sel.slices[1:]]

@@ -12,8 +12,7 @@ from typing import Any, ClassVar
 import h5py
 import numpy as np
 
-from dataplane.errors import DataplaneError, IntegrityError
-from dataplane.model import Selection
+from dataplane.errors import DataplaneError
 
 
 # NOTE: HDF5 keeps one open file per process however many handles open it, and the handles'
@@ -264,27 +263,3 @@ os.register_at_fork(
     after_in_parent=_after_fork_in_parent,
     after_in_child=_after_fork_in_child,
 )
-
-
-def _pread_rows(
-    fd: int, offset: int, layout: tuple[int, np.dtype, tuple[int, ...], int], sel: Selection
-) -> np.ndarray:
-    """Rows ``sel`` of a step whose C-order bytes start at ``offset``: the rows read whole
-    with one pread, then cut along the other axes."""
-    _, dtype, shape, _ = layout
-    row = int(np.prod(shape[1:])) * dtype.itemsize
-    first, rows = (sel.start[0], sel.count[0]) if shape else (0, 1)
-    out = np.empty((rows, *shape[1:]) if shape else (), dtype)
-    buf = out.reshape(-1).view(np.uint8)
-    done = 0
-    while done < buf.size:
-        got = os.preadv(fd, [buf[done:].data], offset + first * row + done)
-        if got <= 0:
-            raise IntegrityError(
-                f"the file ends inside the rows being read (at byte {offset + first * row + done})"
-                f": it was truncated"
-            )
-        done += got
-    if not shape or tuple(sel.count[1:]) == shape[1:]:
-        return out
-    return out[(slice(None),) + sel.slices[1:]]

@@ -24,14 +24,14 @@ import functools
 import inspect
 import typing
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
 from dataplane.errors import DataplaneError, OptionError, UnknownOptionError
 from dataplane.model import AttrValue, ChannelURL, Selection, StepMeta, VarSpec
 
-__all__ = ["POLICIES", "Archive", "Reader", "Transport", "Writer"]
+__all__ = ["POLICIES", "Archive", "Located", "Reader", "Transport", "Writer"]
 
 #: Writer policies: lossless with back-pressure, or never wait and drop the oldest steps.
 POLICIES = ("block", "drop-oldest")
@@ -91,6 +91,18 @@ def _declared(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
             hints = {}
         got = _DECLARED[cls] = (params, hints)
     return got
+
+
+class Located(NamedTuple):
+    """Where a stored step's variable lies in its file: raw C-order bytes of ``dtype`` and
+    ``shape`` from byte ``offset``, with the checksums a read is verified against (``stored``;
+    None: reads are not verified). What :meth:`Archive.locate` gives, for readers of many files
+    that would otherwise open each with its format library; plain data (JSON-able as a list)."""
+
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+    stored: Any
 
 
 class Transport:
@@ -156,6 +168,17 @@ class Transport:
     ) -> Any:
         """Write a piece of the step begun in ``sub``; its checksum record."""
         raise OptionError(f"{self.scheme}:// does not write subfiles")
+
+    @classmethod
+    def read_located(
+        cls, fd: int, at: Located, first: int, rows: int, out: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        """Rows ``first:first+rows`` (axis 0) of the array ``at`` describes, read from ``fd``
+        (into ``out`` if given: C-contiguous, of the rows' shape) and verified; None where
+        this cannot vouch for them (the file ends early, the bytes do not match their
+        checksums, or the scheme has no such reads): the caller then reads them through the
+        archive, which says what is wrong."""
+        return None
 
     @classmethod
     def steps_ahead(cls, queue_limit: int) -> int:
@@ -394,6 +417,11 @@ class Archive(ABC):
 
     def written_by(self) -> dict[str, Any] | None:
         """How MPI ranks wrote the channel (ranks, method, files), where it records that."""
+        return None
+
+    def locate(self, index: int) -> dict[str, Located] | None:
+        """Where each variable of step ``index`` lies as raw bytes in the channel's one file,
+        or None unless every one does (see :class:`Located`)."""
         return None
 
     def vars(self) -> dict[str, VarSpec]:

@@ -63,7 +63,8 @@ from dataplane.transports._files import (
     storage_errors,
 )
 from dataplane.transports._foreign import ForeignSource
-from dataplane.transports._h5handles import _pread_rows, _Shared
+from dataplane.transports._format import pread_rows
+from dataplane.transports._h5handles import _Shared
 from dataplane.transports._h5repair import superblock
 from dataplane.transports._h5subfiles import Subfile, subfile_name
 from dataplane.transports._h5writer import (
@@ -309,7 +310,17 @@ class _H5Source(StepSource):
                     d.refresh()
                     sh.seen[name] = max(self._count, index + 1)
                 return np.asarray(d[(index,) + selection.slices])
-        return _pread_rows(sh.fd, where[0], where[1], selection)
+        return pread_rows(sh.fd, where[0], where[1][1], where[1][2], selection)
+
+    def locate(self, index: int, name: str) -> tuple[int, np.dtype, tuple[int, ...]] | None:
+        with self._lock:
+            if name not in self._names or self._sh.joined(name):
+                return None
+            where = self._sh.step_at(name, index)
+        if where is None:
+            return None
+        offset, (_, dtype, shape, _) = where
+        return offset, dtype, shape
 
     def _inconsistent(self, what: str, index: int) -> str:
         return (
