@@ -758,3 +758,28 @@ def test_get_many_is_get_of_each_key_and_never_serves_a_replaced_entry(tmp_path)
     assert reader.stats["hits"] == hits + 2
     for k, g in zip([key(0), key(4)], [got[0], got[2]]):
         np.testing.assert_array_equal(reader.get(k)["x"], g["x"])
+
+
+def test_a_prefetch_process_that_reads_nothing_never_holds_up_the_reader(monkeypatch) -> None:
+    """A many-file source's spec is larger than a pipe holds (214 KB for 400 files): lines go
+    to the prefetch processes from a thread, so one that has not read yet (starting up, or
+    stuck) does not hold up the training loop, and closing it ends it."""
+    import subprocess
+    import sys
+
+    from dataplane.cache import prefetch
+
+    real = subprocess.Popen
+    stuck = [sys.executable, "-c", "import time; time.sleep(600)"]
+    monkeypatch.setattr(prefetch.subprocess, "Popen", lambda cmd, **kw: real(stuck, **kw))
+
+    class Big:
+        def spec(self) -> dict:
+            return {"factory": "nowhere:none", "args": {"pad": "x" * (4 << 20)}}
+
+    p = prefetch.Prefetcher(Big(), window=1 << 20)  # type: ignore[arg-type]
+    p.follow("a plan")
+    p.update(Big())  # type: ignore[arg-type]
+    assert p.alive
+    p.close()
+    assert not p.alive

@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import json
 import os
+import queue
 import select
 import subprocess
 import sys
@@ -198,20 +199,26 @@ class Prefetcher:
                 text=True,
             )
             self._procs.append(proc)
-            self._send_to(proc, first)
+        # Lines go out from a thread: a many-file source's spec is larger than a pipe holds
+        # (214 KB for 400 files), and writing it blocked the training loop until the process
+        # had started and read it (0.15 s of a new job's first epoch).
+        self._outbox: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_lines, daemon=True)
+        self._writer.start()
+        self._send(first)
 
-    @staticmethod
-    def _send_to(proc: subprocess.Popen[str], msg: dict[str, Any]) -> None:
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(json.dumps(msg) + "\n")
-            proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):  # ValueError: closed already
-            pass  # it died: readers fetch for themselves, and the next epoch starts another
+    def _write_lines(self) -> None:
+        while (line := self._outbox.get()) is not None:
+            for proc in self._procs:
+                assert proc.stdin is not None
+                try:
+                    proc.stdin.write(line)
+                    proc.stdin.flush()
+                except (BrokenPipeError, OSError, ValueError):  # ValueError: closed already
+                    pass  # it died: readers fetch for themselves, the next epoch starts another
 
     def _send(self, msg: dict[str, Any]) -> None:
-        for proc in self._procs:
-            self._send_to(proc, msg)
+        self._outbox.put(json.dumps(msg) + "\n")
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until every process has opened its source; False if one did not in time."""
@@ -256,6 +263,12 @@ class Prefetcher:
         if os.getpid() != self._owner:
             return  # a forked copy (a DataLoader worker): the processes are its parent's
         self._send({"stop": True})
+        self._outbox.put(None)
+        self._writer.join(10)
+        if self._writer.is_alive():  # a process that reads nothing: its pipe is full
+            for proc in self._procs:
+                proc.kill()
+            self._writer.join()
         for proc in self._procs:
             if proc.stdin is not None:
                 with contextlib.suppress(OSError):
