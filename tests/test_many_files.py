@@ -266,3 +266,98 @@ def test_every_read_path_takes_located_bytes(tmp_path, files, monkeypatch, sampl
     assert values(x) == want.tolist()
     assert (job.reshape(-1) == x[:, 0] // 10000).all()
     assert ds._io.direct.reads >= 14
+
+
+@pytest.fixture()
+def opened(monkeypatch) -> list[str]:
+    """The URLs opened through ``dataplane.api.open`` from now on."""
+    import dataplane.api as api
+
+    got: list[str] = []
+    real_open = api.open
+    monkeypatch.setattr(api, "open", lambda url, **kw: got.append(url) or real_open(url, **kw))
+    return got
+
+
+def test_a_later_job_takes_what_an_earlier_look_found_of_unchanged_files(
+    tmp_path, files, opened, monkeypatch
+) -> None:
+    """A look opens every file (2 ms of CPU per HDF5 file, more on a parallel filesystem); the
+    next job on the node takes what it found from the cache while the files are unchanged."""
+    from dataplane.loaders import _looks
+
+    monkeypatch.setattr(_looks, "SETTLED_S", 0.0)  # (the files were written just now)
+    first = _cached(tmp_path, prefetch=False)
+    assert sorted(opened) == sorted(files)
+    assert len(os.listdir(tmp_path / "cache" / "looks")) == 7
+    opened.clear()
+    later = _cached(tmp_path, prefetch=False)
+    assert opened == []
+    assert later._snap.counts == first._snap.counts
+    assert later._snap.versions == first._snap.versions
+    assert later._snap.located == first._snap.located
+    x, job = later.batch(np.random.default_rng(3).permutation(len(later)))
+    assert sorted(values(x)) == sorted(expected(list(range(7))))
+    assert (job.numpy() == (x.numpy()[:, 0] // 10000).astype(int)).all()
+    assert opened == [] and later._io.direct.reads == 14
+    # Other options can find other things (checksums, with verify): looked at anew.
+    _cached(tmp_path, prefetch=False, verify=False)
+    assert sorted(opened) == sorted(files)
+    later.cache.clear()
+    assert os.listdir(tmp_path / "cache" / "looks") == []
+
+
+def test_files_changed_since_an_earlier_look_are_looked_at_again(
+    tmp_path, files, opened, monkeypatch
+) -> None:
+    from dataplane.loaders import _looks
+
+    monkeypatch.setattr(_looks, "SETTLED_S", 0.0)
+    _cached(tmp_path, prefetch=False).close()
+    os.unlink(files[3][len("h5://") :])
+    write_file(files[3], 33)  # another job's output under the same name
+    write_file(files[6], 6, steps=1, mode="a", first=2)  # the last file grew
+    path = files[1][len("h5://") :]
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # its change time moves on
+    opened.clear()
+    ds = _cached(tmp_path, prefetch=False)
+    assert sorted(opened) == sorted([files[1], files[3], files[6]])
+    want = expected(list(range(7))) + [60200 + r for r in range(ROWS)]
+    want[3 * 2 * ROWS : 4 * 2 * ROWS] = expected([33])
+    assert values(ds.batch(list(range(len(ds))))[0]) == want
+
+
+def test_damaged_kept_looks_are_looked_at_again(tmp_path, files, opened, monkeypatch) -> None:
+    from dataplane.loaders import _looks
+
+    monkeypatch.setattr(_looks, "SETTLED_S", 0.0)
+    _cached(tmp_path, prefetch=False).close()
+    kept = sorted((tmp_path / "cache" / "looks").iterdir())
+    raw = kept[0].read_bytes()
+    kept[0].write_bytes(raw.replace(b'"<f8"', b'"<f4"'))  # a changed byte, old checksum
+    kept[1].write_bytes(raw[: len(raw) // 2])  # cut short
+    kept[2].write_bytes(b"not a look")
+    body = json.loads(raw.partition(b"\n")[2])  # another file's look under this file's name
+    body["url"] = "h5:///elsewhere.h5"
+    blob = json.dumps(body).encode()
+    import xxhash
+
+    kept[3].write_bytes(xxhash.xxh3_64_hexdigest(blob).encode() + b"\n" + blob)
+    opened.clear()
+    ds = _cached(tmp_path, prefetch=False)
+    assert len(opened) == 4
+    assert values(ds.batch(list(range(len(ds))))[0]) == expected(list(range(7)))
+    opened.clear()
+    _cached(tmp_path, prefetch=False)
+    assert opened == [], "looked at again, and kept again"
+
+
+def test_files_written_lately_are_looked_at_by_every_job(tmp_path, files, opened) -> None:
+    """A writer's commit that changes no size within one clock tick leaves a file's times as
+    they were: what a look finds of a file changed within ``SETTLED_S`` is not kept."""
+    _cached(tmp_path, prefetch=False).close()
+    assert os.listdir(tmp_path / "cache" / "looks") == []
+    opened.clear()
+    _cached(tmp_path, prefetch=False)
+    assert sorted(opened) == sorted(files)

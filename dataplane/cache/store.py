@@ -49,7 +49,7 @@ __all__ = ["CacheWarning", "NodeCache", "cache_stats", "clear_cache", "parse_siz
 
 _KEY_RE = re.compile(r"^[0-9a-f]{40}$")
 _STATS_EVERY = 0.5  # seconds between writes of a process's counters
-SUBDIRS = ("entries", "seen", "tmp", "plans", "stats")
+SUBDIRS = ("entries", "seen", "tmp", "plans", "stats", "looks")
 
 
 class CacheWarning(RuntimeWarning):
@@ -131,6 +131,12 @@ class NodeCache:
     def key(*parts: Any) -> str:
         """An entry key from JSON-able parts (source identity, version, what is in it)."""
         return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def looks_path(self) -> str:
+        """Where datasets keep what they found of their files, for later jobs on the node
+        (see ``dataplane.loaders._looks``); emptied with the cache."""
+        return os.path.join(self.path, "looks")
 
     def _entry(self, key: str) -> str:
         if not _KEY_RE.match(key):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import stat
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -20,12 +21,11 @@ import numpy as np
 
 import dataplane.api as api
 from dataplane.errors import DataplaneError, OptionError
+from dataplane.loaders._looks import Described, Looks
 from dataplane.model import ChannelURL, Step
 
 #: Files kept open per process (each an open HDF5/ADIOS2/zarr handle).
 OPEN_AT_ONCE = 64
-#: What a look found of a step: its variables, version and where its bytes lie.
-Described = tuple[Any, "str | None", "dict[str, api.Located] | None"]
 _GLOB = set("*?[")
 
 
@@ -70,11 +70,16 @@ def expand(url: Any) -> list[str]:
 def signature(url: str) -> str | None:
     """:func:`stat_signature` of a channel stored as one file; None for a directory (a BP5
     or zarr store changes inside without changing its own times) or no file."""
+    st = _file_stat(url)
+    return None if st is None else stat_signature(st)
+
+
+def _file_stat(url: str) -> os.stat_result | None:
     try:
         st = os.stat(ChannelURL.parse(url).path)
     except OSError:
         return None
-    return stat_signature(st) if stat.S_ISREG(st.st_mode) else None
+    return st if stat.S_ISREG(st.st_mode) else None
 
 
 def stat_signature(st: os.stat_result) -> str:
@@ -99,6 +104,7 @@ class Sources:
         sigs: Sequence[str | None] = (),
         versions: bool = False,
         locate: bool = False,
+        looks: Looks | None = None,
     ) -> None:
         """``look=False``: ``counts`` covers every file (a worker reading a snapshot: no file
         is opened before a read needs it). ``sigs``: each file's :func:`signature` when the
@@ -110,7 +116,8 @@ class Sources:
         its file is open, and closes the file at once: a
         look opens every file once, and taking the steps in afterwards reopened all but the
         last ``OPEN_AT_ONCE`` of them (an HDF5 close also costs more the more files are
-        open: 0.3 ms alone, 1.2 ms beside 64 others)."""
+        open: 0.3 ms alone, 1.2 ms beside 64 others). With ``looks`` (versions and places
+        both), what an earlier job's look found of an unchanged file is taken from there."""
         self.urls = list(urls)
         self.opts = opts
         self._open: OrderedDict[int, api.Archive] = OrderedDict()
@@ -121,46 +128,58 @@ class Sources:
             seen = [int(c) for c in counts]
             assert len(seen) == len(self.urls)
         else:
+            assert looks is None or (versions and locate)
             seen = []
             self.sigs = []
+            began = time.time_ns()
             for k, url in enumerate(self.urls):
-                sig = signature(url)  # before looking: a change meanwhile shows next time
+                st = _file_stat(url)  # before looking: a change meanwhile shows next time
+                sig = None if st is None else stat_signature(st)
                 self.sigs.append(sig)
                 fixed = k < len(counts) - 1
                 if fixed and sig is not None and k < len(sigs) and sigs[k] == sig:
                     seen.append(int(counts[k]))
                     continue
-                arc = api.open(url, **opts)
-                try:
-                    now = len(arc)
-                    known = int(counts[k]) if k < len(counts) else 0
-                    if fixed:
-                        if now > known:
-                            warnings.warn(
-                                f"{url} gained {now - known} steps after the dataset took it "
-                                f"in; they are not read (only the last file of a dataset may "
-                                f"grow, else every later step's number would change)",
-                                RuntimeWarning,
-                                stacklevel=4,
-                            )
-                        now = min(now, known)
-                    # The steps new to the snapshot, described while the file is open.
-                    self._described[k] = (
-                        known,
-                        [
-                            (
-                                arc[j].vars,
-                                arc.version(j) if versions else None,
-                                arc.locate(j) if locate else None,
-                            )
-                            for j in range(known, now)
-                        ],
+                known = int(counts[k]) if k < len(counts) else 0
+                kept = None if looks is None or st is None else looks.get(url, st)
+                if kept is not None:
+                    now, steps = kept
+                else:
+                    now, steps = self._look(url, known, versions, locate)
+                    if looks is not None and st is not None and known == 0:
+                        looks.put(url, st, steps, began)
+                if fixed and now > known:
+                    warnings.warn(
+                        f"{url} gained {now - known} steps after the dataset took it in; they "
+                        f"are not read (only the last file of a dataset may grow, else every "
+                        f"later step's number would change)",
+                        RuntimeWarning,
+                        stacklevel=4,
                     )
-                finally:
-                    arc.close()
+                    now = known
+                first = 0 if kept is None else known  # a kept look describes every step
+                self._described[k] = (known, steps[first : first + max(0, now - known)])
                 seen.append(now)
         self.counts = seen
         self.offsets = np.concatenate(([0], np.cumsum(seen, dtype=np.int64)))
+
+    def _look(
+        self, url: str, known: int, versions: bool, locate: bool
+    ) -> tuple[int, list[Described]]:
+        """Open ``url`` and describe its steps from ``known`` on; (steps, descriptions)."""
+        arc = api.open(url, **self.opts)
+        try:
+            now = len(arc)
+            return now, [
+                (
+                    arc[j].vars,
+                    arc.version(j) if versions else None,
+                    arc.locate(j) if locate else None,
+                )
+                for j in range(known, now)
+            ]
+        finally:
+            arc.close()
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -218,13 +237,14 @@ def open_steps(
     look: bool = False,
     sigs: Sequence[str | None] = (),
     versions: bool = False,
+    looks: Looks | None = None,
 ) -> Any:
     """The dataset's steps as one archive: ``url`` itself, or ``files`` one after another
     (``counts``: each file's steps in the snapshot; ``look``: count them anew, and locate
-    their bytes)."""
+    their bytes; ``looks``: see :class:`Sources`)."""
     if files is None:
         return api.open(url, **opts)
-    return Sources(files, opts, counts, look, sigs, versions, locate=look)
+    return Sources(files, opts, counts, look, sigs, versions, locate=look, looks=looks)
 
 
 def grow(url: str, files: list[str]) -> None:

@@ -22,6 +22,7 @@ from dataplane.loaders._common import (
     vars_config,
 )
 from dataplane.loaders._epochs import Epochs, prefetch_processes
+from dataplane.loaders._looks import Looks
 from dataplane.loaders._reads import Reads
 from dataplane.loaders._shards import ShardSource
 from dataplane.loaders._snapshot import Snapshot
@@ -123,7 +124,10 @@ class SampleDataset(torch.utils.data.Dataset):
         snap = self._snap
         counts, sigs = snap.file_counts, snap.file_sigs
         versions = self.cache is not None
-        with open_steps(self.url, self.opts, self._files, counts, True, sigs, versions) as arc:
+        looks = None if self.cache is None else Looks(self.cache.looks_path, self.opts)
+        with open_steps(
+            self.url, self.opts, self._files, counts, True, sigs, versions, looks
+        ) as arc:
             snap.take_in(arc, versions)
         self._table = None
         if self.cache is not None and self._snap.counts:
