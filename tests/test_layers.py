@@ -124,11 +124,14 @@ ALLOWED = {
         "dataplane.transports.base",
     ],
     "dataplane.cache": [*_BOTTOM, "dataplane.cache"],
+    # A dataset's look at its files, run in helper processes that must not import torch.
+    "dataplane._look": ["dataplane.errors", "dataplane.model", "dataplane.api"],
     "dataplane.loaders": [
         "dataplane.errors",
         "dataplane.model",
         "dataplane.api",
         "dataplane.cache",
+        "dataplane._look",
         "dataplane.loaders",
     ],
     # Users of the public API, like any user.

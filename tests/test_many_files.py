@@ -361,3 +361,101 @@ def test_files_written_lately_are_looked_at_by_every_job(tmp_path, files, opened
     opened.clear()
     _cached(tmp_path, prefetch=False)
     assert sorted(opened) == sorted(files)
+
+
+@pytest.fixture()
+def many(tmp_path) -> list[tuple[int, str, int]]:
+    """40 files to look at, as jobs of the look (index, URL, steps known)."""
+    os.makedirs(tmp_path / "data")
+    urls = [f"h5://{tmp_path}/data/run-{j:03d}.h5" for j in range(40)]
+    for j, u in enumerate(urls):
+        write_file(u, j, steps=1 + j % 3)
+    return [(k, u, k % 2) for k, u in enumerate(urls)]
+
+
+def test_helper_processes_find_what_a_look_here_finds(many, monkeypatch) -> None:
+    from dataplane import _look
+
+    monkeypatch.setattr(_look, "LAG_MIN", 600.0)  # wait for the helpers, however slow
+    here = _look.look_all(many, {}, True, True, helpers=0)
+    assert [here[k][0] for k in range(40)] == [1 + k % 3 for k in range(40)]
+    assert [len(here[k][1]) for k in range(40)] == [1 + k % 3 - k % 2 for k in range(40)]
+    shared = _look._SharedLook(many, {}, True, True)
+    assert shared.run(2) == here
+    assert shared.by_helpers == 2 * _look.CHUNK, "each helper looked at the chunk it was given"
+    assert _look.look_all(many, {}, False, False, helpers=1) == {
+        k: (now, [(s[0], None, None) for s in steps]) for k, (now, steps) in here.items()
+    }
+
+
+HELPERS_THAT_FAIL = {
+    "die": "sys.exit(3)",
+    "hang": "time.sleep(600)",
+    "babble": "print('not JSON', flush=True); time.sleep(600)",
+    "lie": "print(json.dumps([[0, 1, []]]), flush=True); time.sleep(600)",
+    "cannot read": "print(json.dumps([[k, None, None] for k, _, _ in json.loads(line)]), "
+    "flush=True); time.sleep(600)",
+}
+
+
+@pytest.mark.parametrize("how", sorted(HELPERS_THAT_FAIL))
+def test_what_a_failing_helper_held_is_looked_at_here(many, monkeypatch, how) -> None:
+    import sys
+
+    from dataplane import _look
+
+    script = "import json, sys, time; sys.stdin.readline(); line = sys.stdin.readline(); "
+    monkeypatch.setattr(_look, "HELPER", [sys.executable, "-c", script + HELPERS_THAT_FAIL[how]])
+    procs = _spy_on_helpers(monkeypatch)
+    shared = _look._SharedLook(many, {}, True, True)
+    assert shared.run(2) == _look.look_all(many, {}, True, True, helpers=0)
+    assert shared.by_helpers == 0 and len(procs) == 2
+    assert all(p.returncode is not None for p in procs), "every helper ended"
+
+
+def _spy_on_helpers(monkeypatch) -> list:
+    import subprocess
+
+    from dataplane import _look
+
+    procs: list = []
+    real = subprocess.Popen
+    monkeypatch.setattr(
+        _look.subprocess, "Popen", lambda *a, **kw: procs.append(real(*a, **kw)) or procs[-1]
+    )
+    return procs
+
+
+def test_a_damaged_file_raises_its_error_however_many_look(tmp_path, many, monkeypatch) -> None:
+    from dataplane import _look
+
+    monkeypatch.setattr(_look, "LAG_MIN", 600.0)
+    path = many[5][1][len("h5://") :]  # in the first helper's chunk
+    os.truncate(path, os.path.getsize(path) // 2)
+    procs = _spy_on_helpers(monkeypatch)
+    with pytest.raises(dp.IntegrityError, match="truncated"):
+        _look.look_all(many, {}, True, True, helpers=2)
+    assert len(procs) == 2 and all(p.returncode is not None for p in procs)
+    with pytest.raises(dp.IntegrityError, match="truncated"):
+        _look.look_all(many, {}, True, True, helpers=0)
+
+
+def test_a_dataset_of_many_files_looks_with_helpers(tmp_path, many, monkeypatch) -> None:
+    from dataplane import _look
+    from dataplane.loaders import _looks
+
+    monkeypatch.setattr(_look, "default_helpers", lambda files, opts: 2)
+    monkeypatch.setattr(_look, "LAG_MIN", 600.0)
+    monkeypatch.setattr(_looks, "SETTLED_S", 0.0)
+    procs = _spy_on_helpers(monkeypatch)
+    ds = SampleDataset(
+        f"h5://{tmp_path}/data/*.h5", vars="x", cache=NodeCache(tmp_path / "c", "64MiB")
+    )
+    assert len(procs) == 2
+    want = [
+        j * 10000 + s * 100 + r for j in range(40) for s in range(1 + j % 3) for r in range(ROWS)
+    ]
+    x = ds.batch(np.random.default_rng(5).permutation(len(ds)))
+    assert sorted(values(x)) == sorted(want)
+    assert len(os.listdir(tmp_path / "c" / "looks")) == 40, "what the helpers found is kept too"
+    assert ds._io.direct.reads == len(ds._snap.counts)

@@ -23,16 +23,12 @@ import os
 import secrets
 from typing import Any
 
-import numpy as np
 import xxhash
 
-from dataplane import api
-from dataplane.model import VarSpec
+from dataplane._look import Described, decode, encode
 
 #: Seconds a file must have been unchanged before a look for what it found to be kept.
 SETTLED_S = 30.0
-#: What a look found of a step: its variables, version and where its bytes lie.
-Described = tuple[Any, "str | None", "dict[str, api.Located] | None"]
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -77,7 +73,7 @@ class Looks:
             kept = json.loads(body)
             if kept["url"] != url or kept["file"] != identity(st):
                 return None
-            steps = [_decode(s) for s in kept["steps"]]
+            steps = [decode(s) for s in kept["steps"]]
         except (KeyError, TypeError, ValueError, IndexError):
             return None
         self.taken += 1
@@ -90,7 +86,7 @@ class Looks:
         if path is None or began_ns - max(st.st_mtime_ns, st.st_ctime_ns) < SETTLED_S * 1e9:
             return
         try:
-            encoded = [_encode(s) for s in steps]
+            encoded = [encode(s) for s in steps]
         except ValueError:
             return
         body = json.dumps({"url": url, "file": identity(st), "steps": encoded}).encode()
@@ -106,31 +102,3 @@ class Looks:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
-
-
-def _encode(step: Described) -> list:
-    specs, version, located = step
-    out = {}
-    for name, spec in specs.items():
-        if np.dtype(spec.dtype.str) != spec.dtype:  # (a dtype its string does not describe)
-            raise ValueError(name)
-        out[name] = spec.to_json()
-    where = None
-    if located is not None:
-        where = {n: [at.offset, at.dtype, list(at.shape), at.stored] for n, at in located.items()}
-    return [out, version, where]
-
-
-def _decode(raw: list) -> Described:
-    specs, version, where = raw
-    if version is not None and not isinstance(version, str):
-        raise TypeError("version")
-    located = None
-    if where is not None:
-        located = {
-            n: api.Located(
-                int(at[0]), str(np.dtype(at[1]).str), tuple(int(x) for x in at[2]), at[3]
-            )
-            for n, at in where.items()
-        }
-    return {n: VarSpec.from_json(s) for n, s in specs.items()}, version, located

@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 
 import dataplane.api as api
+from dataplane import _look
+from dataplane._look import Described
 from dataplane.errors import DataplaneError, OptionError
-from dataplane.loaders._looks import Described, Looks
+from dataplane.loaders._looks import Looks
 from dataplane.model import ChannelURL, Step
 
 #: Files kept open per process (each an open HDF5/ADIOS2/zarr handle).
@@ -129,57 +131,64 @@ class Sources:
             assert len(seen) == len(self.urls)
         else:
             assert looks is None or (versions and locate)
-            seen = []
-            self.sigs = []
-            began = time.time_ns()
-            for k, url in enumerate(self.urls):
-                st = _file_stat(url)  # before looking: a change meanwhile shows next time
-                sig = None if st is None else stat_signature(st)
-                self.sigs.append(sig)
-                fixed = k < len(counts) - 1
-                if fixed and sig is not None and k < len(sigs) and sigs[k] == sig:
-                    seen.append(int(counts[k]))
-                    continue
-                known = int(counts[k]) if k < len(counts) else 0
-                kept = None if looks is None or st is None else looks.get(url, st)
-                if kept is not None:
-                    now, steps = kept
-                else:
-                    now, steps = self._look(url, known, versions, locate)
-                    if looks is not None and st is not None and known == 0:
-                        looks.put(url, st, steps, began)
-                if fixed and now > known:
-                    warnings.warn(
-                        f"{url} gained {now - known} steps after the dataset took it in; they "
-                        f"are not read (only the last file of a dataset may grow, else every "
-                        f"later step's number would change)",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
-                    now = known
-                first = 0 if kept is None else known  # a kept look describes every step
-                self._described[k] = (known, steps[first : first + max(0, now - known)])
-                seen.append(now)
+            seen = self._look(counts, sigs, versions, locate, looks)
         self.counts = seen
         self.offsets = np.concatenate(([0], np.cumsum(seen, dtype=np.int64)))
 
     def _look(
-        self, url: str, known: int, versions: bool, locate: bool
-    ) -> tuple[int, list[Described]]:
-        """Open ``url`` and describe its steps from ``known`` on; (steps, descriptions)."""
-        arc = api.open(url, **self.opts)
-        try:
-            now = len(arc)
-            return now, [
-                (
-                    arc[j].vars,
-                    arc.version(j) if versions else None,
-                    arc.locate(j) if locate else None,
+        self,
+        counts: Sequence[int],
+        sigs: Sequence[str | None],
+        versions: bool,
+        locate: bool,
+        looks: Looks | None,
+    ) -> list[int]:
+        """Count every file's steps and describe those beyond ``counts``; the counts."""
+        self.sigs = []
+        began = time.time_ns()
+        stats: list[os.stat_result | None] = []
+        kept: dict[int, tuple[int, list[Described]]] = {}
+        jobs: list[_look.Job] = []
+        for k, url in enumerate(self.urls):
+            st = _file_stat(url)  # before looking: a change meanwhile shows next time
+            stats.append(st)
+            sig = None if st is None else stat_signature(st)
+            self.sigs.append(sig)
+            if k < len(counts) - 1 and sig is not None and k < len(sigs) and sigs[k] == sig:
+                continue  # fixed, and unchanged
+            known = int(counts[k]) if k < len(counts) else 0
+            got = None if looks is None or st is None else looks.get(url, st)
+            if got is not None:
+                kept[k] = got
+            else:
+                jobs.append((k, url, known))
+        found = _look.look_all(jobs, self.opts, versions, locate)
+        seen = []
+        for k, url in enumerate(self.urls):
+            known = int(counts[k]) if k < len(counts) else 0
+            if k in kept:
+                now, steps = kept[k]
+                steps = steps[known:]  # a kept look describes every step
+            elif k in found:
+                now, steps = found[k]
+                st = stats[k]
+                if looks is not None and st is not None and known == 0:
+                    looks.put(url, st, steps, began)
+            else:
+                seen.append(known)  # fixed, and unchanged
+                continue
+            if k < len(counts) - 1 and now > known:
+                warnings.warn(
+                    f"{url} gained {now - known} steps after the dataset took it in; they "
+                    f"are not read (only the last file of a dataset may grow, else every "
+                    f"later step's number would change)",
+                    RuntimeWarning,
+                    stacklevel=5,
                 )
-                for j in range(known, now)
-            ]
-        finally:
-            arc.close()
+                now = known
+            self._described[k] = (known, steps[: max(0, now - known)])
+            seen.append(now)
+        return seen
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
