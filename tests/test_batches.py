@@ -305,7 +305,9 @@ def test_a_new_process_maps_its_epochs_shards_ahead_of_its_reads(url, tmp_path) 
     assert ahead is not None
     ahead._thread.join(60)  # fewer shards than its window: it maps them all, then ends
     assert ahead.done
-    assert all(a is not None for a in again.cache._maps.live_many(keys, again.cache.generation()))
+    assert all(
+        a is not None for a in again.cache._entries.maps.live_many(keys, again.cache.generation())
+    )
     for x, label in batches:
         seen += check_batch(x, label)
     assert sorted(seen) == list(range(STEPS * ROWS))
@@ -334,14 +336,14 @@ def test_mapping_ahead_keeps_to_its_window_and_ends_with_its_owner(tmp_path) -> 
     while ahead._resume_at == 0 and time.monotonic() < deadline:
         time.sleep(0.01)  # until it waits for the reader
     gen = reader.generation()
-    live = [k for k, a in zip(keys, reader._maps.live_many(keys, gen)) if a is not None]
+    live = [k for k, a in zip(keys, reader._entries.maps.live_many(keys, gen)) if a is not None]
     # The shard read at position 0, and a window beyond it.
     assert sorted(live) == sorted(keys[::-1][: _ahead.WINDOW + 1])
     got = reader.get(keys[-1])
     assert got is not None and got["x"].tolist() == [len(keys) - 1] * 16
     ahead.at(4 * _ahead.WINDOW)  # the reader moved on: it maps further
     deadline = time.monotonic() + 60
-    while reader._maps.live_many(keys, gen)[-_ahead.WINDOW - 2] is None:
+    while reader._entries.maps.live_many(keys, gen)[-_ahead.WINDOW - 2] is None:
         assert time.monotonic() < deadline, "it did not map further"
         time.sleep(0.01)
     del owner  # its dataset is gone: the thread ends at its next look

@@ -1,13 +1,19 @@
-"""One process's mappings of cache entries, held while the entries are live."""
+"""One process's mappings of cache entries: held while the entries are live, each entry
+checked once per node, a damaged one removed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
+
+from dataplane.cache import _entry as entry
+from dataplane.errors import DataplaneError
 
 Arrays = dict[str, np.ndarray]
 #: Mappings a process holds (page tables built once per process: an epoch over more entries
@@ -16,6 +22,7 @@ HELD = 16384
 #: Held mappings checked for eviction per removal seen (in turn, so that a cache evicting
 #: all the time does not cost a stat of every mapping per eviction).
 PRUNE_EACH = 256
+_KEY_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 class Maps:
@@ -101,3 +108,93 @@ class Maps:
         with self._mutex:
             for k in gone:
                 self._maps.pop(k, None)  # readers' views keep their own mapping alive
+
+
+class Entries:
+    """The entries of one cache directory as one process maps them (:class:`Maps`), checks
+    them (``entry.Checks``: once per node) and removes them with their records.
+
+    ``count(name, value)`` is told what it did (``mapped``, ``verified``); ``removed(key,
+    why, outdated)`` of each entry it removed as damaged, or as another version's."""
+
+    def __init__(
+        self,
+        path: str,
+        count: Callable[[str, float], None],
+        removed: Callable[[str, str, bool], None],
+    ) -> None:
+        self.path = path
+        self.maps = Maps(self.file)
+        self.checks = entry.Checks(os.path.join(path, "seen"))
+        self._count, self._removed = count, removed
+
+    def file(self, key: str) -> str:
+        if not _KEY_RE.match(key):
+            raise DataplaneError(f"cache key {key!r} is not one NodeCache.key() made")
+        return os.path.join(self.path, "entries", key)
+
+    def map(self, key: str, gen: int, populate: bool = False) -> Arrays | None:
+        """The arrays of entry ``key`` (``gen``: the cache's removal generation now), mapped
+        now if not held, and checked; None if missing or damaged (removed)."""
+        arrays = self.maps.live(key, gen)
+        if arrays is not None:
+            return arrays
+        mapped = self.open(key, populate)
+        if mapped is None or not self._checked(key, mapped):
+            return None
+        try:
+            arrays = mapped.arrays()
+        except entry.Damaged as exc:
+            self.remove(key, str(exc))
+            return None
+        self._count("mapped", 1)
+        with contextlib.suppress(OSError):
+            # Last use, for LRU order: on the record, since the entry's own times vouch for it.
+            os.utime(self.checks.record_path(key), follow_symlinks=False)
+        self.maps.add(key, mapped.stat.st_ino, gen, arrays)
+        return arrays
+
+    def open(self, key: str, populate: bool = False) -> entry.Mapped | None:
+        """Entry ``key`` mapped, its header checked; None if missing, or damaged (removed)."""
+        try:
+            return entry.Mapped(self.file(key), populate)
+        except FileNotFoundError:
+            return None
+        except entry.Outdated as exc:
+            self.remove(key, str(exc), outdated=True)
+            return None
+        except entry.Damaged as exc:
+            self.remove(key, str(exc))
+            return None
+
+    def _checked(self, key: str, mapped: entry.Mapped) -> bool:
+        """Whether the entry is sound (hashed once per node); a bad one is removed."""
+        verdict = self.checks.check(key, mapped)
+        if verdict == "bad":
+            self.remove(key, "its checksum does not match")
+            return False
+        if verdict == "hashed":
+            self._count("verified", 1)
+        return True
+
+    def settle(self, wait: bool = False) -> None:
+        """Record the entries this process wrote once their times have settled."""
+        for key in self.checks.settle(self.open, wait):
+            self.remove(key, "its checksum does not match")
+
+    def unlink(self, key: str) -> bool:
+        """Remove an entry and its record; whether the entry was there."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.checks.record_path(key))
+        try:
+            os.unlink(self.file(key))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def remove(self, key: str, why: str, outdated: bool = False) -> None:
+        """Remove a damaged entry (or one another version wrote), so it is fetched again."""
+        self._removed(key, why, outdated)
+        self.unlink(key)
+        self.checks.forget(key)
+        self.maps.drop(key)

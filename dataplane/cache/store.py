@@ -8,6 +8,8 @@ Layout of ``PATH``::
     tmp/<key>.<pid>.<rand>  an entry being written (space reserved up front), renamed when done
     plans/<id>.npz, .pos    a consumer's future order of shards and its position (for eviction)
     stats/<pid>.json        each process's counters (``dataplane cache stats`` adds them up)
+    looks/<hash>            what a dataset's look found of one of its files, for later jobs
+                            (``dataplane.loaders._looks``)
     lock                    flock: space accounting and eviction
     space                   an upper bound of the bytes in use (8 bytes, mapped shared)
     keys.lock               byte-range locks, one slot per key hash: one fetch per shard per node
@@ -27,7 +29,6 @@ import hashlib
 import json
 import multiprocessing.util
 import os
-import re
 import secrets
 import time
 import warnings
@@ -38,7 +39,7 @@ import numpy as np
 
 from dataplane.cache import _entry as entry
 from dataplane.cache._files import COUNTERS, Counters, KeyLocks, open_file, owned_dir
-from dataplane.cache._maps import Maps
+from dataplane.cache._maps import Entries
 from dataplane.cache.plans import Plans
 from dataplane.cache.policy import Plan
 from dataplane.cache.space import Space, scan
@@ -47,7 +48,6 @@ from dataplane.model import check_seconds, parse_size
 
 __all__ = ["CacheWarning", "NodeCache", "cache_stats", "clear_cache", "parse_size"]
 
-_KEY_RE = re.compile(r"^[0-9a-f]{40}$")
 _STATS_EVERY = 0.5  # seconds between writes of a process's counters
 SUBDIRS = ("entries", "seen", "tmp", "plans", "stats", "looks")
 
@@ -87,8 +87,7 @@ class NodeCache:
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._locks = KeyLocks(os.path.join(self.path, "keys.lock"), self.lock_timeout)
-        self._maps = Maps(self._entry)
-        self._checks = entry.Checks(os.path.join(self.path, "seen"))
+        self._entries = Entries(self.path, self._count, self._removed)
         self._plans = Plans(os.path.join(self.path, "plans"))
         self._space = Space(self.path, self.capacity, self._plans)
         self._counters = Counters(self.path)
@@ -138,13 +137,8 @@ class NodeCache:
         (see ``dataplane.loaders._looks``); emptied with the cache."""
         return os.path.join(self.path, "looks")
 
-    def _entry(self, key: str) -> str:
-        if not _KEY_RE.match(key):
-            raise DataplaneError(f"cache key {key!r} is not one NodeCache.key() made")
-        return os.path.join(self.path, "entries", key)
-
     def __contains__(self, key: str) -> bool:
-        return os.path.exists(self._entry(key))
+        return os.path.exists(self._entries.file(key))
 
     # -- reading ------------------------------------------------------------------------------
     def get(self, key: str) -> dict[str, np.ndarray] | None:
@@ -160,7 +154,7 @@ class NodeCache:
         """:meth:`get` of each key (None where missing), for the shards of a batch at once:
         entries this process holds mapped cost one look under one lock, not one call each."""
         self._check_process()
-        got = self._maps.live_many(keys, self._space.generation())
+        got = self._entries.maps.live_many(keys, self._space.generation())
         hits = nbytes = 0
         for i, arrays in enumerate(got):
             if arrays is None:
@@ -189,87 +183,28 @@ class NodeCache:
         return self._map(key, populate=True) is not None
 
     def _map(self, key: str, populate: bool = False) -> dict[str, np.ndarray] | None:
-        gen = self._space.generation()
-        arrays = self._maps.live(key, gen)
-        if arrays is not None:
-            return arrays
-        mapped = self._open_entry(key, populate)
-        if mapped is None or not self._checked(key, mapped):
-            return None
-        try:
-            arrays = mapped.arrays()
-        except entry.Damaged as exc:
-            self._corrupt(key, str(exc))
-            return None
-        self._count("mapped", 1)
-        with contextlib.suppress(OSError):
-            # Last use, for LRU order: on the record, since the entry's own times vouch for it.
-            os.utime(self._checks.record_path(key), follow_symlinks=False)
-        self._maps.add(key, mapped.stat.st_ino, gen, arrays)
-        return arrays
+        return self._entries.map(key, self._space.generation(), populate)
 
-    def _open_entry(self, key: str, populate: bool = False) -> entry.Mapped | None:
-        """Entry ``key`` mapped, its header checked; None if missing, or damaged (removed)."""
-        try:
-            return entry.Mapped(self._entry(key), populate)
-        except FileNotFoundError:
-            return None
-        except entry.Outdated as exc:
-            self._outdated(key, str(exc))
-            return None
-        except entry.Damaged as exc:
-            self._corrupt(key, str(exc))
-            return None
-
-    def _checked(self, key: str, mapped: entry.Mapped) -> bool:
-        """Whether the entry is sound (hashed once per node); a bad one is removed."""
-        verdict = self._checks.check(key, mapped)
-        if verdict == "bad":
-            self._corrupt(key, "its checksum does not match")
-            return False
-        if verdict == "hashed":
-            self._count("verified", 1)
-        return True
-
-    def _settle(self, wait: bool = False) -> None:
-        for key in self._checks.settle(self._open_entry, wait):
-            self._corrupt(key, "its checksum does not match")
-
-    def _unlink_entry(self, key: str) -> bool:
-        """Remove an entry and its record; whether the entry was there."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._checks.record_path(key))
-        try:
-            os.unlink(self._entry(key))
-        except FileNotFoundError:
-            return False
-        return True
-
-    def _outdated(self, key: str, why: str) -> None:
-        """Remove an entry another version of dataplane wrote, so it is fetched again."""
-        if not self._warned_format:
-            self._warned_format = True
-            warnings.warn(
-                f"cache {self.path} holds entries another version of dataplane wrote ({key}: "
-                f"{why}); each is replaced as it is read (clear the cache to do it at once)",
-                CacheWarning,
-                stacklevel=5,
-            )
-        self._unlink_entry(key)
-        self._checks.forget(key)
-        self._maps.drop(key)
-
-    def _corrupt(self, key: str, why: str) -> None:
-        """Count, warn and remove a damaged entry, so it is fetched again."""
+    def _removed(self, key: str, why: str, outdated: bool) -> None:
+        """Count and warn of a damaged entry, or one another version wrote, just removed (it
+        is fetched again)."""
+        if outdated:
+            if not self._warned_format:
+                self._warned_format = True
+                warnings.warn(
+                    f"cache {self.path} holds entries another version of dataplane wrote "
+                    f"({key}: {why}); each is replaced as it is read (clear the cache to do it "
+                    f"at once)",
+                    CacheWarning,
+                    stacklevel=6,
+                )
+            return
         self._count("corrupt", 1)
         warnings.warn(
             f"cache entry {key} in {self.path} is corrupt ({why}); removed and fetched again",
             CacheWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
-        self._unlink_entry(key)
-        self._checks.forget(key)
-        self._maps.drop(key)
 
     # -- fetching -----------------------------------------------------------------------------
     def fetch(
@@ -323,7 +258,7 @@ class NodeCache:
         return arrays
 
     def _store(self, key: str, arrays: dict[str, np.ndarray], keep: Collection[str] = ()) -> None:
-        self._settle()
+        self._entries.settle()
         size = entry.layout(arrays)[0]
         if size > self.capacity:
             self._count("bypassed", 1)
@@ -345,9 +280,9 @@ class NodeCache:
             entry.write(fd, arrays)
             os.close(fd)
             fd = -1
-            os.rename(tmp, self._entry(key))
+            os.rename(tmp, self._entries.file(key))
             # Sound: its checksum was computed from the bytes written.
-            self._checks.written(key, os.stat(self._entry(key)))
+            self._entries.checks.written(key, os.stat(self._entries.file(key)))
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -360,7 +295,7 @@ class NodeCache:
         return usage(self.path)
 
     def _evict(self, name: str) -> bool:
-        if self._unlink_entry(name):
+        if self._entries.unlink(name):
             self._count("evictions", 1)
             return True
         return False
@@ -414,11 +349,11 @@ class NodeCache:
         """Let go of this process's lock file and mappings (views already handed out keep
         theirs, with no file descriptor); the cache reopens them on next use."""
         if self._pid == os.getpid():
-            self._settle(wait=True)
+            self._entries.settle(wait=True)
         self.flush_stats()
         mine = self._pid == os.getpid()
         self._locks.close()
-        self._maps.clear()
+        self._entries.maps.clear()
         self._space.close(mine)
         self._plans.close(mine)
 
