@@ -12,13 +12,16 @@ the naive reader (what such a user writes). Shuffled epochs, batch 32, samples/s
   file), and the cold epoch counted from the start of the construction;
 - ``new job``: a new process over the full node cache (a restart, the next run of a sweep):
   its construction (it takes what the first job's look found, see ``loaders/_looks``) and
-  its first epoch counted from it, against the first job's warm epochs.
+  its first epoch counted from it, against the first job's warm epochs;
+- ``look``: the look alone over cold files (``dataplane._look.look_all``), in this process
+  and with 1 .. ``--helpers`` helper processes (median of ``--repeat``).
 
 Dataplane reads through ``ShuffleSampler(block=16)`` and ``loader()``; the naive reader through
 a uniform ``RandomSampler``. ``num_workers`` 0 and 2.
 
     python bench/bench_many_files.py [--files 400] [--steps 2] [--rows 25] [--sample-kib 16]
-                                     [--repeat 3] [--prefetch 1] [--dir PATH] [--json out.json]
+                                     [--repeat 3] [--prefetch 1] [--helpers N] [--dir PATH]
+                                     [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,9 +42,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 import dataplane as dp
+from dataplane import _look
 from dataplane.bench._common import evict
 from dataplane.cache import NodeCache
 from dataplane.loaders import SampleDataset, ShuffleSampler, _looks, loader
+from dataplane.loaders._sources import expand
 
 BATCH = 32
 
@@ -129,6 +134,21 @@ def new_job(pattern: str, cache_dir: str, workers: int, prefetch: int, out: Any)
     out.send((construct, rate))
 
 
+def look_times(pattern: str, root: str, helpers: int, repeat: int) -> dict[int, float]:
+    """Seconds of a look at every file, cold, by number of helper processes."""
+    jobs = [(k, url, 0) for k, url in enumerate(expand(pattern))]
+    out = {}
+    for h in range(helpers + 1):
+        times = []
+        for _ in range(repeat):
+            evict([root], "fadvise")
+            t0 = time.perf_counter()
+            _look.look_all(jobs, {}, True, True, helpers=h)
+            times.append(time.perf_counter() - t0)
+        out[h] = statistics.median(times)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--files", type=int, default=400)
@@ -138,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--prefetch", type=int, default=1, help="dataplane's prefetch processes")
+    ap.add_argument(
+        "--helpers",
+        type=int,
+        default=max(1, _look.default_helpers(_look.HELP_FROM, {})),
+        help="the look alone with up to this many helper processes (default: as a dataset would)",
+    )
     ap.add_argument("--dir", help="where the files and the cache go (default: a temporary dir)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
@@ -215,9 +241,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"first epoch {again[1]:.0f}, from the start {row['new_job_from_start']:.0f} "
                 f"({row['new_job_from_start'] / ours[1]:.2f} of the first job's warm epochs)"
             )
+        looks = look_times(pattern, os.path.join(root, "dp"), args.helpers, args.repeat)
+        print(
+            f"look at {args.files} files (cold): "
+            + "; ".join(
+                f"{h} helper{'s' if h != 1 else ''} {t:.2f} s ({looks[0] / t:.2f}x)"
+                for h, t in looks.items()
+            )
+        )
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"samples": n, "results": results}, f, indent=1)
+                json.dump({"samples": n, "results": results, "look_s": looks}, f, indent=1)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

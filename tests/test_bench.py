@@ -89,12 +89,14 @@ def test_bench_many_files_reports_cold_and_warm(tmp_path) -> None:
         "bench_many_files.py",
         tmp_path / "report.json",
         *("--files", "6", "--rows", "10", "--sample-kib", "4", "--repeat", "1"),
+        *("--helpers", "1"),
     )
     assert report["samples"] == 6 * 2 * 10
     assert [r["workers"] for r in report["results"]] == [0, 2]
     for r in report["results"]:
         assert min(r[k] for k in r if k != "workers") > 0
-    assert "cold" in stdout and "warm" in stdout
+    assert set(report["look_s"]) == {"0", "1"} and min(report["look_s"].values()) > 0
+    assert "cold" in stdout and "warm" in stdout and "new job" in stdout
 
 
 def test_bench_cache_reports_limits_readers_and_belady(tmp_path) -> None:
