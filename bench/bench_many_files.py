@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--helpers",
         type=int,
-        default=max(1, _look.default_helpers(_look.HELP_FROM, {})),
-        help="the look alone with up to this many helper processes (default: as a dataset would)",
+        default=max(1, _look.default_helpers(_look.HELP_FROM * _look.MAX_HELPERS, {})),
+        help="the look alone with up to this many helper processes (default: as many as a "
+        "dataset of many files would start here)",
     )
     ap.add_argument("--dir", help="where the files and the cache go (default: a temporary dir)")
     ap.add_argument("--json", help="also write the results here")

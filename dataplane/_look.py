@@ -17,6 +17,7 @@ import json
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -27,12 +28,15 @@ from typing import Any
 import numpy as np
 
 import dataplane.api as api
-from dataplane.model import VarSpec
+from dataplane.errors import DataplaneError
+from dataplane.model import ChannelURL, VarSpec
 
 #: What a look found of a step: its variables, version and where its bytes lie.
 Described = tuple[Any, "str | None", "dict[str, api.Located] | None"]
-#: Files to look at before helpers are worth their start (about 0.3 s each).
-HELP_FROM = 256
+#: Files to look at per helper: a helper's start (about 0.3 s of CPU) pays off only with as
+#: many (cold, 2 cores, files read ahead: 400 files 0.66 s alone, 0.72 s with one helper;
+#: 1,200 files 1.62 s alone, 1.20 s with one).
+HELP_FROM = 512
 MAX_HELPERS = 8
 #: Files a helper is given at a time.
 CHUNK = 16
@@ -41,6 +45,11 @@ CHUNK = 16
 #: looked at here: a slow start or a stuck helper costs the look little.
 LAG, LAG_MIN = 2.0, 0.1
 HELPER = [sys.executable, "-c", "from dataplane._look import main; main()"]
+#: Bytes at each end of a file asked for before it is looked at: HDF5 keeps its superblock and
+#: first object headers at the start and what it wrote last at the end. The disk then fetches
+#: a chunk's files together rather than one metadata read after another (400 cold files: a
+#: look 0.87-1.08 s -> 0.62-0.67 s here).
+AHEAD = 64 << 10
 
 #: (file index, URL, steps already known)
 Job = tuple[int, str, int]
@@ -63,6 +72,46 @@ def look(url: str, opts: dict[str, Any], known: int, versions: bool, locate: boo
         ]
     finally:
         arc.close()
+
+
+def read_ahead(jobs: Sequence[Job]) -> None:
+    """Ask the kernel for the ends of each job's file (see :data:`AHEAD`), without waiting."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for _, url, _ in jobs:
+        try:
+            parsed = ChannelURL.parse(url)
+            if parsed.protocol is not None:
+                continue  # a remote store: nothing local to read ahead
+            fd = os.open(parsed.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (OSError, ValueError, DataplaneError):
+            continue  # advice only: the look itself reports what is wrong
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                os.posix_fadvise(fd, 0, min(AHEAD, st.st_size), os.POSIX_FADV_WILLNEED)
+                if st.st_size > AHEAD:
+                    os.posix_fadvise(fd, st.st_size - AHEAD, AHEAD, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # advice only
+        finally:
+            os.close(fd)
+
+
+def look_chunks(
+    jobs: Sequence[Job], opts: dict[str, Any], versions: bool, locate: bool
+) -> dict[int, Found]:
+    """What a look finds of each job's file, in this process: each chunk's files asked for
+    ahead while the chunk before is looked at."""
+    chunks = [jobs[i : i + CHUNK] for i in range(0, len(jobs), CHUNK)]
+    found = {}
+    read_ahead(chunks[0] if chunks else ())
+    for i, chunk in enumerate(chunks):
+        if i + 1 < len(chunks):
+            read_ahead(chunks[i + 1])
+        for k, url, known in chunk:
+            found[k] = look(url, opts, known, versions, locate)
+    return found
 
 
 def encode(step: Described) -> list:
@@ -94,8 +143,8 @@ def decode(raw: list) -> Described:
 
 
 def default_helpers(files: int, opts: dict[str, Any]) -> int:
-    """How many helpers to start for ``files`` files: none for few files, options JSON cannot
-    carry, or one usable CPU; else up to one per other usable CPU."""
+    """How many helpers to start for ``files`` files: one per ``HELP_FROM`` files, up to one
+    per other usable CPU; none where options JSON cannot carry."""
     if files < HELP_FROM:
         return 0
     try:
@@ -103,7 +152,7 @@ def default_helpers(files: int, opts: dict[str, Any]) -> int:
     except (TypeError, ValueError):
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(MAX_HELPERS, (cpus or 1) - 1, files // (2 * CHUNK)))
+    return max(0, min(MAX_HELPERS, (cpus or 1) - 1, files // HELP_FROM))
 
 
 def look_all(
@@ -117,7 +166,7 @@ def look_all(
     processes unless ``helpers`` says how many)."""
     n = default_helpers(len(jobs), opts) if helpers is None else helpers
     if n <= 0:
-        return {k: look(url, opts, known, versions, locate) for k, url, known in jobs}
+        return look_chunks(jobs, opts, versions, locate)
     return _SharedLook(jobs, opts, versions, locate).run(n)
 
 
@@ -195,6 +244,7 @@ class _SharedLook:
 
     def _look_here(self, chunk: list[Job]) -> None:
         t0 = time.monotonic()
+        read_ahead([*chunk, *(self.pending[0] if self.pending else ())])
         for k, url, known in chunk:
             if k not in self.found:
                 self.found[k] = look(url, self.opts, known, self.versions, self.locate)
@@ -288,7 +338,9 @@ def main() -> None:
     opts, versions, locate = first["opts"], first["versions"], first["locate"]
     for line in sys.stdin:
         out = []
-        for k, url, known in json.loads(line):
+        chunk = json.loads(line)
+        read_ahead(chunk)
+        for k, url, known in chunk:
             try:
                 now, steps = look(url, opts, known, versions, locate)
                 out.append([k, now, [encode(s) for s in steps]])

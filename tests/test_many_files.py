@@ -459,3 +459,56 @@ def test_a_dataset_of_many_files_looks_with_helpers(tmp_path, many, monkeypatch)
     assert sorted(values(x)) == sorted(want)
     assert len(os.listdir(tmp_path / "c" / "looks")) == 40, "what the helpers found is kept too"
     assert ds._io.direct.reads == len(ds._snap.counts)
+
+
+def _resident(path: str) -> set[int]:
+    """The pages of ``path`` in the page cache (mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    finally:
+        os.close(fd)
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    try:
+        assert libc.mincore(ctypes.c_void_p(addr), size, vec) == 0, ctypes.get_errno()
+    finally:
+        libc.munmap(ctypes.c_void_p(addr), size)
+    return {i for i in range(pages) if vec[i] & 1}
+
+
+def test_a_look_asks_for_the_ends_of_its_files_ahead(tmp_path, files) -> None:
+    """A cold file's look is a dozen small reads, one after another; asking for both ends of
+    the next files first lets the disk fetch them together (400 files: 0.9-1.1 s -> 0.6 s)."""
+    import mmap
+    import time
+
+    from dataplane import _look
+    from dataplane.bench._common import evict
+
+    paths = [u[len("h5://") :] for u in files]
+    evict(paths, "fadvise")
+    odd = [
+        (7, f"h5://{tmp_path}/missing.h5", 0),
+        (8, f"zarr://{tmp_path}/data", 0),  # a directory
+        (9, "zarr+s3://bucket/x.zarr", 0),
+        (10, "no url", 0),
+    ]
+    _look.read_ahead([(k, u, 0) for k, u in enumerate(files)] + odd)
+    ends = {
+        p: {0, (os.path.getsize(p) - 1) // mmap.PAGESIZE, _look.AHEAD // mmap.PAGESIZE - 1}
+        for p in paths
+    }
+    deadline = time.monotonic() + 60
+    while any(not ends[p] <= _resident(p) for p in paths):
+        assert time.monotonic() < deadline, {p: ends[p] - _resident(p) for p in paths}
+        time.sleep(0.01)
