@@ -512,3 +512,27 @@ def test_a_look_asks_for_the_ends_of_its_files_ahead(tmp_path, files) -> None:
     while any(not ends[p] <= _resident(p) for p in paths):
         assert time.monotonic() < deadline, {p: ends[p] - _resident(p) for p in paths}
         time.sleep(0.01)
+
+
+def test_kept_looks_are_held_to_a_share_of_the_cache(tmp_path, many, opened, monkeypatch):
+    """The cache's capacity bounds its entries; what looks keep is held to 1/64 of it, the
+    least recently used removed first."""
+    from dataplane.loaders import _looks
+
+    monkeypatch.setattr(_looks, "SETTLED_S", 0.0)
+    glob = f"h5://{tmp_path}/data/*.h5"
+    want = [j * 10000 + s * 100 + r for j in range(40) for s in range(1 + j % 3) for r in range(12)]
+    SampleDataset(glob, vars="x", cache=NodeCache(tmp_path / "big", "64MiB")).close()
+    sizes = [p.stat().st_size for p in (tmp_path / "big" / "looks").iterdir()]
+    assert len(sizes) == 40
+    budget = 16 * max(sizes) + 100  # room for 16 looks of 40 (one may take 1/16)
+    cache = NodeCache(tmp_path / "small", capacity=budget * _looks.SHARE)
+    ds = SampleDataset(glob, vars="x", cache=cache)
+    kept = list((tmp_path / "small" / "looks").iterdir())
+    assert 8 <= len(kept) <= 16 and sum(p.stat().st_size for p in kept) <= budget * 3 // 4
+    assert sorted(values(ds.batch(np.arange(len(ds))))) == sorted(want)
+    opened.clear()
+    again = SampleDataset(glob, vars="x", cache=cache)
+    assert len(opened) == 40 - len(kept), "the kept looks were taken, the others looked at"
+    assert sorted(values(again.batch(np.arange(len(again))))) == sorted(want)
+    assert sum(p.stat().st_size for p in (tmp_path / "small" / "looks").iterdir()) <= budget

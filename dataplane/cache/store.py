@@ -64,7 +64,8 @@ class NodeCache:
     path
         A directory on node-local storage (created if missing).
     capacity
-        Bytes it may hold (``"40GB"``, ``"512MiB"`` or an int). Never exceeded.
+        Bytes its shards may take (``"40GB"``, ``"512MiB"`` or an int). Never exceeded. What
+        datasets of many files keep of their looks (``looks/``) is held to 1/64 of it besides.
     lock_timeout
         Seconds to wait for another process's fetch of the same shard before fetching anyway.
     """

@@ -6,7 +6,8 @@ a parallel filesystem, 0.7-1.2 s for 400 files, longer than a warm epoch over th
 job on the node (a restart, the next run of a sweep) would find the same. ``<cache>/looks/``
 keeps what a look found of one file, with the file's identity then (size, modification and
 change times, inode, device); a later look takes it instead of opening the file while the file
-still has that identity.
+still has that identity. They are held to ``1/SHARE`` of the cache's capacity besides its
+entries, the least recently used removed first.
 
 Only a file unchanged for ``SETTLED_S`` before the look began is kept: a writer's commit that
 changes no size within the clock tick of its previous write leaves the file's times as they
@@ -29,6 +30,8 @@ from dataplane._look import Described, decode, encode
 
 #: Seconds a file must have been unchanged before a look for what it found to be kept.
 SETTLED_S = 30.0
+#: The kept looks may take 1/SHARE of the cache's capacity (one look 1/16 of that).
+SHARE = 64
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -39,10 +42,12 @@ def identity(st: os.stat_result) -> str:
 
 class Looks:
     """The kept looks of one cache directory (``<cache>/looks``) for channels opened with
-    ``opts`` (options that change what a look finds, e.g. ``verify``, are part of the key)."""
+    ``opts`` (options that change what a look finds, e.g. ``verify``, are part of the key),
+    within ``budget`` bytes."""
 
-    def __init__(self, path: str, opts: dict[str, Any]) -> None:
-        self.path = path
+    def __init__(self, path: str, opts: dict[str, Any], budget: int) -> None:
+        self.path, self.budget = path, budget
+        self._added = 0  # bytes kept since the last prune
         try:
             self._opts: str | None = json.dumps(opts, sort_keys=True)
         except (TypeError, ValueError):  # options that are not plain data: nothing is kept
@@ -77,6 +82,8 @@ class Looks:
         except (KeyError, TypeError, ValueError, IndexError):
             return None
         self.taken += 1
+        with contextlib.suppress(OSError):
+            os.utime(path, follow_symlinks=False)  # its last use, for pruning
         return len(steps), steps
 
     def put(self, url: str, st: os.stat_result, steps: list[Described], began_ns: int) -> None:
@@ -90,6 +97,8 @@ class Looks:
         except ValueError:
             return
         body = json.dumps({"url": url, "file": identity(st), "steps": encoded}).encode()
+        if len(body) > self.budget // 16:
+            return
         tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         # Not kept (a full disk, a removed directory): the next job looks at the file again.
         with contextlib.suppress(OSError):
@@ -99,6 +108,29 @@ class Looks:
                     f.write(xxhash.xxh3_64_hexdigest(body).encode() + b"\n" + body)
                 os.replace(tmp, path)
                 self.kept += 1
+                self._added += len(body)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
+
+    def prune(self) -> None:
+        """If looks were kept since the last prune and all of them take more than the budget,
+        remove the least recently used down to three quarters of it."""
+        if not self._added:
+            return
+        self._added = 0
+        files, total = [], 0
+        with os.scandir(self.path) as it:
+            for e in it:
+                with contextlib.suppress(FileNotFoundError):
+                    st = e.stat(follow_symlinks=False)
+                    files.append((st.st_mtime_ns, st.st_size, e.name))
+                    total += st.st_size
+        if total <= self.budget:
+            return
+        for _, size, name in sorted(files):
+            if total <= self.budget * 3 // 4:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.path, name))
+            total -= size

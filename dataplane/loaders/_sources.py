@@ -188,6 +188,8 @@ class Sources:
                 now = known
             self._described[k] = (known, steps[: max(0, now - known)])
             seen.append(now)
+        if looks is not None:
+            looks.prune()
         return seen
 
     def __len__(self) -> int:

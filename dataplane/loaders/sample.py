@@ -22,6 +22,7 @@ from dataplane.loaders._common import (
     vars_config,
 )
 from dataplane.loaders._epochs import Epochs, prefetch_processes
+from dataplane.loaders._looks import SHARE as LOOKS_SHARE
 from dataplane.loaders._looks import Looks
 from dataplane.loaders._reads import Reads
 from dataplane.loaders._shards import ShardSource
@@ -124,7 +125,9 @@ class SampleDataset(torch.utils.data.Dataset):
         snap = self._snap
         counts, sigs = snap.file_counts, snap.file_sigs
         versions = self.cache is not None
-        looks = None if self.cache is None else Looks(self.cache.looks_path, self.opts)
+        looks = None
+        if self.cache is not None:
+            looks = Looks(self.cache.looks_path, self.opts, self.cache.capacity // LOOKS_SHARE)
         with open_steps(
             self.url, self.opts, self._files, counts, True, sigs, versions, looks
         ) as arc:
