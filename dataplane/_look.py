@@ -44,7 +44,15 @@ CHUNK = 16
 #: dataset's process takes for one (and at least LAG_MIN seconds) is stopped, and its chunk
 #: looked at here: a slow start or a stuck helper costs the look little.
 LAG, LAG_MIN = 2.0, 0.1
-HELPER = [sys.executable, "-c", "from dataplane._look import main; main()"]
+# (The dataplane the program imported is found last: after the helper's own path, so that a
+# site-packages directory never shadows the standard library; main() checks it is the same.)
+HELPER = [
+    sys.executable,
+    "-c",
+    "import os, sys; sys.path.append(os.environ['DATAPLANE_ROOT']); "
+    "from dataplane._look import main; main()",
+]
+_PACKAGE = os.path.dirname(os.path.realpath(__file__))
 #: Bytes at each end of a file asked for before it is looked at: HDF5 keeps its superblock and
 #: first object headers at the start and what it wrote last at the end. The disk then fetches
 #: a chunk's files together rather than one metadata read after another (400 cold files: a
@@ -204,23 +212,34 @@ class _SharedLook:
         self._helpers: list[_Helper] = []
 
     def run(self, n: int) -> dict[int, Found]:
-        env = dict(os.environ)
-        # The helpers import this dataplane, wherever the program found it.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        first = json.dumps({"opts": self.opts, "versions": self.versions, "locate": self.locate})
+        env = {**os.environ, "DATAPLANE_ROOT": os.path.dirname(_PACKAGE)}
+        first = json.dumps(
+            {
+                "package": _PACKAGE,
+                "opts": self.opts,
+                "versions": self.versions,
+                "locate": self.locate,
+            }
+        )
         try:
             for _ in range(n):
-                proc = subprocess.Popen(
-                    HELPER,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,
-                    env=env,
-                )
-                assert proc.stdin is not None
-                proc.stdin.write(first.encode() + b"\n")
-                proc.stdin.flush()
+                try:
+                    proc = subprocess.Popen(
+                        HELPER,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL,
+                        env=env,
+                    )
+                except OSError:  # no process to be had: this one looks at the rest
+                    break
+                try:
+                    assert proc.stdin is not None
+                    proc.stdin.write(first.encode() + b"\n")
+                    proc.stdin.flush()
+                except OSError:  # it died at once
+                    _end(proc)
+                    continue
                 self._helpers.append(_Helper(proc))
             while self.pending or any(h.chunk for h in self._helpers):
                 self._hand_out()
@@ -335,6 +354,8 @@ def main() -> None:
     (``null`` steps: that file could not be read here)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # its dataset's process ends it
     first = json.loads(sys.stdin.readline())
+    if first["package"] != _PACKAGE:
+        return  # another dataplane than the program's: it may find other things
     opts, versions, locate = first["opts"], first["versions"], first["locate"]
     for line in sys.stdin:
         out = []

@@ -413,6 +413,25 @@ def test_what_a_failing_helper_held_is_looked_at_here(many, monkeypatch, how) ->
     assert all(p.returncode is not None for p in procs), "every helper ended"
 
 
+def test_helpers_that_cannot_start_or_are_another_dataplane(tmp_path, many, monkeypatch):
+    import sys
+
+    from dataplane import _look
+
+    here = _look.look_all(many, {}, True, True, helpers=0)
+    monkeypatch.setattr(_look, "HELPER", [str(tmp_path / "no-such-python")])
+    assert _look._SharedLook(many, {}, True, True).run(2) == here
+    monkeypatch.setattr(_look, "HELPER", [sys.executable, "-c", "import sys; sys.exit(1)"])
+    assert _look._SharedLook(many, {}, True, True).run(2) == here
+    monkeypatch.undo()
+    monkeypatch.setattr(_look, "LAG_MIN", 600.0)
+    monkeypatch.setattr(_look, "_PACKAGE", str(tmp_path))  # as if another copy were imported
+    procs = _spy_on_helpers(monkeypatch)
+    shared = _look._SharedLook(many, {}, True, True)
+    assert shared.run(2) == here and shared.by_helpers == 0
+    assert len(procs) == 2 and all(p.returncode is not None for p in procs)
+
+
 def _spy_on_helpers(monkeypatch) -> list:
     import subprocess
 
