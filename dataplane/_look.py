@@ -58,6 +58,7 @@ _PACKAGE = os.path.dirname(os.path.realpath(__file__))
 #: a chunk's files together rather than one metadata read after another (400 cold files: a
 #: look 0.87-1.08 s -> 0.62-0.67 s here).
 AHEAD = 64 << 10
+LEASE = ".lease"
 
 #: (file index, URL, steps already known)
 Job = tuple[int, str, int]
@@ -83,27 +84,45 @@ def look(url: str, opts: dict[str, Any], known: int, versions: bool, locate: boo
 
 
 def read_ahead(jobs: Sequence[Job]) -> None:
-    """Ask the kernel for the ends of each job's file (see :data:`AHEAD`), without waiting."""
+    """Ask the kernel for the ends of each job's file (see :data:`AHEAD`) and for its writer's
+    lease, without waiting."""
     if not hasattr(os, "posix_fadvise"):
         return
     for _, url, _ in jobs:
         try:
             parsed = ChannelURL.parse(url)
-            if parsed.protocol is not None:
-                continue  # a remote store: nothing local to read ahead
-            fd = os.open(parsed.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except (OSError, ValueError, DataplaneError):
+        except (ValueError, DataplaneError):
             continue  # advice only: the look itself reports what is wrong
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode):
-                os.posix_fadvise(fd, 0, min(AHEAD, st.st_size), os.POSIX_FADV_WILLNEED)
-                if st.st_size > AHEAD:
-                    os.posix_fadvise(fd, st.st_size - AHEAD, AHEAD, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass  # advice only
-        finally:
-            os.close(fd)
+        if parsed.protocol is None:  # (a remote store has nothing local to ask for)
+            path = parsed.path.rstrip("/") or parsed.path
+            _advise(path, AHEAD)
+            # A file channel's writer leaves its lease beside it (transports/_lease.py), and a
+            # look reads it first: cold, one more disk read per file (400 cold files: a look
+            # 0.51-0.62 s -> 0.44-0.51 s with it asked for too).
+            _advise(path + LEASE, 0)
+
+
+def _advise(path: str, ends: int) -> None:
+    """Have the kernel read ``path`` (a regular file) into its cache: ``ends`` bytes at
+    either end, or all of it for 0."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return  # advice only
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return
+        if not ends:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            return
+        os.posix_fadvise(fd, 0, min(ends, st.st_size), os.POSIX_FADV_WILLNEED)
+        if st.st_size > ends:
+            os.posix_fadvise(fd, st.st_size - ends, ends, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass  # advice only
+    finally:
+        os.close(fd)
 
 
 def look_chunks(
