@@ -125,12 +125,16 @@ def _advise(path: str, ends: int) -> None:
         os.close(fd)
 
 
+def _chunks(jobs: Sequence[Job]) -> list[list[Job]]:
+    return [list(jobs[i : i + CHUNK]) for i in range(0, len(jobs), CHUNK)]
+
+
 def look_chunks(
     jobs: Sequence[Job], opts: dict[str, Any], versions: bool, locate: bool
 ) -> dict[int, Found]:
     """What a look finds of each job's file, in this process: each chunk's files asked for
     ahead while the chunk before is looked at."""
-    chunks = [jobs[i : i + CHUNK] for i in range(0, len(jobs), CHUNK)]
+    chunks = _chunks(jobs)
     found = {}
     read_ahead(chunks[0] if chunks else ())
     for i, chunk in enumerate(chunks):
@@ -224,7 +228,7 @@ class _SharedLook:
         self, jobs: Sequence[Job], opts: dict[str, Any], versions: bool, locate: bool
     ) -> None:
         self.opts, self.versions, self.locate = opts, versions, locate
-        self.pending = deque([list(jobs[i : i + CHUNK]) for i in range(0, len(jobs), CHUNK)])
+        self.pending = deque(_chunks(jobs))
         self.found: dict[int, Found] = {}
         self.by_helpers = 0  # files helpers looked at (for tests)
         self._own = 0.0  # seconds this process took per chunk, lately

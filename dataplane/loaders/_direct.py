@@ -149,3 +149,34 @@ class DirectReads:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._reset()
+
+
+def step_rows(
+    arc: Any,
+    direct: DirectReads | None,
+    i: int,
+    names: tuple[str, ...],
+    rows: dict[str, tuple[np.dtype, tuple[int, ...]]],
+    r0: int = 0,
+    r1: int | None = None,
+    out: list[np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """Rows ``r0:r1`` of step ``i`` of each variable (``r1=None``: whole variables), from the
+    bytes a look located where ``direct`` can vouch for them, else through ``arc``; into
+    ``out`` if given. ``rows``: each variable's row dtype and shape (rows mode)."""
+    got = direct.rows(i, r0, r1, out) if direct is not None else None
+    if got is not None:
+        return got
+    step = arc[i]
+    if r1 is None:
+        got = [step[name] for name in names]
+    else:
+        got = []
+        for name in names:
+            shape = rows[name][1]
+            got.append(step.read(name, (r0, *(0,) * len(shape)), (r1 - r0, *shape)))
+    if out is None:
+        return got
+    for dst, arr in zip(out, got):
+        dst[...] = arr
+    return out

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from dataplane.cache import NodeCache
-from dataplane.loaders._direct import DirectReads
+from dataplane.loaders._direct import DirectReads, step_rows
 from dataplane.loaders._snapshot import Snapshot
 
 #: Rows between two wanted rows are read along (one call instead of two) while the gap is
@@ -46,13 +46,7 @@ def rows_from_source(
         i = int(steps[run[0]])
         where = order[run]
         pick = local[run] - first
-        got = direct.rows(i, first, last + 1) if direct is not None else None
-        if got is None:
-            step = arc[i]
-            got = [
-                step.read(name, (first, *(0,) * len(shape)), (last - first + 1, *shape))
-                for name, shape in ((n, snap.rows[n][1]) for n in snap.names)
-            ]
+        got = step_rows(arc, direct, i, snap.names, snap.rows, first, last + 1)
         for out, block in zip(outs, got):
             reads += 1
             nbytes += block.nbytes
@@ -72,11 +66,7 @@ def steps_from_source(
     columns: list[list[np.ndarray]] = [[] for _ in names]
     nbytes = 0
     for i in idx.tolist():
-        got = direct.rows(i, 0, None) if direct is not None else None
-        if got is None:
-            step = arc[i]
-            got = [step[name] for name in names]
-        for k, arr in enumerate(got):
+        for k, arr in enumerate(step_rows(arc, direct, i, names, {})):
             name = names[k]
             nbytes += arr.nbytes
             columns[k].append(_cast(arr, dtypes[name]))

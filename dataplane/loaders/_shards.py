@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from dataplane.cache import NodeCache
-from dataplane.loaders._direct import DirectReads
+from dataplane.loaders._direct import DirectReads, step_rows
 from dataplane.loaders._snapshot import step_runs
 from dataplane.loaders._sources import open_steps
 
@@ -29,11 +29,7 @@ def read_shard(
     out: dict[str, np.ndarray] = {}
     if sample == "step":
         for i in range(a, b):
-            got = direct.rows(i, 0, None) if direct is not None else None
-            if got is None:
-                step = arc[i]
-                got = [step[name] for name in names]
-            for name, arr in zip(names, got):
+            for name, arr in zip(names, step_rows(arc, direct, i, names, rows)):
                 out[f"{i}/{name}"] = arr
         return out
     if direct is not None:
@@ -42,18 +38,12 @@ def read_shard(
         for i, r0, r1 in step_runs(offsets, a, b):
             at = int(offsets[i]) + r0 - a
             dst = [out[name][at : at + r1 - r0] for name in names]
-            if direct.rows(i, r0, r1, dst) is None:
-                step = arc[i]
-                for name, d in zip(names, dst):
-                    shape = rows[name][1]
-                    d[...] = step.read(name, (r0, *(0,) * len(shape)), (r1 - r0, *shape))
+            step_rows(arc, direct, i, names, rows, r0, r1, dst)
         return out
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for i, r0, r1 in step_runs(offsets, a, b):
-        step = arc[i]
-        for name in names:
-            shape = rows[name][1]
-            parts[name].append(step.read(name, (r0, *(0,) * len(shape)), (r1 - r0, *shape)))
+        for name, arr in zip(names, step_rows(arc, None, i, names, rows, r0, r1)):
+            parts[name].append(arr)
     for name, got in parts.items():
         out[name] = got[0] if len(got) == 1 else np.concatenate(got)
     return out
