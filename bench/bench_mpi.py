@@ -15,14 +15,16 @@ With an MPI-enabled h5py (``make test-mpio`` builds one in ``.venv-mpio``), ``h5
 through native MPI-IO, and ``plain-mpio`` (plain h5py, ``driver="mpio"``, every rank its
 hyperslab of one dataset per step) is measured beside it.
 
-``h5@K`` is ``h5://`` with ``aggregators=K`` (``h5@ranks``: every rank writes a subfile of
-its own, joined in the main file; plain ``h5`` is the default, one aggregator per node).
+``h5@K`` and ``bp5@K`` are ``h5://`` and ``bp5://`` with ``aggregators=K`` (``@ranks``: every
+rank writes a subfile of its own, joined by the channel's file; plain ``h5`` and ``bp5`` are
+the default, one aggregator per node).
 
 Files go to ``--dir``; the default is ``/dev/shm`` (memory) where it exists, because on a
 disk the kernel's write-back throttling dominates and varies tenfold between runs. Point it
 at your parallel filesystem to measure that.
 
-    python bench/bench_mpi.py [--ranks 1,2,4] [--schemes h5,h5@ranks,bp5,zarr,shm,sst] [--mib 64]
+    python bench/bench_mpi.py [--ranks 1,2,4] [--mib 64]
+                              [--schemes h5,h5@ranks,bp5,bp5@ranks,zarr,shm,sst]
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def run_one(mpiexec: str, scheme: str, ranks: int, args: argparse.Namespace) -> 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", default="1,2,4")
-    ap.add_argument("--schemes", default="h5,h5@ranks,bp5,zarr,shm,sst")
+    ap.add_argument("--schemes", default="h5,h5@ranks,bp5,bp5@ranks,zarr,shm,sst")
     ap.add_argument("--mib", type=int, default=64, help="global MiB per step")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3)

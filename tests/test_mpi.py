@@ -177,13 +177,16 @@ KILLS = {
     "bp5": "rank 0 while writing",
     "zarr": "rank 1 while writing its own chunk",
     "h5-subfiles": "the aggregator of the second group (rank 1) while writing its subfile",
+    "bp5-subfiles": "the aggregator of the second group (rank 1) while writing its subfile",
+    "bp5-subfiles-commit": "rank 0 inside the channel's commit, every subfile holding the step",
 }
 
 
 @pytest.mark.parametrize("scheme", sorted(KILLS))
 def test_a_rank_killed_inside_a_step_leaves_only_complete_steps(tmp_path, scheme):
     url = url_for(scheme.split("-")[0], tmp_path)
-    opts = ", aggregators=2" if scheme == "h5-subfiles" else ""
+    subfiled = "-subfiles" in scheme
+    opts = ", aggregators=2" if subfiled else ""
     code = textwrap.dedent(
         f"""
         import os, signal, numpy as np, dataplane as dp
@@ -200,7 +203,9 @@ def test_a_rank_killed_inside_a_step_leaves_only_complete_steps(tmp_path, scheme
                         pub._inner._writer._fw.commit = die  # inside the step, data written
                     if {scheme!r} == "zarr" and comm.rank == 1:
                         pub._transport.put_block = die  # after rank 0 began the step
-                    if {scheme!r} == "h5-subfiles" and comm.rank == 1:
+                    if {scheme!r} == "bp5-subfiles-commit" and comm.rank == 0:
+                        pub._inner._writer._fw.commit = die
+                    elif {subfiled} and comm.rank == 1:
                         pub._transport.put_subfile_region = die  # its subfile has the room
                 pub.write({{"x": np.full((1000, 10), t + comm.rank, dtype=np.float64)}})
         """
@@ -217,7 +222,7 @@ def test_a_rank_killed_inside_a_step_leaves_only_complete_steps(tmp_path, scheme
         with pytest.raises(dp.ChannelBroken):
             for _ in sub:
                 pass
-    if scheme == "h5-subfiles":  # the step half written into the subfiles is written over
+    if subfiled:  # the step half written into the subfiles is written over
         again = f"""
             import numpy as np, dataplane as dp
             comm = MPI.COMM_WORLD
@@ -449,12 +454,16 @@ SUBFILED = [(2, 3, 2), (4, 2, 2), (4, 2, 4)]  # writers, live readers, aggregato
 
 
 @pytest.mark.parametrize("m,n,k", SUBFILED, ids=[f"{m}x{n}-agg{k}" for m, n, k in SUBFILED])
-def test_h5_aggregators_write_subfiles_that_read_as_one_global_array(tmp_path, capsys, m, n, k):
-    """h5:// with aggregators=K: each group's aggregator writes a subfile, the main file joins
-    them; live reader ranks follow every step as it commits and read their parts exact (2-D
-    rows and 3-D grids, uneven and empty blocks), as do dataplane and plain h5py afterwards;
-    ``inspect --json`` says how it was written."""
-    url = url_for("h5", tmp_path)
+@pytest.mark.parametrize("scheme", ["h5", "bp5"])
+def test_aggregators_write_subfiles_that_read_as_one_global_array(
+    tmp_path, capsys, scheme, m, n, k
+):
+    """h5:// and bp5:// with aggregators=K: each group's aggregator writes a subfile, the
+    channel's file joins them; live reader ranks follow every step as it commits and read their
+    parts exact (2-D rows and 3-D grids, uneven and empty blocks), as do dataplane and the
+    plain library afterwards; ``inspect --json`` says how it was written."""
+    url = url_for(scheme, tmp_path)
+    main_file = f"run.{'h5' if scheme == 'h5' else 'bp'}"
     result = mpiexec(
         m + n,
         sys.executable,
@@ -471,7 +480,8 @@ def test_h5_aggregators_write_subfiles_that_read_as_one_global_array(tmp_path, c
         assert "error" not in rep, f"rank {r}:\n{rep['error']}"
     for r in range(m, m + n):
         assert reports[r]["steps"] == [0, 1, 2] and reports[r]["bad"] == [], reports[r]
-    subfiles = sorted(f"run.h5.agg/{p.name}" for p in (tmp_path / "run.h5.agg").glob("*.h5"))
+    agg = tmp_path / f"{main_file}.agg"
+    subfiles = sorted(f"{main_file}.agg/{p.name}" for p in agg.glob(f"*.{main_file[4:]}"))
     assert len(subfiles) == k
     from dataplane.cli import main
 
@@ -480,7 +490,7 @@ def test_h5_aggregators_write_subfiles_that_read_as_one_global_array(tmp_path, c
         "ranks": m,
         "method": "aggregators",
         "aggregators": k,
-        "files": ["run.h5", *subfiles],
+        "files": [main_file, *subfiles],
     }
     with dp.open(url) as a:
         assert len(a) == 3
@@ -491,8 +501,25 @@ def test_h5_aggregators_write_subfiles_that_read_as_one_global_array(tmp_path, c
             assert float(a[t]["t"]) == t * 0.5
     moved = tmp_path / "moved"  # the main file finds its subfiles relative to itself
     moved.mkdir()
-    for p in ["run.h5", "run.h5.agg"]:
+    for p in [main_file, f"{main_file}.agg"]:
         os.rename(tmp_path / p, moved / p)
+    if scheme == "bp5":
+        with dp.open(f"bp5://{moved / main_file}") as a:
+            np.testing.assert_array_equal(a[2]["tiles2d"], rt.global2d(2))
+        from adios2 import FileReader
+
+        # Plain adios2 over one subfile: the global shape, its group's blocks where they sit.
+        first_group = [r for r in range(m) if r * k // m == 0]
+        rows = rt.ROWS[m]
+        mine = sum(rows[r] for r in first_group)
+        with FileReader(str(moved / subfiles[0])) as f:
+            x = f.read("field2d", start=[0, 0], count=[mine, rt.SHAPE2[1]], step_selection=[1, 1])
+        np.testing.assert_array_equal(x.reshape(mine, -1), rt.global2d(1)[:mine])
+        shutil.rmtree(moved / subfiles[-1])  # moved without all of its .agg folder
+        with dp.open(f"bp5://{moved / main_file}") as a:
+            with pytest.raises(dp.IntegrityError, match=f"subfile {subfiles[-1]} is missing"):
+                a[0]["tiles2d"]  # (every rank has a tile of it)
+        return
     with h5py.File(moved / "run.h5", "r") as f:
         assert f["field3d"].is_virtual and f["field3d"].shape == (3, *rt.SHAPE3)
         np.testing.assert_array_equal(f["field2d"][1], rt.global2d(1))
@@ -502,11 +529,13 @@ def test_h5_aggregators_write_subfiles_that_read_as_one_global_array(tmp_path, c
         )
 
 
-def test_h5_aggregators_keep_the_blocks_of_the_first_step_and_append_alike(tmp_path):
+@pytest.mark.parametrize("scheme", ["h5", "bp5"])
+def test_aggregators_keep_the_blocks_of_the_first_step_and_append_alike(tmp_path, scheme):
     """Subfiles are joined by fixed regions: a step whose blocks moved raises SchemaError on
     every rank and writes nothing; an append continues the subfiles (same aggregators), and
     another number of aggregators is refused."""
-    url = url_for("h5", tmp_path)
+    url = url_for(scheme, tmp_path)
+    agg, ext = ("run.h5.agg", "*.h5") if scheme == "h5" else ("run.bp.agg", "*.bp")
     got = mpirun(
         4,
         f"""
@@ -539,7 +568,7 @@ def test_h5_aggregators_keep_the_blocks_of_the_first_step_and_append_alike(tmp_p
         for t in range(3):
             want = np.repeat(10 * t + np.arange(4), 2)[:, None] * np.ones(3, np.int64)
             np.testing.assert_array_equal(a[t]["x"], want)
-    before = sorted((tmp_path / "run.h5.agg").glob("*.h5"))
+    before = sorted((tmp_path / agg).glob(ext))
     assert len(before) == 2
     # A new channel in its place: the old subfiles go with the old main file.
     again = f"""
@@ -548,7 +577,7 @@ def test_h5_aggregators_keep_the_blocks_of_the_first_step_and_append_alike(tmp_p
             report(pub.write({{"x": np.full((1, 3), MPI.COMM_WORLD.rank)}}))
         """
     assert mpirun(4, again, tmp_path) == {r: 0 for r in range(4)}
-    after = sorted((tmp_path / "run.h5.agg").glob("*.h5"))
+    after = sorted((tmp_path / agg).glob(ext))
     assert len(after) == 2 and not set(after) & set(before)
     with dp.open(url) as a:
         assert len(a) == 1
@@ -556,10 +585,11 @@ def test_h5_aggregators_keep_the_blocks_of_the_first_step_and_append_alike(tmp_p
 
 
 @pytest.mark.parametrize("aggregators", [None, 4, 16])
-def test_16_ranks_oversubscribed_write_one_h5_global_array(tmp_path, aggregators):
+@pytest.mark.parametrize("scheme", ["h5", "bp5"])
+def test_16_ranks_oversubscribed_write_one_global_array(tmp_path, scheme, aggregators):
     """16 ranks on however many cores: the default (one aggregator per node: one file here),
     4 groups and a subfile per rank all give the same global array."""
-    url = url_for("h5", tmp_path)
+    url = url_for(scheme, tmp_path)
     got = mpirun(
         16,
         f"""
@@ -580,7 +610,8 @@ def test_16_ranks_oversubscribed_write_one_h5_global_array(tmp_path, aggregators
             np.testing.assert_array_equal(
                 a[t]["x"], np.repeat(100 * t + np.arange(16), 3)[:, None] * np.ones(5)
             )
-    assert len(list(tmp_path.glob("run.h5.agg/*.h5"))) == (aggregators or 0)
+    subfiles = "run.h5.agg/*.h5" if scheme == "h5" else "run.bp.agg/*.bp"
+    assert len(list(tmp_path.glob(subfiles))) == (aggregators or 0)
 
 
 def test_bad_aggregators_raise_on_every_rank(tmp_path) -> None:
@@ -595,7 +626,7 @@ def test_bad_aggregators_raise_on_every_rank(tmp_path) -> None:
             ("h5://{tmp_path}/a.h5", 0),
             ("h5://{tmp_path}/b.h5", 3),
             ("h5://{tmp_path}/c.h5", "two"),
-            ("bp5://{tmp_path}/d.bp", 2),
+            ("zarr://{tmp_path}/d.zarr", 2),
         ]:
             try:
                 dp.publish(url, comm=comm, aggregators=k).close()
@@ -608,16 +639,21 @@ def test_bad_aggregators_raise_on_every_rank(tmp_path) -> None:
     )
     assert got[0] == got[1]
     assert got[0][:2] == ["aggregators must be between 1 and the 2 "] * 2
-    assert got[0][2].startswith("aggregators must be a whole") and got[0][3] == "bp5"
+    assert got[0][2].startswith("aggregators must be a whole") and got[0][3] == "zarr"
     with pytest.raises(dp.OptionError, match="comm"):
         dp.publish(f"h5://{tmp_path}/e.h5", aggregators=2)
 
 
-def test_bp5_ranks_send_their_blocks_in_pieces_and_no_rank_holds_the_global_step(tmp_path):
-    """bp5:// under 4 ranks: rank 0 writes each rank's block piece by piece into the open
-    ADIOS2 step and has it written out at once, so its peak memory grows by about a piece,
-    not by the 65 MiB global step (gathering grew it by more than the step); the global
-    array is exact through dataplane (a checksum per piece) and through plain adios2."""
+@pytest.mark.parametrize("aggregators", [1, 2, 4])
+def test_bp5_ranks_send_their_blocks_in_pieces_and_no_rank_holds_the_global_step(
+    tmp_path, aggregators
+):
+    """bp5:// under 4 ranks: each aggregator (rank 0 alone, 2 groups of 2, every rank) writes
+    its group's blocks piece by piece into its open ADIOS2 step and has each written out at
+    once, so no rank's peak memory grows by more than about a piece, not by the 65 MiB global
+    step (gathering grew it by more than the step); the global array is exact through
+    dataplane (a checksum per piece) and through plain adios2 (the channel's file, or each
+    subfile's part)."""
     from adios2 import FileReader
 
     path = tmp_path / "run.bp"
@@ -635,10 +671,11 @@ def test_bp5_ranks_send_their_blocks_in_pieces_and_no_rank_holds_the_global_step
         block = np.arange(rows[rank] * {cols}, dtype=np.int32).reshape(rows[rank], {cols})
         block += rank * 10_000_000
         kib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        with dp.publish("bp5://{tmp_path}/warm.bp", comm=comm) as pub:  # imports, set-up
+        warm = "bp5://{tmp_path}/warm.bp?aggregators={aggregators}"
+        with dp.publish(warm, comm=comm) as pub:  # imports, set-up
             pub.write({{"x": dp.Block(np.zeros((1, 4)), start=(rank, 0), shape=(4, 4))}})
         before = kib()
-        with dp.publish("bp5://{path}", comm=comm) as pub:
+        with dp.publish("bp5://{path}", comm=comm, aggregators={aggregators}) as pub:
             for t in range(3):
                 where = (sum(rows[:rank]), 0)
                 pub.write({{"x": dp.Block(block, start=where, shape=(sum(rows), {cols})), "t": t}})
@@ -660,9 +697,21 @@ def test_bp5_ranks_send_their_blocks_in_pieces_and_no_rank_holds_the_global_step
             part = a[t].read("x", (2900, 5), (3400, 4))  # across three ranks' blocks
             np.testing.assert_array_equal(part, (expect + t)[2900:6300, 5:9])
             assert float(a[t]["t"]) == t
-    with FileReader(str(path)) as f:  # plain adios2: one global array per step
-        x = f.read("x", step_selection=[1, 1])
-        np.testing.assert_array_equal(x.reshape(expect.shape), expect + 1)
+    with dp.open(f"bp5://{path}") as a:
+        assert a.written_by["aggregators"] == aggregators
+        subfiles = a.written_by["files"][1:]
+    assert len(subfiles) == (aggregators if aggregators > 1 else 0)
+    if aggregators == 1:
+        with FileReader(str(path)) as f:  # plain adios2: one global array per step
+            x = f.read("x", step_selection=[1, 1])
+            np.testing.assert_array_equal(x.reshape(expect.shape), expect + 1)
+    for g, sub in enumerate(subfiles):  # plain adios2: a subfile's part, where it sits
+        first = sum(rows[: g * 4 // aggregators])
+        n = sum(rows[g * 4 // aggregators : (g + 1) * 4 // aggregators])
+        if n:
+            with FileReader(str(tmp_path / sub)) as f:
+                x = f.read("x", start=[first, 0], count=[n, cols], step_selection=[1, 1])
+            np.testing.assert_array_equal(x.reshape(n, cols), (expect + 1)[first : first + n])
     assert all(g["grew_kib"] < 32 * 1024 for g in got.values()), got
 
 

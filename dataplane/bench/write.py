@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import dataplane as dp
-from dataplane.registry import resolve
+from dataplane.registry import get_transport, resolve
 
 from ._common import SUFFIX, Config, Recorder, World
 
@@ -149,12 +149,12 @@ def _plain_h5(cfg: Config, world: World, directory: str) -> dict[str, Any]:
 
 
 def _remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        for p in (path, path + ".lease"):
-            if os.path.exists(p):
-                os.remove(p)
+    """A channel's files: its own (a file or a BP5 folder), its lease and its subfiles."""
+    for p in (path, path.rstrip("/") + ".lease", path.rstrip("/") + ".agg"):
+        if os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+        elif os.path.exists(p):
+            os.remove(p)
 
 
 def run(
@@ -282,9 +282,10 @@ def run(
 
 
 def _aggregator_counts(transport: str, world: World, default: str) -> list[int]:
-    """The ``aggregators=K`` also measured for ``transport`` under MPI (h5:// writes subfiles
-    through K aggregators): one, and one per rank, unless the default write was just that."""
-    if world.size == 1 or transport != "h5":
+    """The ``aggregators=K`` also measured for ``transport`` under MPI (h5:// and bp5:// write
+    subfiles through K aggregators): one, and one per rank, unless the default write was just
+    that."""
+    if world.size == 1 or not get_transport(transport).subfiles:
         return []
     return [k for k in sorted({1, world.size}) if default != f"aggregators={k}"]
 

@@ -79,8 +79,8 @@ class ParallelPublisher:
                 if aggregators is not None:
                     raise OptionError(
                         f"{self._transport.scheme}:// takes aggregators=1 only (its ranks' "
-                        f"blocks go to rank 0, which writes the channel); h5:// writes "
-                        f"subfiles with aggregators={k}"
+                        f"blocks go to rank 0, which writes the channel); h5:// and bp5:// "
+                        f"write subfiles with aggregators={k}"
                     )
                 k, group_of = 1, [0] * self._coll.size
         except Exception as exc:
@@ -291,7 +291,7 @@ class ParallelPublisher:
             # Every rank has the same plan: all raise here, nothing was written.
             raise SchemaError(
                 f"{self.url}: with aggregators={groups.k}, every step has the blocks of the "
-                f"first (HDF5 virtual datasets map fixed regions of the subfiles), but the "
+                f"first (the channel joins fixed regions of its subfiles), but the "
                 f"variables or blocks changed: first {_blocks(self._layout)}, now "
                 f"{_blocks(layout)}. Keep each rank's blocks, or use aggregators=1."
             )

@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
+import json
 import os
+import shutil
 import struct
 import time
 from collections.abc import Callable
@@ -53,6 +56,7 @@ from dataplane.transports._adios_steps import (
     _StepEncoder,
     ab,
 )
+from dataplane.transports._bp5join import Joined, Subfile, subfile_name
 from dataplane.transports._files import (
     END,
     FormatWriter,
@@ -60,15 +64,20 @@ from dataplane.transports._files import (
     Seen,
     StepSource,
     StepStream,
+    storage_errors,
 )
 
 __all__ = ["BP5Transport"]
+
+#: How MPI ranks wrote the channel (``written_by``, JSON), an ADIOS2 attribute of its file.
+_WRITTEN_BY = "__dp/written_by"
 
 
 class BP5Transport(_ADIOSTransport):
     scheme = "bp5"
     engine = "BP5"
     aggregates = True
+    subfiles = True
 
     def __init__(
         self,
@@ -82,6 +91,14 @@ class BP5Transport(_ADIOSTransport):
         operator_params: dict[str, Any] | str | None = None,
     ) -> None:
         super().__init__(url)
+        self._options: dict[str, Any] = {
+            "verify": verify,
+            "heartbeat": heartbeat,
+            "params": params,
+            "threads": threads,
+            "operator": operator,
+            "operator_params": operator_params,
+        }
         self._init_common(verify, heartbeat)
         self.path = os.path.abspath(os.path.expanduser(url.path))
         self.params = _params(params)
@@ -95,6 +112,41 @@ class BP5Transport(_ADIOSTransport):
 
     def lease_io(self) -> LeaseIO:
         return LeaseIO(self.path.rstrip("/") + ".lease")
+
+    # -- subfiles (aggregators=K: see ._bp5join) ----------------------------------------------
+    def subfile_name(self, token: str, group: int) -> str:
+        if group < 0:
+            return os.path.basename(self.path)
+        return subfile_name(self.path, token, group)
+
+    def sibling(self, path: str) -> BP5Transport:
+        """The same options over another BP5 file (a subfile of this channel)."""
+        return BP5Transport(ChannelURL.parse(f"bp5://{path}"), **self._options)
+
+    def subfile(self, name: str, specs: dict[str, VarSpec], append: bool) -> Subfile:
+        path = os.path.join(os.path.dirname(self.path), name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        writer = storage_errors(lambda: _BP5Writer(self.sibling(path), "a" if append else "w"))
+        return Subfile(writer, specs)
+
+    def put_subfile_region(
+        self, sub: Any, name: str, start: tuple[int, ...], block: np.ndarray
+    ) -> Any:
+        return storage_errors(lambda: sub.put(name, start, block))
+
+    def joined(self) -> Joined:
+        """A reader of the arrays this channel's aggregators wrote into subfiles."""
+        return Joined(os.path.dirname(self.path), self.url.url, self._subfile_source)
+
+    def _subfile_source(self, path: str) -> _BP5Source:
+        sub = self.sibling(path)
+        if not sub._ready():
+            raise IntegrityError(
+                f"{self.url.url}: its subfile {os.path.relpath(path, os.path.dirname(self.path))} "
+                f"is missing: a channel written with aggregators is its file and its .agg "
+                f"folder together. Move or copy both."
+            )
+        return _BP5Source(sub)
 
     def format_writer(self, mode: str) -> FormatWriter:
         return _BP5Writer(self, mode)
@@ -122,6 +174,8 @@ class _BP5Writer(FormatWriter):
         self._known: dict[str, VarSpec] = {}
         self._attrs: dict[str, AttrValue] = {}
         self._pending: dict[str, Any] | None = None
+        self._written_by: dict[str, Any] | None = None  # as the committed steps say
+        self._defined: dict[str, Any] | None = None  # as this engine's IO says
         # NOTE: appending to a file no step ever reached (its writer died right after opening
         # it) crashes ADIOS2 (a segmentation fault): such a file is begun anew.
         append = mode == "a" and t._ready() and not t._empty()
@@ -131,7 +185,12 @@ class _BP5Writer(FormatWriter):
             n = source.refresh()
             self.next_index = source.last_index() + 1 if n else 0
             self._known = source.all_vars()
+            self._written_by = source.written_by(whole=True)
             source.close()
+        else:
+            # A new channel in its place: the old one's subfiles go with it.
+            for old in glob.glob(os.path.join(glob.escape(t.path.rstrip("/")) + ".agg", "*.bp")):
+                shutil.rmtree(old, ignore_errors=True)
         os.makedirs(os.path.dirname(t.path) or ".", exist_ok=True)
         self._engine: Any = None
         self._open(ab.Mode.Append if append else ab.Mode.Write)
@@ -151,6 +210,9 @@ class _BP5Writer(FormatWriter):
 
     def known_vars(self) -> dict[str, VarSpec]:
         return dict(self._known)
+
+    def written_by(self) -> dict[str, Any] | None:
+        return None if self._written_by is None else dict(self._written_by)
 
     def begin(self, index: int, specs: dict[str, VarSpec], attrs: dict[str, AttrValue]) -> None:
         # Nothing touches ADIOS2 until commit: an aborted step leaves no trace.
@@ -172,8 +234,14 @@ class _BP5Writer(FormatWriter):
         if self._engine is None:
             self._open(ab.Mode.Append)  # the last step failed: continue after the ones before
         self._pending = {"index": index, "attrs": attrs, "arrays": [], "specs": specs}
+        if layout and layout.get("sources"):
+            # Arrays that aggregators write into subfiles: the record says where each block is.
+            self._pending["join"] = layout["sources"]
         try:
             self._enc.begin()
+            if layout and "written_by" in layout and layout["written_by"] != self._defined:
+                self._enc.attribute(_WRITTEN_BY, json.dumps(layout["written_by"]))
+                self._defined = self._pending["written_by"] = dict(layout["written_by"])
         except BaseException:
             self._fail()
             raise
@@ -190,17 +258,22 @@ class _BP5Writer(FormatWriter):
         if "specs" in self._pending:
             self._enc.put_whole(name, array)  # the step is open (ranked)
 
-    def commit(self, checksums: Callable[[], dict[str, Any]]) -> None:
+    def commit(
+        self, checksums: Callable[[], dict[str, Any]], extra: dict[str, Any] | None = None
+    ) -> None:
+        """End the step; ``extra``: more for a ranked step's record (a subfile's ``held``)."""
         p = self._pending
         assert p is not None
         self._pending = None
         if "specs" in p:
             try:
-                self._enc.end(p["index"], p["attrs"], p["specs"], checksums)
+                record = {**({"j": p["join"]} if "join" in p else {}), **(extra or {})}
+                self._enc.end(p["index"], p["attrs"], p["specs"], checksums, record)
             except BaseException:
                 self._fail()
                 raise
             self._log.record()
+            self._written_by = p.get("written_by", self._written_by)
             return
         self._check_space(p)
         p["sums"] = checksums
@@ -218,6 +291,7 @@ class _BP5Writer(FormatWriter):
         cannot go on, and what it left in the metadata would make the file unreadable. Close
         it and cut the metadata back to the last complete step; the next step reopens."""
         engine, self._engine = self._engine, None
+        self._defined = None  # the next engine's IO defines its attributes anew
         with contextlib.suppress(Exception):
             engine.Close()
         self._log.cut_back()
@@ -320,9 +394,14 @@ def _truncated(path: str, step: int, least: dict[int, int]) -> bool:
 
 
 def _least_bytes(info: dict[str, Any]) -> int:
-    # Single values travel in BP5's metadata; arrays are in the data files.
+    # Single values travel in BP5's metadata; arrays are in the data files (or in subfiles).
+    if "held" in info:
+        return int(info["held"])  # a subfile's step: its group's blocks of the arrays
+    joined = info.get("j", {})
     return sum(
-        VarSpec(np.dtype(d), tuple(shape)).nbytes for d, shape in info["v"].values() if shape
+        VarSpec(np.dtype(d), tuple(shape)).nbytes
+        for name, (d, shape) in info["v"].items()
+        if shape and name not in joined
     )
 
 
@@ -359,6 +438,7 @@ class _BP5Source(StepSource):
         self._least: dict[int, int] = {}
         self._present: dict[str, list[int]] = {}
         self._ours = False
+        self._joined: Joined | None = None
 
     def refresh(self) -> int:
         if self._steps:
@@ -374,6 +454,19 @@ class _BP5Source(StepSource):
 
     def last_index(self) -> int:
         return int(self._steps[-1][1]["i"]) if self._steps else -1
+
+    def step_indices(self) -> list[int]:
+        """The step index each complete step of the file records, in file order."""
+        return [int(info["i"]) for _, info in self._steps]
+
+    def written_by(self, whole: bool = False) -> dict[str, Any] | None:
+        a = self._io.InquireAttribute(_WRITTEN_BY)
+        if not a:
+            return None
+        info = dict(json.loads(a.DataString()[0]))
+        if whole:
+            return info
+        return {k: info[k] for k in ("ranks", "method", "aggregators", "files") if k in info}
 
     def all_vars(self) -> dict[str, VarSpec]:
         out: dict[str, VarSpec] = {}
@@ -407,6 +500,11 @@ class _BP5Source(StepSource):
             )
         if spec.size == 0:
             return np.empty(tuple(selection.count), spec.dtype)
+        boxes = info.get("j", {}).get(name)
+        if boxes is not None:
+            if self._joined is None:
+                self._joined = self._t.joined()
+            return self._joined.read(int(info["i"]), name, spec, selection, boxes)
         relative = self._relative(name, step)
         return _read_var(self._t, self._io, self._engine, name, spec, selection, relative)
 
@@ -414,6 +512,8 @@ class _BP5Source(StepSource):
         return _channel_attrs(self._io)
 
     def close(self) -> None:
+        if self._joined is not None:
+            self._joined.close()
         if self._engine is not None:
             self._engine.Close()
             self._profile.closed()
@@ -438,6 +538,7 @@ class _BP5Stream(StepStream):
         self._foreign_index = 0
         self._file_step = -1  # ADIOS2 step number of the current step
         self._poll = 0.002 if t.engine == "SST" else t.poll_interval
+        self._joined: Joined | None = None
 
     def advance(self, wait: float) -> tuple[StepMeta, dict[str, str]] | None:
         if self._in_step:
@@ -481,12 +582,19 @@ class _BP5Stream(StepStream):
                 f"{self._t.url.url}: the data of step {self._info['i']} (variable {name!r} and "
                 f"the rest) is cut off: the file was truncated"
             )
+        boxes = self._info.get("j", {}).get(name)
+        if boxes is not None and isinstance(self._t, BP5Transport) and spec.size:
+            if self._joined is None:
+                self._joined = self._t.joined()
+            return self._joined.read(int(self._info["i"]), name, spec, selection, boxes)
         return _read_var(self._t, self._io, self._engine, name, spec, selection, None)
 
     def attrs(self) -> dict[str, AttrValue]:
         return _channel_attrs(self._io)
 
     def close(self) -> None:
+        if self._joined is not None:
+            self._joined.close()
         if self._in_step:
             self._engine.EndStep()
             self._in_step = False
