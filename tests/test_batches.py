@@ -191,6 +191,36 @@ def test_mid_epoch_resume_on_two_ranks(url, tmp_path, workers_before, workers_af
     assert sorted(everything) == list(range(STEPS * ROWS))
 
 
+def test_a_warm_epoch_with_workers_is_gathered_here_and_counts_exactly(url, tmp_path) -> None:
+    """With workers, a cold epoch goes through them (they fetch its shards); once every shard
+    is cached the main process gathers the epoch itself, as without workers: every sample
+    exact, and the sampler's position is what the loop took (no worker prefetch ahead)."""
+    ds = dataset(url, tmp_path)
+    sampler = ShuffleSampler(ds, seed=3, block=2)
+    ld = loader(ds, 8, sampler=sampler, num_workers=2)
+    assert not ds.all_cached()
+    cold: list[int] = []
+    for x, label in ld:
+        cold += check_batch(x, label)
+    assert sorted(cold) == list(range(STEPS * ROWS))
+    assert ds.all_cached()
+    sampler.set_epoch(1)
+    warm: list[int] = []
+    for i, (x, label) in enumerate(ld):
+        warm += check_batch(x, label)
+        if i == 4:
+            assert sampler.state_dict()["position"] == len(warm) == 40
+    assert warm == sampler.order(1).tolist()
+    reads = ds.reads
+    sampler.set_epoch(2)
+    assert sorted(i for x, label in ld for i in check_batch(x, label)) == list(range(200))
+    assert ds.reads == reads  # nothing from the source
+    ds.cache.clear()  # cold again: the workers fetch
+    assert not ds.all_cached()
+    sampler.set_epoch(3)
+    assert sorted(i for x, label in ld for i in check_batch(x, label)) == list(range(200))
+
+
 def test_growing_data_reaches_persistent_workers(tmp_path) -> None:
     url = f"zarr://{tmp_path}/grow.zarr"
     write_rows(url, range(2))

@@ -235,6 +235,14 @@ class SampleDataset(torch.utils.data.Dataset):
                 self.cache.fetch(key, functools.partial(self._io.shard, s, bounds), keep=batch)
             self._present.add(key)
 
+    def all_cached(self) -> bool:
+        """Whether every shard of the current snapshot is in the cache now (False without
+        one): an epoch would read nothing from the source."""
+        if self.cache is None:
+            return False
+        cache = self.cache
+        return all(key in cache for key in self._shard_table()[2])
+
     def start_prefetch(self, wait: float | None = None) -> bool:
         """Start the prefetch process now rather than at the first epoch, so that its start
         (importing the source's library, opening the source) overlaps the job's own set-up.
