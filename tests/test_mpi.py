@@ -17,9 +17,12 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dataplane as dp
 from dataplane.parallel import grid_dims, plan_step, split
+from dataplane.parallel.plan import chunk_transfers
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
 HERE = Path(__file__).resolve().parent
@@ -112,12 +115,13 @@ def test_global_arrays_round_trip_m_by_n(tmp_path, scheme, m, n):
                 }
     if scheme == "zarr" and m > 1:
         # Blocks aligned with chunks were written by their own ranks, with a checksum each;
-        # the unaligned rows of 4 writers (5, 0, 6, 2) went to rank 0 in pieces, a checksum
-        # for each of the three that are not empty (2 writers: rank 0 holds all 13 rows).
+        # the unaligned rows of 4 writers (5, 0, 6, 2) went to the owner of their one chunk
+        # (rank 0, the one aggregator here), a checksum for it (2 writers: rank 0 holds all
+        # 13 rows, its own chunk).
         steps = zarr.open_array(str(tmp_path / "run.zarr" / "__dataplane" / "steps"), mode="r")
         sums = json.loads(steps[:][0])["c"]
         assert isinstance(sums["field3d"], list) and len(sums["field3d"]) == 2
-        assert isinstance(sums["field2d"], list) and len(sums["field2d"]) == (3 if m == 4 else 1)
+        assert isinstance(sums["field2d"], list) and len(sums["field2d"]) == 1
         chunk = json.loads((tmp_path / "run.zarr" / "field3d" / "zarr.json").read_text())
         assert chunk["chunk_grid"]["configuration"]["chunk_shape"] == [1, 4 if m == 2 else 3, 6, 4]
     if scheme == "h5":  # one global dataset, as plain h5py sees it
@@ -370,6 +374,46 @@ def test_split_covers_every_element_once():
             assert (seen == 1).all(), (shape, parts, axes)
 
 
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    data=st.data(),
+)
+@settings(max_examples=150, deadline=None)
+def test_chunk_owners_write_every_chunk_once_from_every_part(shape, data):
+    """chunk_transfers, for any tiling, chunk shape and grouping: every chunk has one owner,
+    which gets every block's part of it (each element exactly once); a contributor lists a
+    chunk exactly as its owner does; every rank walks the chunks in one shared order."""
+    ranks = data.draw(st.integers(1, 6))
+    axes = tuple(range(data.draw(st.integers(1, len(shape)))))
+    parts = [split(shape, ranks, r, axes) for r in range(ranks)]
+    chunk = tuple(data.draw(st.integers(1, n + 2)) for n in shape)
+    k = data.draw(st.integers(1, ranks))
+    group = [r * k // ranks for r in range(ranks)]
+    owner_of = [group.index(g) for g in group]
+    plans = {me: chunk_transfers(list(shape), parts, chunk, owner_of, me) for me in range(ranks)}
+    seen = np.zeros(shape, int)
+    by_chunk: dict = {}
+    for me, plan in plans.items():
+        assert [t[0] for t in plan] == sorted(t[0] for t in plan)  # the shared order
+        for start, count, owner, pieces in plan:
+            by_chunk.setdefault(start, set()).add(json.dumps([count, owner, pieces]))
+            assert me == owner or me in [r for r, _, _ in pieces]
+            assert owner == owner_of[min(r for r, _, _ in pieces)]
+            if me == owner:
+                for r, at, size in pieces:
+                    blk_start, blk_count = parts[r]
+                    assert all(
+                        a >= b and a + n <= b + c
+                        for a, n, b, c in zip(at, size, blk_start, blk_count)
+                    )
+                    assert all(
+                        a >= s and a + n <= s + c for a, n, s, c in zip(at, size, start, count)
+                    )
+                    seen[tuple(slice(a, a + n) for a, n in zip(at, size))] += 1
+    assert (seen == 1).all()
+    assert all(len(v) == 1 for v in by_chunk.values())  # owner and contributors agree
+
+
 def test_split_is_even_and_grids_are_balanced():
     assert [split((10,), 3, i)[1][0] for i in range(3)] == [4, 3, 3]
     assert [split((2,), 4, i)[1][0] for i in range(4)] == [1, 1, 0, 0]  # empty parts
@@ -585,20 +629,24 @@ def test_aggregators_keep_the_blocks_of_the_first_step_and_append_alike(tmp_path
 
 
 @pytest.mark.parametrize("aggregators", [None, 4, 16])
-@pytest.mark.parametrize("scheme", ["h5", "bp5"])
+@pytest.mark.parametrize("scheme", ["h5", "bp5", "zarr"])
 def test_16_ranks_oversubscribed_write_one_global_array(tmp_path, scheme, aggregators):
-    """16 ranks on however many cores: the default (one aggregator per node: one file here),
-    4 groups and a subfile per rank all give the same global array."""
+    """16 ranks on however many cores, uneven blocks of rows: the default (one aggregator per
+    node: one file here), 4 groups and one per rank all give the same global array (zarr:
+    the chunks go to their owners, not to rank 0)."""
     url = url_for(scheme, tmp_path)
+    rows = [1 + r % 3 for r in range(16)]
     got = mpirun(
         16,
         f"""
         import numpy as np, dataplane as dp
         comm = MPI.COMM_WORLD
         r = comm.rank
+        rows = {rows}
         with dp.publish({url!r}, comm=comm, aggregators={aggregators}) as pub:
             for t in range(2):
-                pub.write({{"x": dp.Block(np.full((3, 5), 100 * t + r), (3 * r, 0), (48, 5))}})
+                block = np.full((rows[r], 5), 100 * t + r)
+                pub.write({{"x": dp.Block(block, (sum(rows[:r]), 0), (sum(rows), 5))}})
         report(r)
         """,
         tmp_path,
@@ -608,10 +656,107 @@ def test_16_ranks_oversubscribed_write_one_global_array(tmp_path, scheme, aggreg
     with dp.open(url) as a:
         for t in range(2):
             np.testing.assert_array_equal(
-                a[t]["x"], np.repeat(100 * t + np.arange(16), 3)[:, None] * np.ones(5)
+                a[t]["x"], np.repeat(100 * t + np.arange(16), rows)[:, None] * np.ones(5)
             )
-    subfiles = "run.h5.agg/*.h5" if scheme == "h5" else "run.bp.agg/*.bp"
-    assert len(list(tmp_path.glob(subfiles))) == (aggregators or 0)
+        assert a.written_by["aggregators"] == (aggregators or 1)
+    subfiles = {"h5": "run.h5.agg/*.h5", "bp5": "run.bp.agg/*.bp", "zarr": "*.agg"}[scheme]
+    assert len(list(tmp_path.glob(subfiles))) == (aggregators or 0 if scheme != "zarr" else 0)
+
+
+def test_zarr_chunk_owners_m_by_n_live(tmp_path):
+    """4 zarr writers with aggregators=2 (rows and grids not aligned with chunks, empty
+    blocks), 2 live reader ranks: every step and every part exact, as plain zarr reads it."""
+    url = url_for("zarr", tmp_path)
+    result = mpiexec(
+        6, sys.executable, str(HERE / "mpi_roundtrip.py"), url, "4", str(tmp_path),
+        "--aggregators", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    reports = {r: json.loads((tmp_path / f"{r}.json").read_text()) for r in range(6)}
+    for r in (4, 5):
+        assert reports[r]["steps"] == [0, 1, 2] and reports[r]["bad"] == [], reports[r]
+    with dp.open(url) as a:
+        assert a.written_by["aggregators"] == 2
+        for t in range(3):
+            np.testing.assert_array_equal(a[t]["field2d"], rt.global2d(t))
+            np.testing.assert_array_equal(a[t]["tiles2d"], rt.global2d(t))
+            np.testing.assert_array_equal(a[t]["slabs3d"], rt.slabs3d(t))
+    plain = zarr.open_group(str(tmp_path / "run.zarr"), mode="r")
+    np.testing.assert_array_equal(plain["field3d"][2], rt.global3d(2))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_zarr_unaligned_blocks_go_to_chunk_owners_not_rank_0(tmp_path, k):
+    """zarr:// with aggregators=K and blocks not aligned with chunks: each chunk is written
+    whole by one owner (its group's aggregator), from every block's part of it; every value
+    exact through dataplane and plain zarr, a checksum per chunk, and rank 0 writes only
+    the chunks its group starts (K=1: all of them, a chunk at a time)."""
+    url = url_for("zarr", tmp_path)
+    rows = [5, 0, 6, 2]
+    got = mpirun(
+        4,
+        f"""
+        import numpy as np, dataplane as dp
+        import dataplane.parallel.publisher as pp
+        pp.OWNER_CHUNK_BYTES = 4 * 7 * 8  # chunks of 4 rows of x
+        comm = MPI.COMM_WORLD
+        r = comm.rank
+        rows = {rows}
+        g = np.arange(13 * 7, dtype=np.int64).reshape(13, 7)
+        where = []
+        with dp.publish({url!r}, comm=comm, aggregators={k}) as pub:
+            real = pub._transport.put_block
+            def put_block(row, name, start, block):
+                where.append([name, list(start), list(block.shape)])
+                return real(row, name, start, block)
+            pub._transport.put_block = put_block
+            for t in range(3):
+                a = sum(rows[:r])
+                pub.write({{"x": dp.Block(g[a : a + rows[r]] + 100 * t, (a, 0), (13, 7)),
+                            "y": dp.Block(np.full((rows[r], 2), r + t), (a, 0), (13, 2))}})
+        report(where)
+        """,
+        tmp_path,
+    )
+    with dp.open(url) as a:
+        assert len(a) == 3
+        assert a.written_by == {
+            "ranks": 4,
+            "method": "aggregators",
+            "aggregators": k,
+            "files": ["run.zarr"],
+        }
+        g = np.arange(13 * 7).reshape(13, 7)
+        y = np.repeat(np.arange(4), rows)[:, None] * np.ones(2, np.int64)
+        for t in range(3):
+            np.testing.assert_array_equal(a[t]["x"], g + 100 * t)
+            np.testing.assert_array_equal(a[t]["y"], y + t)
+            np.testing.assert_array_equal(a[t].read("x", (4, 2), (3, 4)), g[4:7, 2:6] + 100 * t)
+    plain = zarr.open_group(str(tmp_path / "run.zarr"), mode="r")
+    np.testing.assert_array_equal(plain["x"][1], g + 100)
+    chunks = plain["x"].chunks[1:]
+    assert chunks == (4, 7)
+    n_chunks = -(-13 // chunks[0]) * -(-7 // chunks[1])
+    steps = zarr.open_array(str(tmp_path / "run.zarr" / "__dataplane" / "steps"), mode="r")
+    sums = json.loads(steps[:][2])["c"]
+    assert len(sums["x"]) == n_chunks  # a checksum per chunk, each chunk written once
+    writes = [tuple(w[1]) for r in range(4) for w in got[r] if w[0] == "x"]
+    assert len(writes) == 3 * n_chunks and len(set(writes)) == n_chunks
+    group = [r * k // 4 for r in range(4)]
+    owner_of = [group.index(g) for g in group]  # a group's lowest rank (k=1: rank 0)
+    for r, ws in got.items():
+        for name, start, _ in ws:
+            if name == "x":
+                lowest = next(
+                    q
+                    for q in range(4)
+                    if rows[q]
+                    and sum(rows[:q]) < start[0] + chunks[0]
+                    and start[0] < sum(rows[: q + 1])
+                )
+                assert owner_of[lowest] == r
+    if k == 1:
+        assert got[1] == got[2] == got[3] == []  # rank 0 wrote everything, chunk by chunk
 
 
 def test_bad_aggregators_raise_on_every_rank(tmp_path) -> None:
@@ -626,7 +771,8 @@ def test_bad_aggregators_raise_on_every_rank(tmp_path) -> None:
             ("h5://{tmp_path}/a.h5", 0),
             ("h5://{tmp_path}/b.h5", 3),
             ("h5://{tmp_path}/c.h5", "two"),
-            ("zarr://{tmp_path}/d.zarr", 2),
+            ("zarr://{tmp_path}/d.zarr", 2),  # chunk owners: opens
+            ("shm://dp-agg-{os.getpid()}", 2),
         ]:
             try:
                 dp.publish(url, comm=comm, aggregators=k).close()
@@ -639,7 +785,8 @@ def test_bad_aggregators_raise_on_every_rank(tmp_path) -> None:
     )
     assert got[0] == got[1]
     assert got[0][:2] == ["aggregators must be between 1 and the 2 "] * 2
-    assert got[0][2].startswith("aggregators must be a whole") and got[0][3] == "zarr"
+    assert got[0][2].startswith("aggregators must be a whole")
+    assert got[0][3:] == ["opened", "shm"]
     with pytest.raises(dp.OptionError, match="comm"):
         dp.publish(f"h5://{tmp_path}/e.h5", aggregators=2)
 

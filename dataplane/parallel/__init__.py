@@ -13,20 +13,26 @@ disagreeing shapes or dtypes included). Then, per variable:
   (no chunk is shared, so none is read-modified-written by two ranks), each block's xxh3
   checksum goes to rank 0, and rank 0 commits. Readers verify each block.
 - **Ranks send their blocks to rank 0 in pieces** (``h5://``, ``bp5://``, and the unaligned
-  arrays of ``zarr://``): rank 0 begins the step (``bp5://``: opens the ADIOS2 step, writing
-  each piece out at once, ``Put(Sync)`` and ``PerformDataWrite``; an aborted step is cut
-  from the metadata as a failed one is),
+  arrays of ``zarr://`` where not every rank can write the store): rank 0 begins the step
+  (``bp5://``: opens the ADIOS2 step, writing each piece out at once, a deferred ``Put`` and
+  ``PerformDataWrite``; an aborted step is cut from the metadata as a failed one is),
   takes each rank's block in pieces of whole rows of at most ``PIECE_BYTES`` (32 MiB) and
   writes each into its place as it arrives, with a checksum per piece, then commits. No rank's
   memory grows by more than its own blocks and a piece (the file's arrays are chunked in about
   8 MiB of rows, so HDF5 never patches a whole step's chunk in memory; chunks a piece covers
   are written raw). A rank sends a piece when rank 0 asks for it: the blocking transfer then
   runs at full speed and no rank spins while rank 0 writes.
-- **Aggregators write subfiles** (``h5://`` with ``aggregators=K``, default one per node): the
-  same, within each of K groups of ranks, whose lowest rank writes its group's pieces into a
-  subfile of its own; rank 0's main file joins the subfiles with HDF5 virtual datasets and
-  commits a step once every aggregator reported it (:mod:`dataplane.parallel.aggregators`,
-  :mod:`dataplane.transports._h5subfiles`).
+- **Aggregators write subfiles** (``h5://`` and ``bp5://`` with ``aggregators=K``, default
+  one per node): the same, within each of K groups of ranks, whose lowest rank writes its
+  group's pieces into a subfile of its own; rank 0's file joins the subfiles (HDF5 virtual
+  datasets; for BP5 each step's record says where every block is) and commits a step once
+  every aggregator reported it (:mod:`dataplane.parallel.aggregators`,
+  :mod:`dataplane.transports._h5subfiles`, :mod:`dataplane.transports._bp5join`).
+- **Chunk owners** (unaligned arrays of ``zarr://`` on a store every rank writes): every
+  chunk has one owner, the aggregator of its group (``aggregators=K``; rank 0 with one),
+  that gets each block's part of it and writes it whole; new such arrays get chunks of rows
+  of about 8 MiB, what an owner holds (:meth:`Collective.to_owners`,
+  :func:`~dataplane.parallel.plan.chunk_transfers`).
 - **Otherwise the blocks travel to rank 0** (``Gatherv`` of raw bytes; blocks of whole rows
   land directly in the global array) and rank 0 writes the global array: every variable of
   ``sst://``, ``shm://`` and ``mem://``. Rank 0 needs memory for those global arrays.

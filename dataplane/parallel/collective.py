@@ -13,7 +13,7 @@ import numpy as np
 import dataplane.errors as errors
 from dataplane.errors import DataplaneError, SchemaError
 from dataplane.model import check_attrs
-from dataplane.parallel.plan import describe_local, row_blocks
+from dataplane.parallel.plan import Transfer, describe_local, row_blocks
 
 # Gatherv counts are C ints; larger blocks go to rank 0 point to point, in pieces of this size.
 _PIECE = 1 << 30
@@ -191,6 +191,59 @@ class Collective:
                 except Exception as exc:
                     error = exc
         return regions, error
+
+    def to_owners(
+        self,
+        transfers: dict[str, list[Transfer]],
+        plan: dict[str, dict[str, Any]],
+        arrays: dict[str, np.ndarray],
+        write: Callable[[str, tuple[int, ...], np.ndarray], Any],
+    ) -> tuple[dict[str, list], BaseException | None]:
+        """Every chunk of ``transfers`` (this rank's, from :func:`~.plan.chunk_transfers`)
+        assembled by its owner from each block's part and handed whole to ``write(name,
+        start, chunk)``: no rank holds more than its own blocks and a chunk, and no chunk is
+        written by two ranks. A part travels when its owner asks for it (as in
+        :meth:`relay`). Every rank walks the chunks in the same order, so the pairwise
+        transfers cannot wait on each other in a cycle.
+
+        Returns ``{name: [[start, count, write's record], ...]}`` of the chunks this rank
+        wrote, and the first error of ``write`` (after one it still takes part in every
+        transfer, so that no rank waits forever)."""
+        MPI = _mpi()
+        word = np.zeros(1, np.uint8)
+        records: dict[str, list] = {name: [] for name in transfers}
+        error: BaseException | None = None
+        for name in sorted(transfers):
+            dtype = np.dtype(plan[name]["dtype"])
+            origin = plan[name]["parts"][self.rank][0]
+            for start, count, owner, parts in transfers[name]:
+                chunk = np.empty(count, dtype) if owner == self.rank else None
+                for r, at, size in parts:
+                    if r == self.rank:
+                        part = arrays[name][_box(at, size, origin)]
+                        if chunk is not None:
+                            chunk[_box(at, size, start)] = part
+                            continue
+                        _wait(self.comm.Irecv([word, MPI.BYTE], source=owner, tag=14))
+                        part = np.ascontiguousarray(part)
+                        self.comm.Send([_bytes(part), MPI.BYTE], dest=owner, tag=15)
+                    elif chunk is not None:
+                        got = np.empty(size, dtype)
+                        self.comm.Send([word, MPI.BYTE], dest=r, tag=14)
+                        self.comm.Recv([_bytes(got), MPI.BYTE], source=r, tag=15)
+                        chunk[_box(at, size, start)] = got
+                if chunk is not None and error is None:
+                    try:
+                        records[name].append([list(start), list(count), write(name, start, chunk)])
+                    except Exception as exc:
+                        error = exc
+        return records, error
+
+
+def _box(at: tuple[int, ...], size: tuple[int, ...], origin: Any) -> tuple[slice, ...]:
+    """The slices of the box ``at``/``size`` (global) within an array that starts at
+    ``origin``."""
+    return tuple(slice(a - o, a - o + n) for a, n, o in zip(at, size, origin))
 
 
 def _pieces(

@@ -3,6 +3,7 @@ every rank (pure functions of the ranks' descriptions)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -12,7 +13,15 @@ import numpy as np
 from dataplane.errors import SchemaError
 from dataplane.model import Block, as_array, check_name
 
-__all__ = ["aligned_chunks", "describe_local", "grid_dims", "plan_step", "split"]
+__all__ = [
+    "aligned_chunks",
+    "chunk_transfers",
+    "describe_local",
+    "grid_dims",
+    "plan_step",
+    "row_chunk",
+    "split",
+]
 
 
 def grid_dims(parts: int, ndims: int) -> tuple[int, ...]:
@@ -213,3 +222,57 @@ def row_blocks(shape: list[int], parts: list[tuple[list[int], list[int]]]) -> bo
             return False
         row += count[0]
     return True
+
+
+def row_chunk(shape: list[int], itemsize: int, target: int = 8 << 20) -> tuple[int, ...]:
+    """Chunks of whole rows of about ``target`` bytes (at least one row): for arrays whose
+    chunks have owners, so that an owner holds about that much, never the global step."""
+    if not shape:
+        return ()
+    row = math.prod(shape[1:]) * itemsize
+    return (max(1, min(shape[0], target // max(row, 1))), *shape[1:])
+
+
+Transfer = tuple[
+    tuple[int, ...], tuple[int, ...], int, list[tuple[int, tuple[int, ...], tuple[int, ...]]]
+]
+
+
+def chunk_transfers(
+    shape: list[int],
+    parts: list[tuple[list[int], list[int]]],
+    chunk: tuple[int, ...],
+    owner_of: list[int],
+    me: int,
+) -> list[Transfer]:
+    """The chunks of one global array that rank ``me`` helps write, in the order every rank
+    walks them (by chunk index): (chunk start, chunk count, owner, the part of each block in
+    it as (rank, start, count), by rank). ``shape``: the global array's; ``parts``: every
+    rank's block (start, count);
+    ``chunk``: the array's chunk shape; ``owner_of[r]``: the rank that writes chunks whose
+    lowest contributing rank is ``r`` (its aggregator).
+
+    Each chunk has one owner, which assembles it from every block's part and writes it whole:
+    no two ranks ever write one chunk, however the blocks fall across chunks."""
+    boxes = [(r, s, c) for r, (s, c) in enumerate(parts) if all(c)]
+    if not boxes or not all(chunk):
+        return []
+    mine = [b for b in boxes if b[0] == me or owner_of[b[0]] == me]
+    wanted: set[tuple[int, ...]] = set()
+    for _, s, c in mine:
+        ranges = [range(s[a] // n, -(-(s[a] + c[a]) // n)) for a, n in enumerate(chunk)]
+        wanted.update(itertools.product(*ranges))
+    out: list[Transfer] = []
+    for index in sorted(wanted):
+        start = tuple(i * n for i, n in zip(index, chunk))
+        end = tuple(min(st + n, e) for st, n, e in zip(start, chunk, shape))
+        pieces = []
+        for r, s, c in boxes:
+            lo = tuple(max(a, b) for a, b in zip(s, start))
+            hi = tuple(min(a + n, b) for a, n, b in zip(s, c, end))
+            if all(h > x for x, h in zip(lo, hi)):
+                pieces.append((r, lo, tuple(h - x for x, h in zip(lo, hi))))
+        owner = owner_of[pieces[0][0]]
+        if owner == me or any(r == me for r, _, _ in pieces):
+            out.append((start, tuple(e - s for s, e in zip(start, end)), owner, pieces))
+    return out

@@ -14,7 +14,7 @@ from dataplane.errors import DataplaneError, OptionError, SchemaError, Terminate
 from dataplane.model import VarSpec
 from dataplane.parallel.aggregators import Groups, aggregator_count
 from dataplane.parallel.collective import Collective, decode_error
-from dataplane.parallel.plan import aligned_chunks, plan_step
+from dataplane.parallel.plan import aligned_chunks, chunk_transfers, plan_step, row_chunk
 from dataplane.publisher import ChannelAttrs, Publisher
 from dataplane.transports.base import Transport
 
@@ -22,6 +22,8 @@ __all__ = ["ParallelPublisher"]
 
 #: Largest piece of a block that travels to the writing rank at once (whole rows of it).
 PIECE_BYTES = 32 << 20
+#: About the size of a new array's chunks where chunks have owners (rows of the array).
+OWNER_CHUNK_BYTES = 8 << 20
 
 
 class ParallelPublisher:
@@ -66,6 +68,10 @@ class ParallelPublisher:
         self._layout: dict[str, Any] | None = None  # the blocks of the first subfiled step
         self._rows: int | None = None  # steps committed, once a step was
         self._opened = False  # whether the aggregators opened their subfiles
+        # Chunk owners (zarr:// with aggregators): the rank writing each rank's chunks.
+        self._owner_of: list[int] | None = None
+        self._k = 1
+        self._transfers: dict[str, Any] = {}  # chunk_transfers by array layout
         self._setup_aggregators(aggregators)
 
     def _setup_aggregators(self, aggregators: Any) -> None:
@@ -75,12 +81,14 @@ class ParallelPublisher:
         k, group_of = 1, [0] * self._coll.size
         try:
             k, group_of = aggregator_count(self.comm, aggregators)
-            if k > 1 and not self._transport.subfiles:
+            transport = self._transport
+            if k > 1 and not (transport.subfiles or transport.supports_rank_writes):
                 if aggregators is not None:
                     raise OptionError(
-                        f"{self._transport.scheme}:// takes aggregators=1 only (its ranks' "
-                        f"blocks go to rank 0, which writes the channel); h5:// and bp5:// "
-                        f"write subfiles with aggregators={k}"
+                        f"{transport.scheme}:// takes aggregators=1 only (its ranks' blocks go "
+                        f"to rank 0, which writes the channel); h5:// and bp5:// write "
+                        f"subfiles with aggregators={k}, zarr:// on a shared store writes "
+                        f"chunks through them"
                     )
                 k, group_of = 1, [0] * self._coll.size
         except Exception as exc:
@@ -94,6 +102,14 @@ class ParallelPublisher:
             except Exception as exc:
                 error = exc
         self._coll.outcome(error)
+        if not self._transport.subfiles:
+            if self._transport.supports_rank_writes:
+                # Chunk owners: each group's lowest rank writes the chunks its group starts
+                # (one group: rank 0 all of them, a chunk at a time).
+                first = {g: group_of.index(g) for g in set(group_of)}
+                self._owner_of = [first[g] for g in group_of]
+                self._k = k
+            return
         if k == 1:
             return
         existing = self.comm.bcast(existing, root=0)
@@ -112,8 +128,8 @@ class ParallelPublisher:
         it was written with another number of aggregators."""
         assert self._inner is not None
         before = self._inner.written_by() if self._inner.next_index else None
-        if self._inner.next_index == 0:
-            return None
+        if self._inner.next_index == 0 or not self._transport.subfiles:
+            return None  # (chunk owners may differ from one writer to the next)
         had = int((before or {}).get("aggregators", 1))
         if had != k:
             raise OptionError(
@@ -211,24 +227,44 @@ class ParallelPublisher:
             by_root = {n: arrays[n] for n, e in plan.items() if e["kind"] == "scalar"}
         else:
             by_root = self._to_root(plan, arrays, skip=chunks)
+        owners = self._owner_of if unaligned else None
         row = None
         error: BaseException | None = None
         if self._inner is not None:
             written_by = {
                 "ranks": self._coll.size,
-                # Ranks write their own chunks, or send them in pieces to rank 0, or both.
+                # Ranks write their own chunks, or send them in pieces to rank 0 or to the
+                # chunks' owners, or both.
                 "method": "own-chunks" if chunks and not unaligned else "aggregators",
-                "aggregators": 1,
+                "aggregators": self._k if owners is not None else 1,
                 "files": [os.path.basename(self._transport.url.path)],
             }
+            # Arrays with chunk owners, where new: chunks of rows (the owners' memory).
+            hints = (
+                {
+                    **{
+                        n: row_chunk(e["shape"], specs[n].dtype.itemsize, OWNER_CHUNK_BYTES)
+                        for n, e in unaligned.items()
+                    },
+                    **chunks,
+                }
+                if owners
+                else chunks
+            )
             try:
                 row = self._inner.begin_ranked(
-                    specs, attrs, chunks, by_root, {"written_by": written_by}
+                    specs, attrs, hints, by_root, {"written_by": written_by}
                 )
             except Exception as exc:
                 error = exc
         self._coll.outcome(error)
-        row = self.comm.bcast(row, root=0)
+        inner = self._inner
+        row, layout = self.comm.bcast(
+            None
+            if inner is None
+            else [row, {n: inner.chunks_of(n) for n in unaligned} if owners else {}],
+            root=0,
+        )
         sums: dict[str, list] = {}
         error = None
         transport = self._transport
@@ -236,17 +272,24 @@ class ParallelPublisher:
             for name in sorted(chunks):
                 start, count = plan[name]["parts"][self.rank]
                 if all(count):
-                    sums[name] = [
-                        start,
-                        count,
-                        transport.put_block(row, name, tuple(start), arrays[name]),
-                    ]
+                    put = transport.put_block(row, name, tuple(start), arrays[name])
+                    sums[name] = [[start, count, put]]
         except Exception as exc:
             error = exc
+        if owners is not None:
+            written, owner_error = self._coll.to_owners(
+                self._owned(unaligned, layout, owners),
+                plan,
+                arrays,
+                lambda name, start, chunk: transport.put_block(row, name, start, chunk),
+            )
+            for name, records in written.items():
+                sums.setdefault(name, []).extend(records)
+            error = error or owner_error
         reports = self._coll.gather_reports(sums, error)
         relayed: dict[str, list] = {}
         error = None
-        if self._aggregates and unaligned:
+        if self._aggregates and unaligned and owners is None:
             inner = self._inner
             relayed, error = self._coll.relay(
                 unaligned, arrays, None if inner is None else inner.put_region, PIECE_BYTES
@@ -256,8 +299,8 @@ class ParallelPublisher:
             failed = next(((r, e) for r, (_, e) in enumerate(reports) if e), None)
             blocks: dict[str, list] = {name: [] for name in chunks}
             for rank_sums, _ in reports:
-                for name, entry in rank_sums.items():
-                    blocks[name].append(entry)
+                for name, entries in rank_sums.items():
+                    blocks.setdefault(name, []).extend(entries)
             blocks.update(relayed)
             try:
                 ok = failed is None and error is None
@@ -270,6 +313,29 @@ class ParallelPublisher:
         index = self._index
         self._index += 1
         return index
+
+    def _owned(
+        self,
+        plan: dict[str, dict[str, Any]],
+        chunks: dict[str, tuple[int, ...] | None],
+        owners: list[int],
+    ) -> dict[str, list]:
+        """This rank's part in writing each array of ``plan`` by chunk owners (the same layout
+        every step: planned once)."""
+        out = {}
+        for name, entry in plan.items():
+            key = json.dumps([name, entry["shape"], entry["parts"], chunks[name]])
+            if key not in self._transfers:
+                if len(self._transfers) > 64:
+                    self._transfers.clear()
+                chunk = chunks[name]
+                self._transfers[key] = (
+                    chunk_transfers(entry["shape"], entry["parts"], tuple(chunk), owners, self.rank)
+                    if chunk
+                    else []
+                )
+            out[name] = self._transfers[key]
+        return out
 
     def _write_subfiled(
         self,
