@@ -183,6 +183,7 @@ KILLS = {
     "h5-subfiles": "the aggregator of the second group (rank 1) while writing its subfile",
     "bp5-subfiles": "the aggregator of the second group (rank 1) while writing its subfile",
     "bp5-subfiles-commit": "rank 0 inside the channel's commit, every subfile holding the step",
+    "zarr-owners": "the owner of the second group's chunks (rank 1) while writing one",
 }
 
 
@@ -190,7 +191,10 @@ KILLS = {
 def test_a_rank_killed_inside_a_step_leaves_only_complete_steps(tmp_path, scheme):
     url = url_for(scheme.split("-")[0], tmp_path)
     subfiled = "-subfiles" in scheme
-    opts = ", aggregators=2" if subfiled else ""
+    opts = ", aggregators=2" if subfiled or scheme == "zarr-owners" else ""
+    # zarr-owners: rows 1000 and 1007 in chunks of 300 rows, so rank 1 owns chunks of its
+    # own and sends rank 0 its part of the chunk they share.
+    rows = [1000, 1007] if scheme == "zarr-owners" else [1000, 1000]
     code = textwrap.dedent(
         f"""
         import os, signal, numpy as np, dataplane as dp
@@ -198,6 +202,8 @@ def test_a_rank_killed_inside_a_step_leaves_only_complete_steps(tmp_path, scheme
         comm = MPI.COMM_WORLD
         def die(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
+        import dataplane.parallel.publisher as pp
+        pp.OWNER_CHUNK_BYTES = 300 * 10 * 8
         with dp.publish({url!r}, comm=comm{opts}) as pub:
             for t in range(5):
                 if t == 2:
@@ -211,7 +217,10 @@ def test_a_rank_killed_inside_a_step_leaves_only_complete_steps(tmp_path, scheme
                         pub._inner._writer._fw.commit = die
                     elif {subfiled} and comm.rank == 1:
                         pub._transport.put_subfile_region = die  # its subfile has the room
-                pub.write({{"x": np.full((1000, 10), t + comm.rank, dtype=np.float64)}})
+                    if {scheme!r} == "zarr-owners" and comm.rank == 1:
+                        pub._transport.put_block = die  # after its part went to rank 0
+                x = np.full(({rows}[comm.rank], 10), t + comm.rank, dtype=np.float64)
+                pub.write({{"x": dp.Block(x, ({rows}[0] * comm.rank, 0), ({sum(rows)}, 10))}})
         """
     )
     with mpich_segments_removed():
@@ -220,8 +229,10 @@ def test_a_rank_killed_inside_a_step_leaves_only_complete_steps(tmp_path, scheme
     with dp.open(url) as a:
         assert len(a) == 2
         for t in range(2):
-            want = np.concatenate([np.full((1000, 10), t), np.full((1000, 10), t + 1)])
+            want = np.concatenate([np.full((rows[0], 10), t), np.full((rows[1], 10), t + 1)])
             np.testing.assert_array_equal(a[t]["x"], want)
+    if scheme == "zarr-owners":  # the chunks had owners
+        assert zarr.open_array(str(tmp_path / "run.zarr" / "x"), mode="r").chunks == (1, 300, 10)
     with dp.subscribe(url, timeout=20) as sub:
         with pytest.raises(dp.ChannelBroken):
             for _ in sub:

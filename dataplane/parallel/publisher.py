@@ -276,7 +276,13 @@ class ParallelPublisher:
                     sums[name] = [[start, count, put]]
         except Exception as exc:
             error = exc
-        if owners is not None:
+        missing = [n for n in unaligned if owners is not None and not layout.get(n)]
+        if missing:  # (the same on every rank: none takes part in a transfer)
+            error = error or DataplaneError(
+                f"{self.url}: the store gave no chunk shape for {', '.join(missing)}; the step "
+                f"is not written"
+            )
+        elif owners is not None:
             written, owner_error = self._coll.to_owners(
                 self._owned(unaligned, layout, owners),
                 plan,
@@ -329,10 +335,9 @@ class ParallelPublisher:
                 if len(self._transfers) > 64:
                     self._transfers.clear()
                 chunk = chunks[name]
-                self._transfers[key] = (
-                    chunk_transfers(entry["shape"], entry["parts"], tuple(chunk), owners, self.rank)
-                    if chunk
-                    else []
+                assert chunk, name
+                self._transfers[key] = chunk_transfers(
+                    entry["shape"], entry["parts"], tuple(chunk), owners, self.rank
                 )
             out[name] = self._transfers[key]
         return out
