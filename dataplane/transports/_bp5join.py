@@ -102,7 +102,7 @@ class Joined:
         boxes: list[list[Any]],
     ) -> np.ndarray:
         start, count = tuple(selection.start), tuple(selection.count)
-        out = np.empty(count, spec.dtype)
+        out: np.ndarray | None = None
         for file, at, size in boxes:
             first = [max(a, b) for a, b in zip(start, at)]
             end = [min(a + c, b + d) for a, c, b, d in zip(start, count, at, size)]
@@ -111,7 +111,13 @@ class Joined:
             source, position = self._step(file, index, name)
             box = Selection(tuple(first), tuple(e - f for f, e in zip(first, end)))
             part = source.get(position, name, box)
+            if out is None and box == Selection(start, count):
+                return part  # within one block: no second copy
+            if out is None:
+                out = np.empty(count, spec.dtype)
             out[tuple(slice(f - s, e - s) for f, e, s in zip(first, end, start))] = part
+        if out is None:  # (the blocks tile the array: only an empty selection gets here)
+            out = np.empty(count, spec.dtype)
         return out
 
     def _step(self, file: str, index: int, name: str) -> tuple[Any, int]:
