@@ -222,21 +222,30 @@ class Collective:
             dtype = np.dtype(plan[name]["dtype"])
             origin = plan[name]["parts"][self.rank][0]
             for start, count, owner, parts in transfers[name]:
-                chunk = np.empty(count, dtype) if owner == self.rank else None
+                mine = owner == self.rank
+                # One part that is the whole chunk is written as it is: no chunk buffer.
+                whole = len(parts) == 1
+                chunk = np.empty(count, dtype) if mine and not whole else None
                 for r, at, size in parts:
                     if r == self.rank:
                         part = arrays[name][_box(at, size, origin)]
-                        if chunk is not None:
-                            chunk[_box(at, size, start)] = part
+                        if mine:
+                            if chunk is None:
+                                chunk = part
+                            else:
+                                chunk[_box(at, size, start)] = part
                             continue
                         _wait(self.comm.Irecv([word, MPI.BYTE], source=owner, tag=14))
                         part = np.ascontiguousarray(part)
                         self.comm.Send([_bytes(part), MPI.BYTE], dest=owner, tag=15)
-                    elif chunk is not None:
+                    elif mine:
                         got = np.empty(size, dtype)
                         self.comm.Send([word, MPI.BYTE], dest=r, tag=14)
                         self.comm.Recv([_bytes(got), MPI.BYTE], source=r, tag=15)
-                        chunk[_box(at, size, start)] = got
+                        if chunk is None:
+                            chunk = got
+                        else:
+                            chunk[_box(at, size, start)] = got
                 if chunk is not None and error is None:
                     try:
                         records[name].append([list(start), list(count), write(name, start, chunk)])
