@@ -221,6 +221,62 @@ def test_a_warm_epoch_with_workers_is_gathered_here_and_counts_exactly(url, tmp_
     assert sorted(i for x, label in ld for i in check_batch(x, label)) == list(range(200))
 
 
+@pytest.mark.parametrize("stale", [False, True])
+def test_small_batches_gathered_ahead_are_exactly_the_samplers(url, tmp_path, stale) -> None:
+    """Small samples are gathered several batches at once, from the indices the sampler
+    will hand out next; each batch is still the sampler's, counted when the loop takes it,
+    its transform run once. Gathered batches whose indices are not the sampler's (here
+    ``upcoming`` made to lie) are never delivered: each is gathered anew."""
+    ds = dataset(url, tmp_path)
+    sampler = ShuffleSampler(ds, seed=4, block=2)
+    calls = []
+    ld = loader(ds, 8, sampler=sampler, batch_transform=lambda b: calls.append(1) or b)
+    assert ld._ahead > 1
+    gathers = []
+    real_batches, real_upcoming = ds.batches, sampler.upcoming
+    ds.batches = lambda ids, *a, **k: gathers.append(len(ids)) or real_batches(ids, *a, **k)
+    if stale:
+        sampler.upcoming = lambda n: (real_upcoming(n)[::-1] + 1) % len(ds)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        got: list[int] = []
+        for x, label in ld:
+            got += check_batch(x, label)
+            assert sampler.state_dict()["position"] == len(got)
+        assert got == sampler.order(epoch).tolist()
+    assert len(calls) == 2 * len(ld)
+    if stale:
+        assert len(gathers) > len(ld)  # each stale one gathered anew
+    else:
+        assert len(gathers) < len(ld) and max(gathers) == 8 * ld._ahead
+    # Resume mid-epoch from a batch gathered ahead.
+    sampler.set_epoch(2)
+    first = [i for _, (x, label) in zip(range(3), ld) for i in check_batch(x, label)]
+    state = sampler.state_dict()
+    again = ShuffleSampler(ds, seed=4, block=2)
+    again.load_state_dict(state)
+    again.set_epoch(2)
+    rest = [i for x, label in loader(ds, 8, sampler=again) for i in check_batch(x, label)]
+    assert first + rest == sampler.order(2).tolist()
+
+
+def test_dataset_batches_are_views_of_one_gather(url, tmp_path) -> None:
+    ds = dataset(url, tmp_path)
+    idx = np.random.default_rng(0).permutation(len(ds))[:45]
+    parts = ds.batches(idx, 8)
+    assert [len(x) for x, _ in parts] == [8, 8, 8, 8, 8, 5]
+    for k, (x, label) in enumerate(parts):
+        assert check_batch(x, label) == idx[k * 8 : (k + 1) * 8].tolist()
+        assert x.untyped_storage().data_ptr() == parts[0][0].untyped_storage().data_ptr()
+    doubled = dataset(url, tmp_path, transform=_double).batches(idx, 20)
+    assert [check_batch(x / 2, label) for x, label in doubled] == [
+        idx[a : a + 20].tolist() for a in (0, 20, 40)
+    ]
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(dp.OptionError, match="size must be"):
+            ds.batches(idx, bad)
+
+
 def test_growing_data_reaches_persistent_workers(tmp_path) -> None:
     url = f"zarr://{tmp_path}/grow.zarr"
     write_rows(url, range(2))
@@ -394,7 +450,8 @@ def test_batch_buffers_are_reused_only_once_dropped(url, tmp_path, cache) -> Non
     sampler.set_epoch(1)
     ptrs, seen = set(), []
     for b in ld:  # the usual loop: each batch dropped when the next arrives
-        ptrs.add(b[0].data_ptr())
+        # Small batches are gathered several at once: views of one buffer.
+        ptrs.add(b[0].untyped_storage().data_ptr())
         seen += check_batch(*b)
     assert sorted(seen) == list(range(ROWS * STEPS))
     assert len(ptrs) <= 3, "dropped batches' buffers are taken again"

@@ -273,8 +273,13 @@ def test_sampler_batches_are_what_batchsampler_makes_of_it(
     d2, by_batch = make()
     by_index.set_epoch(3)
     by_batch.set_epoch(3)
-    assert list(by_batch.batches(size, drop_last)) == list(BatchSampler(by_index, size, drop_last))
+    batches, ahead = [], []
+    for b in by_batch.batches(size, drop_last):
+        batches.append(b)
+        ahead.append(by_batch.upcoming(2 * size + 1).tolist())
+    assert batches == list(BatchSampler(by_index, size, drop_last))
     assert by_batch.state_dict()["position"] == by_index.state_dict()["position"]
+    _check_upcoming(batches, ahead, 2 * size + 1, by_batch)
     assert set(d2.advances) <= set(d1.advances) and d2.advances == sorted(d2.advances)
     assert d2.advances[-1] == d1.advances[-1] == len(by_index)
     # Resume mid-epoch from a state either one saved.
@@ -284,9 +289,23 @@ def test_sampler_batches_are_what_batchsampler_makes_of_it(
     _, again_batch = make()
     again_index.load_state_dict(state)
     again_batch.load_state_dict(state)
-    assert list(again_batch.batches(size, drop_last)) == list(
-        BatchSampler(again_index, size, drop_last)
-    )
+    batches, ahead = [], []
+    for b in again_batch.batches(size, drop_last):
+        batches.append(b)
+        ahead.append(again_batch.upcoming(size).tolist())
+    assert batches == list(BatchSampler(again_index, size, drop_last))
+    _check_upcoming(batches, ahead, size, again_batch)
+
+
+def _check_upcoming(batches, ahead, n, sampler) -> None:
+    """After each batch, ``upcoming(n)`` named the indices of the batches that followed, n
+    of them where there were (past the last, only the dropped tail); outside a pass none."""
+    for i, nxt in enumerate(ahead):
+        rest = [j for b in batches[i + 1 :] for j in b]
+        assert nxt[: len(rest)] == rest[: len(nxt)]
+        if len(rest) >= n:
+            assert len(nxt) == n
+    assert not len(sampler.upcoming(n))
 
 
 @settings(max_examples=200, deadline=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 import weakref
@@ -48,7 +49,7 @@ class MapAhead:
     def at(self, position: int) -> None:
         """The sampler reached ``position``."""
         self._position = position
-        if position >= self._resume_at:
+        if position >= self._resume_at and not self._wake.is_set():
             self._wake.set()
 
     def stop(self) -> None:
@@ -62,6 +63,12 @@ class MapAhead:
         return not self._thread.is_alive()
 
     def _run(self, alive: Callable[[], Any]) -> None:
+        try:
+            self._map(alive)
+        finally:
+            self._resume_at = sys.maxsize  # nothing more to wake it for
+
+    def _map(self, alive: Callable[[], Any]) -> None:
         i, n = 0, len(self._keys)
         while i < n and not self._stopped:
             self._wake.clear()

@@ -87,34 +87,31 @@ def from_cache(
     bounds, _, keys = table
     shard = np.searchsorted(bounds, idx, side="right") - 1
     local = (idx - bounds[shard]).tolist()
-    at: dict[int, list[int]] = {}  # shard -> the batch positions it serves
-    for j, s in enumerate(shard.tolist()):
-        at.setdefault(s, []).append(j)
-    batch = {keys[s] for s in at}  # not evicted while this batch is gathered
-    held = cache.get_many([keys[s] for s in at])
+    shards = shard.tolist()
+    used = list(dict.fromkeys(shards))  # the batch's shards, in order of first use
+    held = cache.get_many([keys[s] for s in used])
     if None in held:
+        batch = {keys[s] for s in used}  # not evicted while this batch is gathered
         # Fetch first what no other process is fetching; then wait for the rest.
-        for s, arrays in zip(at, held):
+        for s, arrays in zip(used, held):
             if arrays is None:
                 cache.fetch_if_free(keys[s], produce(s), keep=batch)
-    columns: list[list[Any]] = [[None] * len(idx) for _ in snap.names]
-    for (s, where), arrays in zip(at.items(), held):
-        if arrays is None:
-            arrays = cache.fetch(keys[s], produce(s), keep=batch)
-        for k, name in enumerate(snap.names):
-            col = columns[k]
-            if outs is None:
-                for j in where:
-                    col[j] = _cast(arrays[f"{int(idx[j])}/{name}"], dtypes[name])
-            else:
-                src = arrays[name]
-                for j in where:
-                    col[j] = src[local[j] : local[j] + 1]
+        held = [
+            arrays if arrays is not None else cache.fetch(keys[s], produce(s), keep=batch)
+            for s, arrays in zip(used, held)
+        ]
+    of = dict(zip(used, held))
     if outs is None:
-        return columns
+        return [
+            [_cast(of[s][f"{i}/{name}"], dtypes[name]) for s, i in zip(shards, idx.tolist())]
+            for name in snap.names
+        ]
     if len(idx):
-        for out, col in zip(outs, columns):
-            # One copy per row, all in C (a row's view, not an index, per position).
+        for out, name in zip(outs, snap.names):
+            # A view of each row, shaped (1, ...) (an index into a (rows, 1, ...) view: half
+            # the cost of a slice), all copied in one call.
+            rows = {s: arrays[name][:, None] for s, arrays in of.items()}
+            col = [rows[s][i] for s, i in zip(shards, local)]
             np.concatenate(col, axis=0, out=out, casting="unsafe")
     return None
 

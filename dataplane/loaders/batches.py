@@ -15,6 +15,7 @@ batches of indices instead:
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,6 +37,11 @@ GATHER = ("auto", "main", "workers")
 GROUP = 8
 GROUP_BYTES = 16 << 20
 MAX_GROUP = 64
+#: The main process gathers batches of small samples several at once, about AHEAD_BYTES of
+#: samples (up to MAX_AHEAD batches), each batch a view of that buffer: a gather's fixed cost
+#: (the cache's look, the buffer, the checks) is most of a batch of 4 KiB samples.
+AHEAD_BYTES = 1 << 20
+MAX_AHEAD = 16
 
 
 class _Ticket:
@@ -120,7 +126,9 @@ class _Work(torch.utils.data.Dataset):
         if self.in_main and worker:
             self.ds.ensure_cached(indices)
             return _Ticket(np.asarray(indices, dtype=np.int64))
-        batch = self.ds.batch(indices, memory="shared" if worker else self.memory)
+        return self.finish(self.ds.batch(indices, memory="shared" if worker else self.memory))
+
+    def finish(self, batch: Any) -> Any:
         return self.batch_transform(batch) if self.batch_transform is not None else batch
 
 
@@ -213,6 +221,7 @@ class BatchLoader(DataLoader):
             kwargs.setdefault("persistent_workers", True)
         self._batches = _Batches(self.order, int(batch_size), bool(drop_last))
         self._batch_size = int(batch_size)
+        self._ahead = self._gather_ahead(dataset)
         super().__init__(
             work,
             batch_sampler=(
@@ -230,11 +239,18 @@ class BatchLoader(DataLoader):
     def __len__(self) -> int:
         return len(self._batches)
 
-    def _group(self, dataset: SampleDataset) -> int:
+    def _batch_bytes(self, dataset: SampleDataset) -> int:
         nbytes = dataset.shard_nbytes()
         per_sample = int(nbytes.sum()) // max(len(dataset), 1) if len(nbytes) else 0
-        per_batch = max(per_sample * self._batch_size, 1)
-        return max(GROUP, min(MAX_GROUP, GROUP_BYTES // per_batch))
+        return max(per_sample * self._batch_size, 1)
+
+    def _gather_ahead(self, dataset: SampleDataset) -> int:
+        if dataset.transform is not None or dataset.sample != "row":
+            return 1
+        return max(1, min(MAX_AHEAD, AHEAD_BYTES // self._batch_bytes(dataset)))
+
+    def _group(self, dataset: SampleDataset) -> int:
+        return max(GROUP, min(MAX_GROUP, GROUP_BYTES // self._batch_bytes(dataset)))
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         if self.num_workers == 0 or (self.in_main and self.samples.all_cached()):
@@ -245,18 +261,47 @@ class BatchLoader(DataLoader):
             # their queues (warm w2 ran at 0.67-0.70 of w0 on two cores, the workers taking
             # CPU from the gather). A shard evicted meanwhile is fetched here, as without
             # workers.
-            for indices in self._batches:
-                yield self._deliver(self._work.__getitems__(indices))
+            yield from self._here()
             return
+        step = self._batch_size
         for item in super().__iter__():
             if isinstance(item, _Ticket):
-                step = self._batch_size
-                for i in range(0, len(item.indices), step):
-                    yield self._deliver(
-                        self.samples.batch(item.indices[i : i + step], memory=self._memory)
-                    )
+                span = step * self._ahead
+                for a in range(0, len(item.indices), span):
+                    for batch in self.samples.batches(
+                        item.indices[a : a + span], step, memory=self._memory
+                    ):
+                        yield self._deliver(batch)
             else:
                 yield self._deliver(item)
+
+    def _here(self) -> Iterator[Any]:
+        """Batches made in this process. With a :class:`ShuffleSampler` and small samples,
+        each gather takes the batch and the next ones of the order (``upcoming``) at once;
+        a batch the sampler then hands out is delivered from there only if its indices are
+        the ones gathered (anything else is gathered anew), and the sampler counts only the
+        batches handed out."""
+        order, size, work = self.order, self._batch_size, self._work
+        ahead = self._ahead if isinstance(order, ShuffleSampler) else 1
+        made: deque[tuple[list[int], Any]] = deque()
+        for indices in self._batches:
+            if made:
+                want, batch = made.popleft()
+                if want == indices:
+                    yield self._deliver(work.finish(batch))
+                    continue
+                made.clear()
+            if ahead == 1:
+                yield self._deliver(work.__getitems__(indices))
+                continue
+            ids = np.concatenate(
+                (np.asarray(indices, dtype=np.int64), order.upcoming((ahead - 1) * size))
+            )
+            got = self.samples.batches(ids, size, memory=self._memory)
+            listed = ids.tolist()  # compared with the sampler's lists as they come
+            for k in range(1, len(got)):
+                made.append((listed[k * size : (k + 1) * size], got[k]))
+            yield self._deliver(work.finish(got[0]))
 
     def _deliver(self, batch: Any) -> Any:
         return batch if self.device is None else to_device(batch, self.device)

@@ -214,6 +214,23 @@ class SampleDataset(torch.utils.data.Dataset):
             tensors = [_stack(list(col), name, memory) for col, name in zip(tensors, self.names)]
         return shape_sample(list(tensors), self._keys, self._single)
 
+    def batches(
+        self, indices: Sequence[int] | np.ndarray, size: int, *, memory: str = "private"
+    ) -> list[Any]:
+        """The samples at ``indices`` as consecutive batches of ``size`` (the last one may be
+        smaller), as :meth:`batch` makes each, but gathered at once into one buffer per
+        variable, of which each batch is a view: the gather's cost per call (the cache's look,
+        the buffer, the checks) is paid once for all of them, which is most of a batch of
+        small samples."""
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise OptionError(f"size must be a positive integer, got {size!r}")
+        idx = self._indices(indices)
+        cuts = range(0, len(idx), int(size))
+        if self.transform is not None or self.sample == "step" or not len(idx):
+            return [self.batch(idx[a : a + size], memory=memory) for a in cuts]
+        parts = [t.split(int(size)) for t in self._columns(idx, memory)]
+        return [shape_sample(list(ts), self._keys, self._single) for ts in zip(*parts)]
+
     def ensure_cached(self, indices: Sequence[int] | np.ndarray) -> None:
         """Have the shards holding ``indices`` in the cache (fetching those that are not),
         without reading them: the work a DataLoader worker does for :func:`loader` when the

@@ -79,6 +79,7 @@ class ShuffleSampler(torch.utils.data.Sampler[int]):
         self._bounds: np.ndarray | None = None  # this epoch's snapshot of the shard layout
         self._resume = 0  # position the next __iter__ starts from
         self._yielded = 0  # samples handed out in the current epoch (from its start)
+        self._order: np.ndarray | None = None  # the order of the pass in progress
 
     # -- the layout --------------------------------------------------------------------------
     def _layout(self, refresh: bool) -> np.ndarray:
@@ -128,7 +129,7 @@ class ShuffleSampler(torch.utils.data.Sampler[int]):
         self._end(order, advance)
 
     def _begin(self) -> tuple[np.ndarray, int, Callable[[int], None] | None]:
-        order = self.order()
+        order = self._order = self.order()
         start, self._resume = self._resume, 0
         self._yielded = start
         # A dataset with a cache learns the future: eviction by next use, prefetching.
@@ -140,6 +141,17 @@ class ShuffleSampler(torch.utils.data.Sampler[int]):
         if advance is not None:
             advance(len(order))
         self._bounds = None  # the next epoch (or pass) looks for new data again
+        if self._order is order:
+            self._order = None
+
+    def upcoming(self, n: int) -> np.ndarray:
+        """The next ``n`` indices of the pass in progress (fewer near its end; none outside a
+        pass), not taken: a reader can gather them ahead, and :meth:`state_dict` still counts
+        only what was handed out."""
+        order = self._order
+        if order is None:
+            return np.empty(0, np.int64)
+        return order[self._yielded : self._yielded + max(int(n), 0)]
 
     def batches(self, size: int, drop_last: bool = False) -> Iterator[list[int]]:
         """The order in lists of ``size`` indices: what ``BatchSampler(self, size, drop_last)``
