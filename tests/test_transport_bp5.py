@@ -143,6 +143,52 @@ def test_damaged_metadata_gives_an_error_not_a_crash(tmp_path, written_bp, name)
                 assert end["end"] == "closed" or "IntegrityError" in end["error"], (seed, end)
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("left", ["mmd.0", "md.0", "md.idx", "all"])
+def test_an_append_after_a_step_cut_short_continues_the_channel(tmp_path, written_bp, left):
+    """A writer killed inside a step leaves part of its meta-metadata, metadata or index
+    record after the last complete step. Readers get the complete steps; the next writer
+    cuts what was left before it appends, and every step reads back exact (ADIOS2 appended
+    after the leftover, and the file read "no known format for Metadata Block")."""
+    import shutil
+    import struct
+
+    from dataplane._testprocs import digest, make_step
+
+    copy = tmp_path / "c.bp"
+    shutil.copytree(written_bp, copy)
+    shutil.copy(f"{written_bp}.lease", f"{copy}.lease")
+    before = {n: (copy / n).read_bytes() for n in ("mmd.0", "md.0", "md.idx")}
+    id_len, info_len = struct.unpack_from("<2Q", before["mmd.0"])
+    parts = {
+        "mmd.0": before["mmd.0"][: (16 + id_len + info_len) // 2],  # a block begun
+        "md.0": before["md.0"][:100],  # a step's metadata begun
+        "md.idx": before["md.idx"][-57:-37],  # a step record begun (records are 57 bytes)
+    }
+    for name, part in parts.items():
+        if left in (name, "all"):
+            with open(copy / name, "ab") as f:
+                f.write(part)
+    url = f"bp5://{copy}"
+
+    def want(n: int) -> dict[str, dict[str, str]]:
+        return {
+            str(i): {k: digest(np.asarray(v)) for k, v in sorted(make_step(i, 256).items())}
+            for i in range(n)
+        }
+
+    (got,) = read_events(run_proc("verify", url), 120)
+    assert got["error"] is None and got["steps"] == want(6), got
+    with dp.publish(url, mode="a") as pub:
+        assert pub.next_index == 6
+        for i in (6, 7):
+            pub.write(make_step(i, 256), attrs={"i": i})
+    (got,) = read_events(run_proc("verify", url), 120)
+    assert got["error"] is None and got["steps"] == want(8), got
+    for name, data in before.items():  # the leftovers are gone, the steps before kept
+        assert (copy / name).read_bytes().startswith(data[: 64 if name == "md.idx" else 0])
+
+
 def test_reading_leaves_no_profile_files_in_tmp(tmp_path) -> None:
     """ADIOS2's BP5 reader writes `/tmp/<name>_<pid>_profiling.json` when it closes, whatever
     `Profile` says (180 of them per `make test`, one per process and file for a training run):

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator
 
 import xxhash
 
 from dataplane.errors import IntegrityError
 
-__all__ = ["FILES", "Checker", "MetaLog"]
+__all__ = ["FILES", "Checker", "MetaLog", "cut_incomplete"]
 
 LOG = "dataplane.sums"
 FILES = ("md.idx", "md.0", "mmd.0")
 _ACTIVE_FLAG = 39  # in md.idx
+_INDEX_VERSION = 37  # in md.idx: 5 for BP5
+_INDEX_HEADER = 64
 
 
 def _increment(path: str, name: str, start: int, end: int) -> str:
@@ -65,6 +68,55 @@ def _records(path: str, pos: int = 0) -> Iterator[tuple[int, dict]]:
         ):
             return
         yield pos, rec
+
+
+def _complete(path: str) -> list[int] | None:
+    """The sizes of ``FILES`` up to the end of the last step ADIOS2 completed, read from its
+    own records (None where they do not parse as BP5 5.2 does). A writer killed inside a
+    step leaves a part of its meta-metadata, metadata or index record after that end."""
+    with open(os.path.join(path, "md.idx"), "rb") as f:
+        idx = f.read()
+    if len(idx) < _INDEX_HEADER or idx[_INDEX_VERSION] != 5:
+        return None
+    pos = end = _INDEX_HEADER
+    md_end = 0
+    while pos + 9 <= len(idx):
+        kind = idx[pos : pos + 1]
+        (length,) = struct.unpack_from("<Q", idx, pos + 1)
+        if pos + 9 + length > len(idx):
+            break  # cut short
+        if kind == b"s":
+            if length < 24:
+                return None
+            at, size = struct.unpack_from("<2Q", idx, pos + 9)
+            md_end = at + size
+        pos = end = pos + 9 + length
+    with open(os.path.join(path, "mmd.0"), "rb") as f:
+        mmd = f.read()
+    at = mmd_end = 0
+    while at + 16 <= len(mmd):
+        id_len, info_len = struct.unpack_from("<2Q", mmd, at)
+        if at + 16 + id_len + info_len > len(mmd):
+            break  # cut short
+        at = mmd_end = at + 16 + id_len + info_len
+    return [end, md_end, mmd_end]
+
+
+def cut_incomplete(path: str) -> None:
+    """Before a writer appends: cut what a writer killed inside a step left after the last
+    complete step. ADIOS2 appends its next records after whatever the files hold, so a part
+    of a record left there made every later one unreadable ("no known format for Metadata
+    Block"). Never below what the log says complete steps hold (nothing is cut where the
+    files do not parse as expected)."""
+    logged = [0, 0, 0]
+    for _, rec in _records(path):
+        logged = list(rec["s"])
+    complete = _complete(path)
+    if complete is None or any(c < lo for c, lo in zip(complete, logged)):
+        return
+    for name, size, now in zip(FILES, complete, _sizes(path)):
+        if now > size:
+            os.truncate(os.path.join(path, name), size)
 
 
 class MetaLog:

@@ -181,6 +181,7 @@ class _BP5Writer(FormatWriter):
         append = mode == "a" and t._ready() and not t._empty()
         if append:
             _bp5meta.Checker(t.path, t.url.url).check()  # ADIOS2 would crash on damage
+            _bp5meta.cut_incomplete(t.path)  # what a writer killed inside a step left
             source = _BP5Source(t)
             n = source.refresh()
             self.next_index = source.last_index() + 1 if n else 0
@@ -433,7 +434,10 @@ class _BP5Source(StepSource):
         self._ad = t._adios()
         self._io = t.reader_io(self._ad)
         self._profile = _ReaderProfile(t, t.path)
-        self._engine = self._io.Open(t.path, ab.Mode.ReadRandomAccess)
+        # NOTE: ADIOS2 crashes (a segmentation fault) closing a random-access reader of a
+        # file no step ever reached (a writer killed right after opening it): such a file is
+        # one with no steps, and ADIOS2 never sees it.
+        self._engine = None if t._empty() else self._io.Open(t.path, ab.Mode.ReadRandomAccess)
         self._steps: list[tuple[int, dict[str, Any]]] = []  # (step in file, info)
         self._least: dict[int, int] = {}
         self._present: dict[str, list[int]] = {}
@@ -441,7 +445,7 @@ class _BP5Source(StepSource):
         self._joined: Joined | None = None
 
     def refresh(self) -> int:
-        if self._steps:
+        if self._steps or self._engine is None:
             return len(self._steps)
         nsteps = self._engine.Steps()
         ours = self._ours = bool(self._io.InquireVariable(_STEP_VAR))
