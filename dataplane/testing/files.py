@@ -243,8 +243,7 @@ class FileCrashTests(FileTransportTests):
     def test_append_after_a_writer_killed_before_its_first_step(self, url: str) -> None:
         """A writer killed right after opening a channel leaves nothing committed: a reader
         finds no step, the next writer's append starts at step 0 (both used to crash ADIOS2),
-        and nothing of the dead
-        one is left behind once the channel is written again."""
+        and nothing of the dead one is left behind once the channel is written again."""
         for _ in range(2):  # also over a channel the first dead writer began
             writer = run_proc("publish", url, "--steps", "3", "--kill-before-first-step")
             read_events(writer, 60)
