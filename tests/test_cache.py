@@ -158,7 +158,7 @@ def test_a_capacity_below_one_shard_is_refused_up_front(tmp_path) -> None:
     url = f"h5://{tmp_path}/run.h5"
     with dp.publish(url) as pub:
         pub.write({"x": np.zeros((64, 1024))})
-    with pytest.raises(dp.OptionError, match="below a shard .* at least 52"):
+    with pytest.raises(dp.OptionError, match="below a shard .* at least 532480 "):
         SampleDataset(url, vars="x", cache=NodeCache(tmp_path / "c", capacity="100KB"))
     with pytest.raises(dp.OptionError, match="not a size"):
         NodeCache(tmp_path / "c", capacity="lots")

@@ -17,7 +17,8 @@ from dataplane.cache import _entry as entry
 DTYPES = st.sampled_from(["u1", "<i2", "<f4", "<f8", "<c16", ">i4", "?"]).map(np.dtype)
 ENTRIES = st.dictionaries(
     st.text("abcxyz/0123456789_", min_size=1, max_size=8),
-    hnp.arrays(DTYPES, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=9)),
+    hnp.arrays(DTYPES, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=9))
+    | hnp.arrays(DTYPES, st.tuples(st.integers(1, 300), st.integers(1, 40))),  # pages and more
     max_size=6,
 )
 
@@ -40,6 +41,8 @@ def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None
         assert b.dtype == a.dtype and b.shape == a.shape
         np.testing.assert_array_equal(b, a)
         assert b.ctypes.data % entry.ALIGN == 0, "arrays are 64-byte aligned"
+        if a.nbytes >= entry.PAGE:
+            assert b.ctypes.data % entry.PAGE == 0, "arrays of a page or more start on one"
 
 
 @settings(max_examples=60, deadline=None)
@@ -59,8 +62,8 @@ def test_any_flipped_byte_of_table_or_payload_is_caught(arrays, data) -> None:
     with tempfile.TemporaryDirectory() as where:
         path = written(arrays, where)
         tlen = entry.HEADER.unpack_from(open(path, "rb").read(entry.HEADER.size))[1]
-        size, _, offsets = entry.layout(arrays)
-        head = size - sum(-(-a.nbytes // entry.ALIGN) * entry.ALIGN for a in arrays.values())
+        _, _, offsets = entry.layout(arrays)
+        head = -(-(entry.HEADER.size + tlen) // entry.ALIGN) * entry.ALIGN
         # A byte of the table, or of an array's own bytes.
         spots = [entry.HEADER.size + i for i in range(tlen)]
         for a, o in zip(arrays.values(), offsets):

@@ -134,8 +134,8 @@ class SampleDataset(torch.utils.data.Dataset):
             snap.take_in(arc, versions)
         self._table = None
         if self.cache is not None and self._snap.counts:
-            # An entry is a shard plus a header and per-array alignment.
-            self.cache.require(int(self.shard_nbytes().max()) + 4096 + 64 * len(self.names))
+            # An entry is a shard plus a header (a page at most) and per-array alignment.
+            self.cache.require(int(self.shard_nbytes().max()) + 4096 * (1 + len(self.names)))
         return len(self)
 
     def __len__(self) -> int:
