@@ -199,6 +199,38 @@ def test_growing_data_is_a_snapshot_until_refresh(tmp_path) -> None:
     assert set((rows[:, 1] - rows[:, 0]).tolist()) == {1, 2, 3}
 
 
+def test_a_settled_file_is_not_looked_at_again_until_it_changes(tmp_path, monkeypatch) -> None:
+    """An epoch's refresh of a one-file channel unchanged since a look when it had already
+    been settled for a while opens nothing; steps committed since are taken in as before.
+    (Settled means unchanged for SETTLED_S = 30 s; here 0, so that it is at once.)"""
+    from dataplane.loaders import _sources, sample
+
+    url = f"h5://{tmp_path}/settled.h5"
+    opened = []
+    real = sample.open_steps
+    monkeypatch.setattr(sample, "open_steps", lambda *a, **k: opened.append(1) or real(*a, **k))
+    with dp.publish(url) as pub:  # the simulation keeps writing (SWMR) while training reads
+        write_to(pub, range(2))
+        ds = SampleDataset(url, vars=("x", "label"))
+        assert len(opened) == 1 and ds.steps == 2
+        monkeypatch.setattr(_sources, "SETTLED_S", 0.0)
+        ds.refresh()  # looks (not settled at the last look), and records the file as settled
+        assert len(opened) == 2
+        sampler = ShuffleSampler(ds, seed=1)
+        for epoch in range(3):
+            sampler.set_epoch(epoch)  # refreshes
+            assert sorted(ident(ds[i][0]) for i in sampler) == list(range(2 * ROWS))
+        assert len(opened) == 2
+        write_to(pub, range(2, 3))  # committed: the file changed
+        sampler.set_epoch(3)
+        assert len(opened) == 3 and ds.steps == 3
+        for i in sampler:
+            x, label = ds[i]
+            assert ident(x) == i and int(label) == i // ROWS
+        assert sorted(sampler) == list(range(3 * ROWS))
+    ds.close()
+
+
 # HDF5 keeps one view of a file per process: workers forked from the process that holds the
 # writer would inherit the writer's view, so the in-process h5 writer pairs with spawn here.
 @pytest.mark.parametrize("scheme,context", [("h5", "spawn"), ("bp5", "fork"), ("zarr", "fork")])

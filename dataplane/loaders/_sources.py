@@ -23,7 +23,7 @@ import dataplane.api as api
 from dataplane import _look
 from dataplane._look import Described
 from dataplane.errors import DataplaneError, OptionError
-from dataplane.loaders._looks import Looks
+from dataplane.loaders._looks import SETTLED_S, Looks, identity
 from dataplane.model import ChannelURL, Step
 
 #: Files kept open per process (each an open HDF5/ADIOS2/zarr handle).
@@ -74,6 +74,19 @@ def signature(url: str) -> str | None:
     or zarr store changes inside without changing its own times) or no file."""
     st = _file_stat(url)
     return None if st is None else stat_signature(st)
+
+
+def settled(url: str) -> str | None:
+    """What a channel stored as one file looks like now (:func:`identity`), if it has been
+    unchanged for ``SETTLED_S`` (None otherwise, or for a directory or no file). While it
+    stays so, no step was committed since: a commit then would have moved its times past
+    those (a change within one clock tick of the last one goes unseen only while that last
+    one is recent)."""
+    began = time.time_ns()
+    st = _file_stat(url)
+    if st is None or began - max(st.st_mtime_ns, st.st_ctime_ns) < SETTLED_S * 1e9:
+        return None
+    return identity(st)
 
 
 def _file_stat(url: str) -> os.stat_result | None:

@@ -27,7 +27,7 @@ from dataplane.loaders._looks import Looks
 from dataplane.loaders._reads import Reads
 from dataplane.loaders._shards import ShardSource
 from dataplane.loaders._snapshot import Snapshot
-from dataplane.loaders._sources import expand, grow, is_many, open_steps
+from dataplane.loaders._sources import expand, grow, is_many, open_steps, settled
 
 __all__ = ["SampleDataset"]
 
@@ -112,11 +112,15 @@ class SampleDataset(torch.utils.data.Dataset):
         self._io = Reads(url, self.opts, self._snap, self._dtypes, cache)
         self._present: set[str] = set()  # shards seen in the cache at generation _present_at
         self._present_at = -1
+        self._settled: str | None = None  # the file as the last look found it, if settled
         self.refresh()
 
     # -- the snapshot ------------------------------------------------------------------------
     def refresh(self) -> int:
         """Take in steps committed since the last look; returns the new ``len()``."""
+        now = settled(self.url) if self._files is None else None
+        if now is not None and now == self._settled:
+            return len(self)  # one file, unchanged since a look when it was already settled
         # Our own read handle may show the file as it was when opened (HDF5 shares one view
         # of a file per process): close it so that the look below is a fresh one.
         self._io.close()
@@ -132,6 +136,7 @@ class SampleDataset(torch.utils.data.Dataset):
             self.url, self.opts, self._files, counts, True, sigs, versions, looks
         ) as arc:
             snap.take_in(arc, versions)
+        self._settled = now  # as it was before this look: a commit since makes it differ
         self._table = None
         if self.cache is not None and self._snap.counts:
             # An entry is a shard plus a header (a page at most) and per-array alignment.
