@@ -231,6 +231,12 @@ def _cache(args: argparse.Namespace) -> int:
             f"{stats['misses']:.0f} ({stats['bytes_from_source'] / 1e6:.1f} MB from the source)",
         ),
         ("served from cache", f"{stats['bytes_from_cache'] / 1e6:.1f} MB of entries"),
+        (
+            "from peers",
+            f"{stats['bytes_from_peers'] / 1e6:.1f} MB in {stats['peer_hits']:.0f} entries from "
+            f"other nodes ({stats['peer_absent']:.0f} not held there, "
+            f"{stats['peer_failures']:.0f} peers failed: read from the source)",
+        ),
         ("evictions", f"{stats['evictions']:.0f} (and {stats['bypassed']:.0f} not kept)"),
         ("fetch wait", f"{stats['fetch_wait_s']:.2f} s waiting for other processes' fetches"),
         ("degraded", f"{stats['degraded']:.0f} writes failed (read from the source instead)"),

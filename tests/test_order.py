@@ -204,9 +204,11 @@ def test_victims_free_enough_and_spare_what_is_needed_sooner(
     data, need, planned, mine, draw
 ) -> None:
     entries, uses = data
-    keep = set(draw.draw(st.lists(st.sampled_from([e[0] for e in entries] or ["-"]))))
+    names_ = [e[0] for e in entries] or ["-"]
+    keep = set(draw.draw(st.lists(st.sampled_from(names_))))
+    homed = set(draw.draw(st.lists(st.sampled_from(names_))))
     next_use = uses.__getitem__ if planned else None
-    victims = choose_victims(entries, need, keep, next_use, mine if planned else NEVER)
+    victims = choose_victims(entries, need, keep, next_use, mine if planned else NEVER, homed)
     names = [v for v, _ in victims]
     freed = sum(b for _, b in victims)
     assert len(set(names)) == len(names) and not set(names) & keep
@@ -216,19 +218,26 @@ def test_victims_free_enough_and_spare_what_is_needed_sooner(
     # No more than needed: without the last victim, it would not have been enough.
     assert not victims or freed - victims[-1][1] < need
     candidates = [e for e in entries if e[0] not in keep]
+    # Entries other nodes get from here go last: one is chosen only once no other is left.
+    chosen_homed = [n for n in names if n in homed]
+    if chosen_homed:
+        assert names[-len(chosen_homed) :] == chosen_homed
+        assert {e[0] for e in candidates if e[0] not in homed} <= set(names)
     if not planned:
         # Least recently used first, and enough whenever the others hold enough.
-        order = sorted(candidates, key=lambda e: e[2])
+        order = sorted(candidates, key=lambda e: (e[0] in homed, e[2]))
         assert names == [e[0] for e in order[: len(names)]]
         assert freed >= need or freed == sum(e[1] for e in candidates)
         return
     for name in names:
         assert uses[name] == NEVER or uses[name] >= mine
     if freed < need:
-        # Stopped short only because what is left is needed sooner than the newcomer, or
-        # nothing is left.
+        # Stopped short only because what is left is needed sooner than the newcomer (or by
+        # other nodes, behind one that is), or nothing is left.
         left = [e for e in candidates if e[0] not in names]
-        assert all(uses[e[0]] != NEVER and uses[e[0]] < mine for e in left) or not left
+        sooner = [e for e in left if uses[e[0]] != NEVER and uses[e[0]] < mine]
+        assert all(e in sooner or e[0] in homed for e in left)
+        assert sooner or not left
 
 
 class _Layout:

@@ -33,6 +33,10 @@ COUNTERS = (
     "corrupt",
     "verified",
     "mapped",
+    "bytes_from_peers",
+    "peer_hits",
+    "peer_absent",
+    "peer_failures",
 )
 
 
@@ -40,6 +44,11 @@ def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` runs; a zombie (killed, not yet reaped by its parent) does
     not: it writes nothing more, though signal 0 still reaches it."""
     return process_identity(pid) is not None
+
+
+class CacheWarning(RuntimeWarning):
+    """The cache could not store an entry (full disk, failed write) and is being bypassed, or
+    a cooperating node could not provide one (read from the source instead)."""
 
 
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from dataplane.cache import _entry as entry
+from dataplane.cache._files import open_file, owned_dir
 from dataplane.errors import DataplaneError
 
 Arrays = dict[str, np.ndarray]
@@ -182,10 +183,23 @@ class Entries:
         for key in self.checks.settle(self.open, wait):
             self.remove(key, "its checksum does not match")
 
+    def held_for_peers(self, key: str, server: int) -> None:
+        """Mark entry ``key`` as one this node is home to for the job whose cache server is
+        process ``server``: other nodes get it from here, so eviction takes it last while
+        that job runs."""
+        folder = os.path.join(self.path, "homes", str(int(server)))
+        owned_dir(folder)
+        os.close(open_file(os.path.join(folder, key), os.O_WRONLY | os.O_CREAT))
+
     def unlink(self, key: str) -> bool:
-        """Remove an entry and its record; whether the entry was there."""
+        """Remove an entry and its records; whether the entry was there."""
+        records = [self.checks.record_path(key)]
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.checks.record_path(key))
+            homes = os.path.join(self.path, "homes")
+            records += [os.path.join(homes, job, key) for job in os.listdir(homes)]
+        for record in records:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                os.unlink(record)
         try:
             os.unlink(self.file(key))
         except FileNotFoundError:

@@ -55,6 +55,7 @@ def choose_victims(
     keep: Collection[str] = (),
     next_use: Callable[[str], int] | None = None,
     mine: int = NEVER,
+    homed: Collection[str] = (),
 ) -> list[tuple[str, int]]:
     """Which ``(name, bytes)`` of ``entries`` (name, bytes, last use) to evict, in order, to
     free ``need`` bytes for a newcomer.
@@ -63,13 +64,15 @@ def choose_victims(
     plan needs go first (least recently used first), then the one needed furthest ahead; an
     entry needed sooner than the newcomer (``mine``) stops the choice: then less than ``need``
     is freed and the newcomer is the one not to keep. Entries in ``keep`` are never chosen.
+    Entries in ``homed`` (other nodes get them from here; elsewhere they cost a read of the
+    source) go after all others, in the same order among themselves.
     """
     if need <= 0:
         return []
     if next_use is None:
-        ranked = sorted(entries, key=lambda e: e[2])
+        ranked = sorted(entries, key=lambda e: (e[0] in homed, e[2]))
     else:
-        ranked = sorted(entries, key=lambda e: (-next_use(e[0]), e[2]))
+        ranked = sorted(entries, key=lambda e: (e[0] in homed, -next_use(e[0]), e[2]))
     out: list[tuple[str, int]] = []
     freed = 0
     for name, nbytes, _ in ranked:

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import mmap
 import os
+import shutil
 import struct
 from collections.abc import Callable, Collection, Iterator
 
@@ -64,6 +65,11 @@ class Space:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.path, "tmp", name))
         self.plans.sweep()
+        homes = os.path.join(self.path, "homes")
+        with contextlib.suppress(FileNotFoundError):
+            for job in os.listdir(homes):
+                if not (job.isdigit() and pid_alive(int(job))):  # that job has ended
+                    shutil.rmtree(os.path.join(homes, job), ignore_errors=True)
 
     def generation(self) -> int:
         """A node-wide counter that every removal of an entry bumps."""
@@ -122,6 +128,7 @@ class Space:
             keep,
             future if plans else None,
             future(key, IN_FLIGHT) if plans else NEVER,
+            held_for_peers(self.path),
         )
         for name, nbytes in victims:
             used -= nbytes  # also when another process removed it meanwhile
@@ -150,6 +157,19 @@ class Space:
             if m is not None and mine:
                 m.close()
         self._bound = self._gen = None
+
+
+def held_for_peers(path: str) -> set[str]:
+    """Entries this node is home to for the cooperating nodes of jobs still running
+    (``homes/<server pid>/``)."""
+    out: set[str] = set()
+    homes = os.path.join(path, "homes")
+    with contextlib.suppress(FileNotFoundError):
+        for job in os.listdir(homes):
+            if job.isdigit() and pid_alive(int(job)):
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    out.update(os.listdir(os.path.join(homes, job)))
+    return out
 
 
 def scan(path: str) -> tuple[list[tuple[str, int, int]], int]:

@@ -7,6 +7,8 @@ Layout of ``PATH``::
                             process need not hash it again); its mtime is the entry's last use
     tmp/<key>.<pid>.<rand>  an entry being written (space reserved up front), renamed when done
     plans/<id>.npz, .pos    a consumer's future order of shards and its position (for eviction)
+    homes/<pid>/<key>       an entry this node is home to for the cooperating nodes of the job
+                            whose cache server is process <pid>: evicted last while it runs
     stats/<pid>.json        each process's counters (``dataplane cache stats`` adds them up)
     looks/<hash>            what a dataset's look found of one of its files, for later jobs
                             (``dataplane.loaders._looks``)
@@ -29,7 +31,7 @@ import hashlib
 import json
 import multiprocessing.util
 import os
-import secrets
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Collection
@@ -37,9 +39,16 @@ from typing import Any
 
 import numpy as np
 
-from dataplane.cache import _entry as entry
-from dataplane.cache._files import COUNTERS, Counters, KeyLocks, open_file, owned_dir
+from dataplane.cache._files import (
+    COUNTERS,
+    CacheWarning,
+    Counters,
+    KeyLocks,
+    owned_dir,
+)
 from dataplane.cache._maps import Entries
+from dataplane.cache._writes import Writes
+from dataplane.cache.peers import Peers
 from dataplane.cache.plans import Plans
 from dataplane.cache.policy import Plan
 from dataplane.cache.space import Space, scan
@@ -49,11 +58,7 @@ from dataplane.model import check_seconds, parse_size
 __all__ = ["CacheWarning", "NodeCache", "cache_stats", "clear_cache", "parse_size"]
 
 _STATS_EVERY = 0.5  # seconds between writes of a process's counters
-SUBDIRS = ("entries", "seen", "tmp", "plans", "stats", "looks")
-
-
-class CacheWarning(RuntimeWarning):
-    """The cache could not store an entry (full disk, failed write) and is being bypassed."""
+SUBDIRS = ("entries", "seen", "tmp", "plans", "stats", "looks", "homes")
 
 
 class NodeCache:
@@ -68,14 +73,37 @@ class NodeCache:
         datasets of many files keep of their looks (``looks/``) is held to 1/64 of it besides.
     lock_timeout
         Seconds to wait for another process's fetch of the same shard before fetching anyway.
+    comm
+        An MPI communicator (collective): the caches of all its nodes cooperate
+        (``dataplane.cache.peers``): each shard is fetched from the source by one node, its
+        home, and the others get it from there.
+    node
+        The name of this rank's node (default: the ranks that share memory,
+        ``MPI_Comm_split_type(SHARED)``), for several "nodes" on one machine.
+    interface
+        The address this node's cache server listens on (loopback by default: name the
+        interface the nodes reach each other on).
+    peer_timeout, peer_wait
+        Seconds a peer may take to answer each step of a transfer, and that a home may take
+        to fetch a shard it does not hold yet, before the source is read instead.
     """
 
     def __init__(
-        self, path: str | os.PathLike, capacity: Any = "40GB", *, lock_timeout: float = 600.0
+        self,
+        path: str | os.PathLike,
+        capacity: Any = "40GB",
+        *,
+        lock_timeout: float = 600.0,
+        comm: Any = None,
+        node: str | None = None,
+        interface: str = "127.0.0.1",
+        peer_timeout: float = 10.0,
+        peer_wait: float = 30.0,
     ):
         self.path = os.path.abspath(os.fspath(path))
         self.capacity = parse_size(capacity, "a cache capacity")
         self.lock_timeout = check_seconds(lock_timeout, "lock_timeout")
+        self.peers: Peers | None = None
         # Owner-only: entries hold the data of whoever runs the job. (makedirs applies its
         # mode to the last component only, so the root is made first.) The root may be a
         # link the user made; what is inside it may not.
@@ -83,6 +111,15 @@ class NodeCache:
         for sub in SUBDIRS:
             owned_dir(os.path.join(self.path, sub))
         self._reset()
+        if comm is not None:
+            self.peers = Peers.join(
+                comm,
+                self.path,
+                node,
+                interface,
+                check_seconds(peer_timeout, "peer_timeout"),
+                check_seconds(peer_wait, "peer_wait"),
+            )
 
     # -- per-process state -------------------------------------------------------------------
     def _reset(self) -> None:
@@ -93,6 +130,17 @@ class NodeCache:
         self._space = Space(self.path, self.capacity, self._plans)
         self._counters = Counters(self.path)
         self._warned = self._warned_format = False
+        self._writes = Writes(
+            self.path,
+            self.capacity,
+            self._entries,
+            self._space,
+            self._count,
+            self._evict,
+            self._degrade,
+            self._map,
+            lambda: self.peers,
+        )
         # At exit, and in DataLoader workers (which end through os._exit), multiprocessing's
         # finalizers still run.
         multiprocessing.util.Finalize(self, self._counters.flush, exitpriority=10)
@@ -102,10 +150,12 @@ class NodeCache:
             self._reset()
 
     def __reduce__(self):
-        return (type(self), (self.path, self.capacity), {"lock_timeout": self.lock_timeout})
+        state = {"lock_timeout": self.lock_timeout, "peers": self.peers}
+        return (type(self), (self.path, self.capacity), state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.lock_timeout = state["lock_timeout"]
+        self.peers = state.get("peers")
 
     def get_config(self) -> dict[str, Any]:
         return {"class": type(self).__name__, "path": self.path, "capacity": self.capacity}
@@ -214,10 +264,13 @@ class NodeCache:
         produce: Callable[[], dict[str, np.ndarray]],
         *,
         keep: Collection[str] = (),
+        home: int | None = None,
     ) -> dict[str, np.ndarray]:
         """The arrays of entry ``key``: from the cache, or from ``produce()`` (called once per
         node however many processes ask at the same time) and then stored. Entries in ``keep``
-        (the rest of the caller's batch) are not evicted to make room for it."""
+        (the rest of the caller's batch) are not evicted to make room for it. ``home``: the
+        node that fetches this shard from the source (cooperating caches): another node asks
+        it first."""
         got = self.get(key)
         if got is not None:
             return got
@@ -227,7 +280,7 @@ class NodeCache:
             got = self.get(key)  # fetched by whoever held the lock while we waited
             if got is not None:
                 return got
-            return self._fill(key, produce, keep)
+            return self._writes.fill(key, produce, keep, home)
 
     def fetch_if_free(
         self,
@@ -235,6 +288,7 @@ class NodeCache:
         produce: Callable[[], dict[str, np.ndarray]],
         *,
         keep: Collection[str] = (),
+        home: int | None = None,
     ) -> None:
         """Fetch entry ``key`` with ``produce()`` unless it is cached or another thread or
         process is fetching it now: a fetcher then takes another shard rather than wait."""
@@ -243,53 +297,7 @@ class NodeCache:
             return
         with self._locks.try_hold(key) as held:
             if held and key not in self:  # not fetched by whoever held it a moment ago
-                self._fill(key, produce, keep)
-
-    def _fill(
-        self, key: str, produce: Callable[[], dict[str, np.ndarray]], keep: Collection[str] = ()
-    ) -> dict[str, np.ndarray]:
-        """Entry ``key`` from ``produce()``, stored (call with its lock held)."""
-        arrays = {n: np.ascontiguousarray(a) for n, a in produce().items()}
-        self._count("misses", 1)
-        self._count("bytes_from_source", sum(a.nbytes for a in arrays.values()))
-        try:
-            self._store(key, arrays, keep)
-        except OSError as exc:
-            self._degrade(exc)
-        return arrays
-
-    def _store(self, key: str, arrays: dict[str, np.ndarray], keep: Collection[str] = ()) -> None:
-        self._entries.settle()
-        size = entry.layout(arrays)[0]
-        if size > self.capacity:
-            self._count("bypassed", 1)
-            return
-        tmp = os.path.join(self.path, "tmp", f"{key}.{os.getpid()}.{secrets.token_hex(4)}")
-        with self._space.locked():
-            if not self._space.make_room(key, size, keep, self._evict):
-                self._count("bypassed", 1)
-                return
-            fd = open_file(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-            try:
-                # Reserve every block now: a full disk fails here, not later as a SIGBUS.
-                os.posix_fallocate(fd, 0, size)
-            except BaseException:
-                os.close(fd)
-                os.unlink(tmp)
-                raise
-        try:
-            entry.write(fd, arrays)
-            os.close(fd)
-            fd = -1
-            os.rename(tmp, self._entries.file(key))
-            # Sound: its checksum was computed from the bytes written.
-            self._entries.checks.written(key, os.stat(self._entries.file(key)))
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+                self._writes.fill(key, produce, keep, home)
 
     def usage(self) -> tuple[int, int]:
         """(entries, bytes) in the cache, counting entries being written."""
@@ -364,8 +372,11 @@ class NodeCache:
         with self._space.locked():
             for sub in SUBDIRS:
                 for name in os.listdir(os.path.join(self.path, sub)):
+                    where = os.path.join(self.path, sub, name)
+                    if sub == "homes":  # a folder per job
+                        shutil.rmtree(where, ignore_errors=True)
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(self.path, sub, name))
+                        os.unlink(where)
             self._space.forget()
         self._counters.values = dict.fromkeys(COUNTERS, 0)
 
@@ -391,7 +402,16 @@ def cache_stats(path: str) -> dict[str, Any]:
                     for k, v in json.load(f).items():
                         if k in totals:
                             totals[k] += v
-    return {"path": os.path.abspath(path), "entries": entries, "bytes": used, **totals}
+    return {
+        "path": os.path.abspath(path),
+        "entries": entries,
+        "bytes": used,
+        **totals,
+        # Where this node's shards came from: the source, this cache, other nodes' caches.
+        "source_bytes": totals["bytes_from_source"],
+        "local_bytes": totals["bytes_from_cache"],
+        "peer_bytes": totals["bytes_from_peers"],
+    }
 
 
 def clear_cache(path: str) -> None:

@@ -81,9 +81,11 @@ def from_cache(
     idx: np.ndarray,
     outs: list[np.ndarray] | None,
     produce: Callable[[int], Callable[[], dict[str, np.ndarray]]],
+    homes: np.ndarray | None = None,
 ) -> list[list[np.ndarray]] | None:
-    """Samples ``idx`` from the cached shards (fetching missing ones with ``produce(s)``):
-    rows into ``outs``, or (``outs=None``, whole steps) one list of arrays per variable."""
+    """Samples ``idx`` from the cached shards (fetching missing ones with ``produce(s)``, or
+    from the shard's home node, ``homes[s]``, where caches cooperate): rows into ``outs``, or
+    (``outs=None``, whole steps) one list of arrays per variable."""
     bounds, _, keys = table
     shard = np.searchsorted(bounds, idx, side="right") - 1
     local = (idx - bounds[shard]).tolist()
@@ -93,11 +95,14 @@ def from_cache(
     if None in held:
         batch = {keys[s] for s in used}  # not evicted while this batch is gathered
         # Fetch first what no other process is fetching; then wait for the rest.
+        home = (lambda s: None) if homes is None else (lambda s: int(homes[s]))  # noqa: E731
         for s, arrays in zip(used, held):
             if arrays is None:
-                cache.fetch_if_free(keys[s], produce(s), keep=batch)
+                cache.fetch_if_free(keys[s], produce(s), keep=batch, home=home(s))
         held = [
-            arrays if arrays is not None else cache.fetch(keys[s], produce(s), keep=batch)
+            arrays
+            if arrays is not None
+            else cache.fetch(keys[s], produce(s), keep=batch, home=home(s))
             for s, arrays in zip(used, held)
         ]
     of = dict(zip(used, held))

@@ -44,6 +44,7 @@ class Reads:
         )
         self.reads = 0
         self.bytes_read = 0
+        self.homes: np.ndarray | None = None  # each shard's home node, where caches cooperate
 
     def archive(self) -> Any:
         if self._arc is None or self._pid != os.getpid():
@@ -66,7 +67,9 @@ class Reads:
         outs = None if tensors is None else [t.numpy() for t in tensors]
         if self.cache is not None:
             produce = lambda s: functools.partial(self.shard, s, table[0])  # noqa: E731
-            columns = from_cache(self.cache, snap, self.dtypes, table, idx, outs, produce)
+            columns = from_cache(
+                self.cache, snap, self.dtypes, table, idx, outs, produce, self.homes
+            )
         elif outs is None:
             columns, nbytes = steps_from_source(
                 self.archive(), snap.names, self.dtypes, idx, self.direct
@@ -115,6 +118,7 @@ class Reads:
             snap.files,
             snap.file_counts,
             self.direct,
+            self.homes,
         )
 
     def _count(self, reads: int, nbytes: int) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from dataplane.cache import NodeCache
+from dataplane.cache.peers import Peers
 from dataplane.loaders._direct import DirectReads, step_rows
 from dataplane.loaders._snapshot import step_runs
 from dataplane.loaders._sources import open_steps
@@ -67,8 +68,10 @@ class ShardSource:
         files: list[str] | None = None,
         file_counts: list[int] | None = None,
         direct: DirectReads | None = None,
+        homes: np.ndarray | None = None,
     ) -> None:
         self.url, self.opts, self.sample, self.names = url, opts, sample, names
+        self.homes = homes  # each shard's home node, where caches cooperate
         self.files, self.file_counts = files, list(file_counts or [])
         self.direct = direct
         self.rows, self.offsets, self.bounds, self.nbytes = rows, offsets, bounds, nbytes
@@ -100,10 +103,15 @@ class ShardSource:
                 "offsets": self.offsets.tolist(),
                 "bounds": self.bounds.tolist(),
                 "nbytes": self.nbytes.tolist(),
-                "cache": [self.cache.path, self.cache.capacity],
+                "cache": [
+                    self.cache.path,
+                    self.cache.capacity,
+                    None if self.cache.peers is None else self.cache.peers.spec(),
+                ],
                 "files": self.files,
                 "file_counts": self.file_counts,
                 "direct": self.direct.spec() if self.direct is not None else None,
+                "homes": None if self.homes is None else self.homes.tolist(),
             },
         }
 
@@ -122,7 +130,11 @@ class ShardSource:
         files: list[str] | None = None,
         file_counts: list[int] | None = None,
         direct: dict[str, Any] | None = None,
+        homes: list[int] | None = None,
     ) -> ShardSource:
+        store = NodeCache(cache[0], capacity=cache[1])
+        if len(cache) > 2 and cache[2] is not None:
+            store.peers = Peers.from_spec(cache[2])
         return cls(
             url,
             opts,
@@ -132,10 +144,11 @@ class ShardSource:
             np.asarray(offsets, np.int64),
             np.asarray(bounds, np.int64),
             np.asarray(nbytes, np.int64),
-            NodeCache(cache[0], capacity=cache[1]),
+            store,
             files,
             file_counts,
             DirectReads.from_spec(direct) if direct is not None else None,
+            None if homes is None else np.asarray(homes, np.int64),
         )
 
     def _archive(self) -> Any:
@@ -161,7 +174,8 @@ class ShardSource:
                     arc, self.sample, self.names, self.rows, self.offsets, a, b, self.direct
                 )
 
-        self.cache.fetch_if_free(key, produce)
+        home = None if self.homes is None else int(self.homes[shard])
+        self.cache.fetch_if_free(key, produce, home=home)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_arc", "_pid", "_lock")}

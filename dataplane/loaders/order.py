@@ -105,6 +105,21 @@ def epoch_order(
     return partition(order, rank, world, drop_last)
 
 
+def every_rank(
+    bounds: np.ndarray,
+    *,
+    seed: int,
+    epoch: int,
+    block: int | None,
+    world: int,
+    drop_last: bool = False,
+    shuffled: bool = True,
+) -> list[np.ndarray]:
+    """:func:`epoch_order` of each rank of ``world`` (one shuffle for all of them)."""
+    order = shuffle(bounds, seed, epoch, block) if shuffled else np.arange(int(bounds[-1]))
+    return [partition(order, r, world, drop_last) for r in range(world)]
+
+
 def order_cost(order: np.ndarray, bounds: np.ndarray, shard_nbytes: Any = None) -> dict[str, int]:
     """What reading ``order`` costs when each shard is read whole, once, and kept until its
     last use: shards and bytes read, and the most shards (and bytes) held at one time, which

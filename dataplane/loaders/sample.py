@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from dataplane.cache import NodeCache
+from dataplane.cache.peers import first_uses, homes
 from dataplane.errors import OptionError
 from dataplane.loaders._batch import collate as _collate
 from dataplane.loaders._batch import stack as _stack
@@ -113,6 +114,8 @@ class SampleDataset(torch.utils.data.Dataset):
         self._present: set[str] = set()  # shards seen in the cache at generation _present_at
         self._present_at = -1
         self._settled: str | None = None  # the file as the last look found it, if settled
+        # Every rank's first order over a layout (a sampler's), for cooperating caches.
+        self._orders: Callable[[np.ndarray], list[np.ndarray]] | None = None
         self.refresh()
 
     # -- the snapshot ------------------------------------------------------------------------
@@ -171,7 +174,33 @@ class SampleDataset(torch.utils.data.Dataset):
                 else []
             )
             self._table = bounds, nbytes, keys
+            self._io.homes = self._homes(bounds, nbytes)
         return self._table
+
+    def share_order(self, orders: Callable[[np.ndarray], list[np.ndarray]]) -> None:
+        """A sampler tells the dataset every rank's order of its first epoch over a shard
+        layout (``orders(bounds)``, a pure function: every process computes the same), from
+        which cooperating caches choose each shard's home node. Without it, each rank's
+        contiguous share in storage order counts as its first order."""
+        self._orders = orders
+        self._table = None
+
+    def _homes(self, bounds: np.ndarray, nbytes: np.ndarray) -> np.ndarray | None:
+        peers = None if self.cache is None else self.cache.peers
+        if peers is None or peers.nodes < 2:
+            return None
+        world = len(peers.rank_nodes)
+        n = int(bounds[-1])
+        if self._orders is not None:
+            orders = self._orders(bounds)
+        else:
+            orders = [np.arange(n)[r * n // world : (r + 1) * n // world] for r in range(world)]
+        if len(orders) != world:
+            raise OptionError(
+                f"the sampler orders samples for {len(orders)} ranks, but the cache cooperates "
+                f"across {world}: give the sampler rank= and world= of the cache's communicator"
+            )
+        return homes(first_uses(orders, peers.rank_nodes, bounds, peers.nodes), nbytes)
 
     # -- reading -----------------------------------------------------------------------------
     def _indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -249,12 +278,15 @@ class SampleDataset(torch.utils.data.Dataset):
         if generation != self._present_at:  # something was removed since: look again
             self._present, self._present_at = set(), generation
         batch = {keys[s] for s in wanted}
+        homes_ = self._io.homes
         for s in wanted:
             key = keys[s]
             if key in self._present:
                 continue
             if key not in self.cache:
-                self.cache.fetch(key, functools.partial(self._io.shard, s, bounds), keep=batch)
+                home = None if homes_ is None else int(homes_[s])
+                produce = functools.partial(self._io.shard, s, bounds)
+                self.cache.fetch(key, produce, keep=batch, home=home)
             self._present.add(key)
 
     def all_cached(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -10,7 +11,13 @@ import torch
 
 from dataplane.errors import OptionError
 from dataplane.loaders._common import check_seed, world_defaults
-from dataplane.loaders.order import check_bounds, epoch_order, order_cost, uniform_bounds
+from dataplane.loaders.order import (
+    check_bounds,
+    epoch_order,
+    every_rank,
+    order_cost,
+    uniform_bounds,
+)
 
 __all__ = ["ShuffleSampler"]
 
@@ -80,6 +87,19 @@ class ShuffleSampler(torch.utils.data.Sampler[int]):
         self._resume = 0  # position the next __iter__ starts from
         self._yielded = 0  # samples handed out in the current epoch (from its start)
         self._order: np.ndarray | None = None  # the order of the pass in progress
+        share = getattr(data, "share_order", None)
+        if share is not None:  # cooperating caches choose homes from every rank's order
+            share(
+                functools.partial(
+                    every_rank,
+                    seed=self.seed,
+                    epoch=0,
+                    block=self.block,
+                    world=self.world,
+                    drop_last=self.drop_last,
+                    shuffled=self.shuffle,
+                )
+            )
 
     # -- the layout --------------------------------------------------------------------------
     def _layout(self, refresh: bool) -> np.ndarray:
