@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_cache.py
 	$(PY) bench/bench_batches.py
 	$(PY) bench/bench_many_files.py
+	$(VENV)/bin/mpiexec -n 4 $(PY) bench/bench_coop.py
 
 # Not in CI: 10 minutes of streaming per transport, then 20 cached epochs (about 35 minutes).
 soak: $(STAMP)

@@ -285,6 +285,7 @@ def _bench(args: argparse.Namespace) -> int:
         evict=args.evict,
         cache_dir=args.cache_dir,
         quick=args.quick,
+        nodes=args.nodes,
     )
     phases = PHASES if args.phase == "all" else (args.phase,)
     world = World()
@@ -439,6 +440,13 @@ def main(argv: list[str] | None = None) -> int:
         help="how cold reads are made cold (auto: drop_caches when permitted, else fadvise)",
     )
     bench.add_argument("--cache-dir", help="node-local cache location (default: the temp dir)")
+    bench.add_argument(
+        "--nodes",
+        type=int,
+        help="read: also compare cooperating node caches with caches alone, the ranks split "
+        "in order into N nodes with a cache each (to try it on one machine; default: the "
+        "machines the ranks run on, when there are several)",
+    )
     bench.add_argument("--out", type=Path, default=Path("results"), help="default results/")
     bench.add_argument("--quick", action="store_true", help="tiny sizes, under a minute")
     bench.add_argument("--quiet", action="store_true", help="no progress on stderr")

@@ -99,6 +99,29 @@ def test_bench_many_files_reports_cold_and_warm(tmp_path) -> None:
     assert "cold" in stdout and "warm" in stdout and "new job" in stdout
 
 
+@pytest.mark.timeout(300)
+def test_bench_coop_compares_cooperating_node_caches_with_caches_alone(tmp_path) -> None:
+    out = tmp_path / "coop.json"
+    done = subprocess.run(
+        [MPIEXEC, "-n", "2", sys.executable, str(BENCH / "bench_coop.py"), "--mib", "8"]
+        + ["--epochs", "2", "--source-mbs", "1000", "--latency-ms", "1", "--dir", str(tmp_path)]
+        + ["--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    alone, coop = report["alone"], report["cooperating"]
+    assert alone["bad"] == 0 and coop["bad"] == 0
+    assert len(alone["epoch_s"]) == len(coop["epoch_s"]) == 2
+    assert coop["source_over_dataset"] <= 1.1 and coop["peer_mb"] > 0
+    assert alone["source_over_dataset"] > coop["source_over_dataset"]
+    assert "later epochs: cooperating" in done.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["coop.json"], "nothing left behind"
+
+
 def test_bench_cache_reports_limits_readers_and_belady(tmp_path) -> None:
     out = tmp_path / "rows.jsonl"
     result = subprocess.run(
@@ -241,6 +264,7 @@ def test_dataplane_bench_under_mpi_reports_aggregate_and_per_rank(tmp_path) -> N
     rows = run_dataplane_bench(
         tmp_path,
         *("all", "--quick", "--transports", "h5,shm", "--workers", "1", "--compute-ms", "2"),
+        *("--nodes", "2"),
         ranks=2,
     )
     assert {r["ranks"] for r in rows} == {2}
@@ -277,6 +301,18 @@ def test_dataplane_bench_under_mpi_reports_aggregate_and_per_rank(tmp_path) -> N
     ]
     report = (tmp_path / "results" / "bench.md").read_text()
     assert "| ranks write |" in report and "| aggregators=2 |" in report
+    # --nodes 2: a "node" of one rank each, caches alone and cooperating, fresh each time.
+    nodes = {r["mode"]: r for r in figures(rows, "nodes")}
+    assert set(nodes) == {"alone", "cooperating"}
+    for r in nodes.values():
+        assert r["cache_nodes"] == 2 and len(r["epochs_samples_per_s"]) == 3
+        assert positive(*r["epochs_samples_per_s"])
+    coop, alone = nodes["cooperating"], nodes["alone"]
+    assert coop["source_over_dataset"] <= 1.1 and coop["peer_bytes"] > 0, coop
+    assert coop["peer_failures"] == 0 and alone["peer_bytes"] == 0
+    assert alone["source_over_dataset"] >= coop["source_over_dataset"]
+    assert positive(coop["vs_alone"])
+    assert "## Cooperating node caches" in report
 
 
 def test_dataplane_bench_rejects_bad_options(tmp_path, capsys) -> None:
@@ -287,6 +323,8 @@ def test_dataplane_bench_rejects_bad_options(tmp_path, capsys) -> None:
         (["--sample-size", "10"], "multiple of 4 bytes"),
         (["--sample-size", "lots"], "not a size: 'lots'"),
         (["--samples", "4", "--steps", "8"], "every step holds at least one sample"),
+        (["--nodes", "0"], "--nodes must be at least 1"),
+        (["--nodes", "3", "--quick"], "--nodes 3 needs at least as many ranks"),
     ):
         assert main(["bench", "all", "--dir", str(tmp_path), *args]) == 1
         assert message in capsys.readouterr().err

@@ -23,6 +23,8 @@ import tempfile
 import uuid
 from typing import Any, TextIO
 
+from dataplane.errors import OptionError
+
 from ._common import (
     Config,
     Limits,
@@ -107,6 +109,15 @@ def run(
     if "read" in phases:
         # the ceiling; naive and dataplane per pattern; the data, unless the write phase ran
         rec.plan(1 + files * (6 if "write" in phases else 7))
+        from . import nodes
+
+        if config.nodes is not None and config.nodes > world.size:
+            raise OptionError(
+                f"--nodes {config.nodes} needs at least as many ranks (mpiexec -n), "
+                f"got {world.size}"
+            )
+        split = nodes.groups(world, config.nodes)[0] if files else 1
+        rec.plan(len(nodes.MODES) if split > 1 else 0)
     if "stream" in phases:
         rec.plan(len(config.stream_sizes) * (2 + len(config.stream_transports)))
     if world.rank == 0:
@@ -125,6 +136,10 @@ def run(
             if not paths:
                 paths = write.prepare(rec, world, workdir)
             read.run(rec, world, paths, limits, cache_root)
+            from . import nodes
+
+            transport = "h5" if "h5" in paths else next(iter(paths))
+            nodes.run(rec, world, transport, paths[transport], cache_root)
         if "stream" in phases:
             from . import stream
 

@@ -63,6 +63,7 @@ class Config:
     evict: str = "auto"
     cache_dir: str | None = None
     quick: bool = False
+    nodes: int | None = None
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.transports if t not in TRANSPORTS]
@@ -86,6 +87,8 @@ class Config:
             )
         if self.workers < 0 or self.compute_ms < 0 or self.max_seconds <= 0:
             raise dp.OptionError("--workers and --compute-ms must be >= 0, --max-seconds > 0")
+        if self.nodes is not None and self.nodes < 1:
+            raise dp.OptionError(f"--nodes must be at least 1, got {self.nodes}")
         if self.evict not in ("auto", "drop_caches", "fadvise"):
             raise dp.OptionError(
                 f"--evict must be auto, drop_caches or fadvise, got {self.evict!r}"

@@ -198,7 +198,7 @@ def run_epoch(
     }
 
 
-def _aggregate(per_rank: list[dict[str, Any]], sample_bytes: int) -> dict[str, Any]:
+def aggregate(per_rank: list[dict[str, Any]], sample_bytes: int) -> dict[str, Any]:
     samples = sum(p["samples"] for p in per_rank)
     seconds = max(p["seconds"] for p in per_rank)
     aus = [p["au"] for p in per_rank if p["au"] is not None]
@@ -236,7 +236,7 @@ def ceiling(rec: Recorder, world: World) -> float:
         for _ in range(2):  # the best of two: a limit, not a typical figure
             world.barrier()
             res = run_epoch(loader, cfg.max_seconds / 4)
-            best = max(best, float(_aggregate(world.gather(res), cfg.sample_size)["samples_per_s"]))
+            best = max(best, float(aggregate(world.gather(res), cfg.sample_size)["samples_per_s"]))
         del loader
     return best
 
@@ -331,7 +331,7 @@ def run(
                         shutil.rmtree(cdir, ignore_errors=True)
             for reader, res in results.items():
                 for state in ("cold", "warm"):
-                    agg = _aggregate(world.gather(res[state]), cfg.sample_size)
+                    agg = aggregate(world.gather(res[state]), cfg.sample_size)
                     limit, bound = bounds[state]
                     row = rec.add(
                         phase="read",

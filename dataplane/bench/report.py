@@ -136,6 +136,43 @@ def markdown(rows: list[dict[str, Any]], command: str = "") -> str:
                     cells += [_f(n["au"]) if n else "–", _f(d["au"]) if d else "–"]
             body.append(cells)
         out += _table(header, body)
+    nd = _agg(rows, "nodes")
+    if nd:
+        first = nd[0]
+        out += [
+            "## Cooperating node caches",
+            "",
+            f"{first['cache_nodes']} nodes, each node's cache {first['cache_share']:.0%} of the "
+            f"dataset ({first['transport']}, block shuffle, {cfg['workers']} workers); fresh "
+            "caches, epochs one after another. Alone: `NodeCache(path)` on every node; "
+            "cooperating: `NodeCache(path, comm=comm)`, each shard read from the source by one "
+            "node and sent to the others. Source: bytes read from the source over all nodes, "
+            "over the dataset's size; later epochs: median samples/s of epochs 2 on.",
+            "",
+        ]
+        out += _table(
+            [
+                "caches",
+                "samples/s by epoch",
+                "later epochs",
+                "x alone",
+                "source",
+                "between nodes",
+                "peers failed",
+            ],
+            [
+                [
+                    r["mode"],
+                    " / ".join(_f(x, 0) for x in r["epochs_samples_per_s"]),
+                    _f(r["samples_per_s"], 0),
+                    _f(r.get("vs_alone")) if r.get("vs_alone") else "–",
+                    f"{_f(r['source_over_dataset'])}x",
+                    f"{r['peer_bytes'] / 1e6:.1f} MB",
+                    f"{r['peer_failures']:.0f}",
+                ]
+                for r in nd
+            ],
+        )
     st = _agg(rows, "stream")
     if st:
         out += [
