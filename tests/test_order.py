@@ -218,11 +218,22 @@ def test_victims_free_enough_and_spare_what_is_needed_sooner(
     # No more than needed: without the last victim, it would not have been enough.
     assert not victims or freed - victims[-1][1] < need
     candidates = [e for e in entries if e[0] not in keep]
-    # Entries other nodes get from here go last: one is chosen only once no other is left.
-    chosen_homed = [n for n in names if n in homed]
-    if chosen_homed:
-        assert names[-len(chosen_homed) :] == chosen_homed
-        assert {e[0] for e in candidates if e[0] not in homed} <= set(names)
+    if not planned:
+        # Entries other nodes get from here go last: one is chosen only once no other is left.
+        chosen_homed = [n for n in names if n in homed]
+        if chosen_homed:
+            assert names[-len(chosen_homed) :] == chosen_homed
+            assert {e[0] for e in candidates if e[0] not in homed} <= set(names)
+    else:
+        # Tiers: what no plan needs and no node gets from here; then what no plan needs but
+        # other nodes get from here; then what a plan needs (Belady's order), homed or not.
+        def tier(name: str) -> int:
+            return 2 if uses[name] != NEVER else int(name in homed)
+
+        tiers = [tier(n) for n in names]
+        assert tiers == sorted(tiers)
+        for n in names:
+            assert {e[0] for e in candidates if tier(e[0]) < tier(n)} <= set(names)
     if not planned:
         # Least recently used first, and enough whenever the others hold enough.
         order = sorted(candidates, key=lambda e: (e[0] in homed, e[2]))

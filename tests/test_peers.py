@@ -228,10 +228,26 @@ def test_a_shard_its_home_does_not_hold_is_read_from_the_source(tmp_path, home) 
     assert here.stats["peer_absent"] == 1 and here.stats["misses"] == 1
 
 
-def test_an_entry_stored_at_home_while_a_peer_waits_is_sent(tmp_path, home) -> None:
+@pytest.mark.parametrize("why", ["planned", "fetching"])
+def test_an_entry_its_home_is_about_to_hold_is_waited_for_and_sent(tmp_path, home, why) -> None:
+    """The home will read the shard later in its plan, or one of its processes is fetching
+    it now: its server waits for the entry rather than send the peer to the source."""
     cache, port = home
     here = consumer(tmp_path, peers_for(port, wait=30.0))
+    if why == "planned":
+        cache.set_plan("later", [key(0), key(5)], np.array([0, 0, 1]))
+    fetching = threading.Event()
     asked = threading.Event()
+
+    def home_fetches() -> None:
+        with cache._locks.hold(key(5)):  # what fetch() holds while it reads the source
+            fetching.set()
+            assert asked.wait(30)
+            cache._writes.store(key(5), arrays(5))
+
+    fetcher = threading.Thread(target=home_fetches if why == "fetching" else asked.wait)
+    fetcher.start()
+    assert why == "planned" or fetching.wait(30)
     real_get = here.peers.get
 
     def get(*a, **kw):
@@ -245,11 +261,24 @@ def test_an_entry_stored_at_home_while_a_peer_waits_is_sent(tmp_path, home) -> N
     )
     t.start()
     assert asked.wait(30)
-    cache.fetch(key(5), lambda: arrays(5))  # the home fetches it meanwhile
+    if why == "planned":
+        cache.fetch(key(5), lambda: arrays(5))  # the home reaches it in its plan
     t.join(60)
+    fetcher.join(60)
     assert not t.is_alive()
     np.testing.assert_array_equal(result["x"], arrays(5)["x"])
     assert here.stats["peer_hits"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_a_home_that_will_not_hold_a_shard_says_so_at_once(tmp_path, home) -> None:
+    """Not here, not being fetched, in no live plan of the home: the answer comes at once
+    (the peer reads the source), however long the peer would have waited."""
+    _, port = home
+    here = consumer(tmp_path, peers_for(port, wait=600.0))
+    got = here.fetch(key(8), lambda: arrays(8), home=0)
+    np.testing.assert_array_equal(got["x"], arrays(8)["x"])
+    assert here.stats["peer_absent"] == 1 and here.stats["misses"] == 1
 
 
 def test_a_peer_with_another_secret_is_refused_both_ways(tmp_path, home) -> None:

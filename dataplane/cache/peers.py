@@ -3,9 +3,10 @@
 Every shard has a *home* node (:func:`homes`, a pure function of every node's first use of
 each shard in the job's order): the home fetches it from the source and keeps it where
 capacity allows; another node that needs it asks the home for its entry over a socket, and
-falls back to the source only when the home does not have it within the wait, or is slow or
-gone. Each node runs one server process (:func:`main`), started by the node's lowest rank,
-serving its cache directory's entries with ``sendfile``; it ends when that rank does.
+falls back to the source only when the home neither has it nor is about to (it says so at
+once), or is slow or gone. Each node runs one server process (:func:`main`), started by the
+node's lowest rank, serving its cache directory's entries with ``sendfile``; it ends when that
+rank does.
 
 Every connection proves both ends hold the job's secret (made by rank 0, shared over MPI):
 HMAC-SHA256 over both sides' nonces. A reply's size is checked before any space is reserved,
@@ -35,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from dataplane.cache._files import NOFOLLOW
+from dataplane.cache._files import NOFOLLOW, KeyLocks
+from dataplane.cache.plans import Plans
 from dataplane.cache.policy import NEVER
 from dataplane.errors import DataplaneError, OptionError
 
@@ -50,6 +52,9 @@ ABSENT = -1
 TOO_BIG = -2
 #: The longest a server waits for an entry a peer asks for (its home may still be fetching).
 MAX_WAIT = 60.0
+#: A server waits for an entry its node's readers will reach within this many samples (ranks
+#: of a job move about together); one needed later is not worth the asking node's wait.
+WAIT_AHEAD = 2048
 #: Seconds a peer that failed is not asked again (the source is read instead).
 RETRY_AFTER = 30.0
 _POLL = 0.005  # seconds between a server's looks for an entry being fetched at home
@@ -400,9 +405,8 @@ def main() -> int:
     """A node's cache server: the first line of stdin configures it; it prints its port and
     serves until stdin closes (its rank ended)."""
     config = json.loads(sys.stdin.readline())
-    entries = os.path.join(config["path"], "entries")
+    node = _Node(config["path"], float(config["timeout"]))
     secret = bytes.fromhex(config["secret"])
-    timeout = float(config["timeout"])
     try:
         srv = socket.create_server((config["host"], 0))
     except OSError as exc:
@@ -417,12 +421,54 @@ def main() -> int:
     threading.Thread(target=watch, daemon=True).start()
     while True:
         conn, _ = srv.accept()
-        threading.Thread(target=_serve, args=(conn, entries, secret, timeout), daemon=True).start()
+        threading.Thread(target=_serve, args=(conn, node, secret), daemon=True).start()
 
 
-def _serve(conn: socket.socket, entries: str, secret: bytes, timeout: float) -> None:
+class _Node:
+    """What a server knows of its node's cache: its entries, and whether one that is not
+    there yet will be soon (a process of the node fetches it now, or a live plan reads it
+    within ``WAIT_AHEAD`` samples)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.entries = os.path.join(path, "entries")
+        self.timeout = timeout
+        self._plans = Plans(os.path.join(path, "plans"))
+        self._locks = KeyLocks(os.path.join(path, "keys.lock"), timeout)
+        self._mutex = threading.Lock()
+
+    def coming(self, key: str) -> bool:
+        with self._locks.try_hold(key) as free:
+            if not free:
+                return True  # being fetched
+        with self._mutex:
+            live = self._plans.live()
+        return any(plan.next_use(key, at) - at <= WAIT_AHEAD for plan, at in live)
+
+    def open(self, key: str, wait: float) -> int | None:
+        """Entry ``key`` opened (the descriptor keeps it while it is sent, even if it is
+        evicted meanwhile), waiting up to ``wait`` seconds for it while it is coming; None
+        at once when it is neither here nor coming (the peer reads the source, not wait)."""
+        path = os.path.join(self.entries, key)
+        end = time.monotonic() + wait
+        looks = 0
+        while True:
+            try:
+                return os.open(path, os.O_RDONLY | NOFOLLOW)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    return None
+                raise
+            if time.monotonic() >= end or (looks % 100 == 0 and not self.coming(key)):
+                return None
+            looks += 1
+            time.sleep(_POLL)
+
+
+def _serve(conn: socket.socket, node: _Node, secret: bytes) -> None:
     with conn, contextlib.suppress(OSError, PeerError, struct.error):
-        conn.settimeout(timeout)
+        conn.settimeout(node.timeout)
         hello = _recv_exact(conn, len(MAGIC) + NONCE)
         if hello[: len(MAGIC)] != MAGIC:
             return
@@ -434,7 +480,7 @@ def _serve(conn: socket.socket, entries: str, secret: bytes, timeout: float) -> 
         key, wait, most = REQUEST.unpack(_recv_exact(conn, REQUEST.size))
         if not _KEY_RE.match(key):
             return
-        fd = _open_when_there(os.path.join(entries, key.decode()), min(max(wait, 0.0), MAX_WAIT))
+        fd = node.open(key.decode(), min(max(wait, 0.0), MAX_WAIT))
         if fd is None:
             conn.sendall(REPLY.pack(ABSENT))
             return
@@ -447,21 +493,3 @@ def _serve(conn: socket.socket, entries: str, secret: bytes, timeout: float) -> 
             # socket.sendfile waits for a slow receiver (up to the timeout each time);
             # os.sendfile on a socket with a timeout fails as soon as its buffer is full.
             conn.sendfile(f, 0, size)
-
-
-def _open_when_there(path: str, wait: float) -> int | None:
-    """The entry at ``path`` opened (the descriptor keeps it while it is sent, even if it is
-    evicted meanwhile), waiting up to ``wait`` seconds for its home to store it."""
-    end = time.monotonic() + wait
-    while True:
-        try:
-            return os.open(path, os.O_RDONLY | NOFOLLOW)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return None
-            raise
-        if time.monotonic() >= end:
-            return None
-        time.sleep(_POLL)

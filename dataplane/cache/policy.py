@@ -65,14 +65,22 @@ def choose_victims(
     entry needed sooner than the newcomer (``mine``) stops the choice: then less than ``need``
     is freed and the newcomer is the one not to keep. Entries in ``keep`` are never chosen.
     Entries in ``homed`` (other nodes get them from here; elsewhere they cost a read of the
-    source) go after all others, in the same order among themselves.
+    source) go after the others that no plan needs (without plans: after all others); an
+    entry a plan needs goes after both, whether homed or not, so that the node's own working
+    set is kept as Belady's rule keeps it.
     """
     if need <= 0:
         return []
+    uses = {e[0]: NEVER if next_use is None else next_use(e[0]) for e in entries}
     if next_use is None:
         ranked = sorted(entries, key=lambda e: (e[0] in homed, e[2]))
     else:
-        ranked = sorted(entries, key=lambda e: (e[0] in homed, -next_use(e[0]), e[2]))
+
+        def rank(e: tuple[str, int, int]) -> tuple[int, int, int]:
+            tier = 2 if uses[e[0]] != NEVER else int(e[0] in homed)
+            return tier, -uses[e[0]], e[2]
+
+        ranked = sorted(entries, key=rank)
     out: list[tuple[str, int]] = []
     freed = 0
     for name, nbytes, _ in ranked:
@@ -80,7 +88,7 @@ def choose_victims(
             break
         if name in keep:
             continue
-        if next_use is not None and next_use(name) != NEVER and next_use(name) < mine:
+        if uses[name] != NEVER and uses[name] < mine:
             break
         out.append((name, nbytes))
         freed += nbytes
