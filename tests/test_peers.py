@@ -73,6 +73,10 @@ def test_every_shard_has_one_home_that_reads_it_first_within_a_fair_share(plan, 
     got = homes(first, nbytes, slack)
     assert got.shape == (len(bounds) - 1,) and ((0 <= got) & (got < nodes)).all()
     np.testing.assert_array_equal(got, homes(first, nbytes, slack))  # every node agrees
+    if nodes > 1:  # the shortcut where no share fills up gives what the walk gives
+        cap = slack * nbytes.sum() / nodes + nbytes.max()
+        walked = peers_mod._walk(first, nbytes, cap, first.min(axis=0))
+        np.testing.assert_array_equal(got, walked)
     load = np.bincount(got, weights=nbytes, minlength=nodes)
     # No node fetches more than its fair share by more than the slack and one shard.
     assert load.max() <= slack * nbytes.sum() / nodes + nbytes.max() + 1e-9

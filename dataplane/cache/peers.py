@@ -99,12 +99,23 @@ def homes(first: np.ndarray, nbytes: np.ndarray, slack: float = 1.1) -> np.ndarr
     first = np.asarray(first, dtype=np.int64)
     nodes, nshards = first.shape
     nbytes = np.asarray(nbytes, dtype=np.int64)
-    out = np.zeros(nshards, dtype=np.int64)
     if nodes <= 1 or not nshards:
-        return out
+        return np.zeros(nshards, dtype=np.int64)
     cap = slack * float(nbytes.sum()) / nodes + float(nbytes.max())
-    load = np.zeros(nodes, dtype=np.float64)
     earliest = first.min(axis=0)
+    readers = np.argmin(first, axis=0)  # the first node to read each shard (lowest on a tie)
+    if (earliest != NEVER).all():
+        totals = np.bincount(readers, weights=nbytes.astype(np.float64), minlength=nodes)
+        if (totals <= cap).all():
+            return readers.astype(np.int64)  # no share is ever full: what the walk below gives
+    return _walk(first, nbytes, cap, earliest)
+
+
+def _walk(first: np.ndarray, nbytes: np.ndarray, cap: float, earliest: np.ndarray) -> np.ndarray:
+    """:func:`homes` shard by shard, in order of first use, with each node's load so far."""
+    nodes, nshards = first.shape
+    out = np.zeros(nshards, dtype=np.int64)
+    load = np.zeros(nodes, dtype=np.float64)
     for s in np.lexsort((np.arange(nshards), earliest)).tolist():
         size = float(nbytes[s])
         chosen = -1
