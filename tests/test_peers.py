@@ -4,6 +4,7 @@ protocol against real server processes, and fallbacks to the source when a peer 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -222,6 +223,28 @@ def test_a_receiver_slower_than_the_sender_gets_the_whole_entry(tmp_path, home) 
     got = here.fetch(key(3), lambda: pytest.fail("read from the source"), home=0)
     np.testing.assert_array_equal(got["x"], big["x"])
     assert here.stats["peer_hits"] == 1 and here.stats["peer_failures"] == 0
+
+
+def _fetch_from_home(cache: NodeCache, out: str) -> None:
+    """In a spawned process (a DataLoader worker's way): the cache arrives pickled."""
+    got = cache.fetch(key(1), lambda: arrays(-1), home=0)
+    np.save(out, got["x"])
+    with open(out + ".json", "w") as f:
+        json.dump(cache.stats, f)
+
+
+def test_a_spawned_process_cooperates_with_the_pickled_cache(tmp_path, home) -> None:
+    _, port = home
+    here = consumer(tmp_path, peers_for(port))
+    out = str(tmp_path / "got.npy")
+    proc = multiprocessing.get_context("spawn").Process(target=_fetch_from_home, args=(here, out))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    np.testing.assert_array_equal(np.load(out), arrays(1)["x"])
+    with open(out + ".json") as f:
+        stats = json.load(f)
+    assert stats["peer_hits"] == 1 and stats["misses"] == 0
 
 
 def test_a_shard_its_home_does_not_hold_is_read_from_the_source(tmp_path, home) -> None:
