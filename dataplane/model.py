@@ -67,7 +67,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\Z")
 _RESERVED_PREFIX = "__"
 _RESERVED_SUFFIX = ".json"
 
-AttrValue = bool | int | float | str | list
+AttrValue = bool | int | float | str | list[Any]
 
 
 def check_name(name: object, what: str = "variable") -> str:
@@ -147,7 +147,7 @@ def check_dtype(dtype: Any, name: str = "?") -> np.dtype:
             f"({_DTYPE_NAMES}). Convert it (e.g. strings to attributes, objects to numbers); "
             f"object arrays are refused because they would need pickling."
         )
-    result = np.dtype(native.name)
+    result: np.dtype = np.dtype(native.name)
     _NATIVE[dt] = result
     return result
 
@@ -164,7 +164,8 @@ def _from_torch(value: Any, name: str) -> np.ndarray:
     if hasattr(tensor, "resolve_conj"):
         tensor = tensor.resolve_conj().resolve_neg()
     try:
-        return tensor.numpy()
+        out: np.ndarray = tensor.numpy()
+        return out
     except TypeError as exc:
         raise SchemaError(
             f"variable {name!r} is a torch tensor of dtype {tensor.dtype}, which numpy cannot "
@@ -263,11 +264,11 @@ class VarSpec:
     def nbytes(self) -> int:
         return self.size * self.dtype.itemsize
 
-    def to_json(self) -> list:
+    def to_json(self) -> list[Any]:
         return [self.dtype.str, list(self.shape)]
 
     @classmethod
-    def from_json(cls, value: Sequence) -> VarSpec:
+    def from_json(cls, value: Sequence[Any]) -> VarSpec:
         return cls(np.dtype(value[0]), tuple(int(n) for n in value[1]))
 
     def __repr__(self) -> str:
@@ -433,7 +434,7 @@ class Step:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.read(name)
 
-    def torch(self, name: str, start: Any = None, count: Any = None, *, copy: bool = True):
+    def torch(self, name: str, start: Any = None, count: Any = None, *, copy: bool = True) -> Any:
         """Return variable ``name`` as a CPU torch tensor.
 
         ``copy=False`` shares memory with a zero-copy view; such a tensor must not be modified

@@ -23,7 +23,7 @@ __all__ = ["ChannelAttrs", "Publisher"]
 ASYNC_STAGING_STEPS = 2
 
 
-class ChannelAttrs(MutableMapping):
+class ChannelAttrs(MutableMapping[str, AttrValue]):
     """Channel-level attributes of a publisher; checked on assignment, sent with the next step
     and at close."""
 
@@ -90,7 +90,9 @@ class Publisher:
         return self._index
 
     def write(
-        self, data: Mapping[str, Any] | Iterable[tuple[str, Any]], attrs: Mapping | None = None
+        self,
+        data: Mapping[str, Any] | Iterable[tuple[str, Any]],
+        attrs: Mapping[str, Any] | None = None,
     ) -> int:
         """Publish one step of named arrays; returns its index.
 
@@ -146,7 +148,7 @@ class Publisher:
         self.attrs.dirty = False
         return self.attrs.snapshot()
 
-    def _prepare(self, data: Any, attrs: Mapping | None) -> _Prepared:
+    def _prepare(self, data: Any, attrs: Mapping[str, Any] | None) -> _Prepared:
         if isinstance(data, Mapping):
             items = list(data.items())
         elif isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
@@ -200,7 +202,7 @@ class Publisher:
     def begin_ranked(
         self,
         specs: dict[str, VarSpec],
-        attrs: Mapping | None,
+        attrs: Mapping[str, Any] | None,
         chunks: dict[str, tuple[int, ...]],
         arrays: dict[str, np.ndarray],
         layout: dict[str, Any] | None = None,
@@ -243,7 +245,7 @@ class Publisher:
             raise OptionError(f"{self.transport.scheme}:// does not take blocks from ranks")
         return self._writer
 
-    def end_ranked(self, specs: dict[str, VarSpec], blocks: dict[str, list] | None) -> int:
+    def end_ranked(self, specs: dict[str, VarSpec], blocks: dict[str, list[Any]] | None) -> int:
         """Commit the ranked step (``blocks``: checksums per block), or abort it (None)."""
         writer = self._ranked()
         if blocks is None:
@@ -299,7 +301,7 @@ class Publisher:
     def __enter__(self) -> Publisher:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         # SIGTERM is the scheduler ending the job, not the writer failing: a clean end.
         failed = exc_type is not None and not issubclass(exc_type, Terminated)
         self.close(failed=failed)
@@ -372,7 +374,7 @@ class _AsyncWriter:
         self._writer = pub._writer
         self._url = pub.url
         self._reported = False
-        self._jobs: queue.Queue = queue.Queue(maxsize=ASYNC_STAGING_STEPS)
+        self._jobs: queue.Queue[Any] = queue.Queue(maxsize=ASYNC_STAGING_STEPS)
         self._free: dict[tuple[str, np.dtype, tuple[int, ...]], list[np.ndarray]] = {}
         self._free_lock = threading.Lock()
         self._error: BaseException | None = None
@@ -396,7 +398,14 @@ class _AsyncWriter:
             for name, buf in arrays:
                 self._free.setdefault((name, buf.dtype, buf.shape), []).append(buf)
 
-    def submit(self, index: int, specs, arrays, attrs, channel_attrs) -> None:
+    def submit(
+        self,
+        index: int,
+        specs: dict[str, VarSpec],
+        arrays: list[tuple[str, np.ndarray]],
+        attrs: dict[str, AttrValue],
+        channel_attrs: dict[str, AttrValue] | None,
+    ) -> None:
         self._raise_pending()
         staged = [(name, self._buffer(name, arr)) for name, arr in arrays]
         while True:

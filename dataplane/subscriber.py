@@ -59,7 +59,7 @@ class Subscriber:
         self._serial = 0
         self._last_index: int | None = None
         self._steps = self._dropped = self._bytes = 0
-        self._sized: tuple[dict | None, int] = (None, 0)  # a layout and its bytes
+        self._sized: tuple[dict[str, Any] | None, int] = (None, 0)  # a layout and its bytes
         self._ended = False
         self._closed = False
         self._finalizer = weakref.finalize(self, reader.close)
@@ -163,7 +163,7 @@ class Subscriber:
     def __enter__(self) -> Subscriber:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -247,7 +247,7 @@ class Archive:
     def __enter__(self) -> Archive:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -107,7 +107,8 @@ def homes(first: np.ndarray, nbytes: np.ndarray, slack: float = 1.1) -> np.ndarr
     if (earliest != NEVER).all():
         totals = np.bincount(readers, weights=nbytes.astype(np.float64), minlength=nodes)
         if (totals <= cap).all():
-            return readers.astype(np.int64)  # no share is ever full: what the walk below gives
+            out: np.ndarray = readers.astype(np.int64)
+            return out  # no share is ever full: what the walk below gives
     return _walk(first, nbytes, cap, earliest)
 
 

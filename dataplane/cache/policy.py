@@ -46,7 +46,8 @@ class Plan:
         """Shards needed in positions ``position .. position + horizon``, in order of next use."""
         window = self.uses[position : position + horizon]
         shards, first = np.unique(window, return_index=True)
-        return shards[np.argsort(first)].tolist()
+        out: list[int] = shards[np.argsort(first)].tolist()
+        return out
 
 
 def choose_victims(

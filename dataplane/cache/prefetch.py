@@ -126,7 +126,8 @@ def _build(spec: dict[str, Any]) -> PrefetchSource:
     factory: Any = importlib.import_module(module)
     for part in name.split("."):
         factory = getattr(factory, part)
-    return factory(**spec["args"])
+    source: PrefetchSource = factory(**spec["args"])
+    return source
 
 
 def main() -> int:

@@ -90,7 +90,7 @@ class NodeCache:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         capacity: Any = "40GB",
         *,
         lock_timeout: float = 600.0,
@@ -149,7 +149,7 @@ class NodeCache:
         if self._pid != os.getpid():  # after fork: locks, fds and maps are the parent's
             self._reset()
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         state = {"lock_timeout": self.lock_timeout, "peers": self.peers}
         return (type(self), (self.path, self.capacity), state)
 

@@ -100,7 +100,7 @@ class _Groups(torch.utils.data.Sampler[list[int]]):
         return -(-len(self.batches) // self.per)
 
 
-class _Work(torch.utils.data.Dataset):
+class _Work(torch.utils.data.Dataset[Any]):
     """What the DataLoader (its workers, or the main process) does with a batch of indices."""
 
     def __init__(
@@ -132,7 +132,7 @@ class _Work(torch.utils.data.Dataset):
         return self.batch_transform(batch) if self.batch_transform is not None else batch
 
 
-class BatchLoader(DataLoader):
+class BatchLoader(DataLoader[Any]):
     """A ``DataLoader`` over a :class:`SampleDataset` that yields the batches
     ``DataLoader(ds, batch_size=...)`` would (same order, same structure), made whole.
 

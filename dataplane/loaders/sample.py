@@ -33,7 +33,7 @@ from dataplane.loaders._sources import expand, grow, is_many, open_steps, settle
 __all__ = ["SampleDataset"]
 
 
-class SampleDataset(torch.utils.data.Dataset):
+class SampleDataset(torch.utils.data.Dataset[Any]):
     """Samples of the stored steps at ``url``, in a fixed order, for ``DataLoader``.
 
     ``sample="row"``: the samples are the axis-0 rows of each step's arrays, over all steps

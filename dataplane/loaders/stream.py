@@ -35,7 +35,7 @@ __all__ = ["StreamDataset"]
 MAX_CONSUMERS = 256
 
 
-class StreamDataset(torch.utils.data.IterableDataset):
+class StreamDataset(torch.utils.data.IterableDataset[Any]):
     """Samples of the steps published on a live channel, as they arrive.
 
     Every consumer (each DataLoader worker of each rank) subscribes on its own and uses the
