@@ -414,15 +414,14 @@ def test_cooperating_nodes_read_the_source_once_per_job(tmp_path, flags) -> None
     """4 ranks on 2 nodes, 3 shuffled epochs; each node's cache holds 3/4 of the dataset:
     together they hold it, alone neither does. Every batch is checked."""
     coop = coop_run(tmp_path, tmp_path / "coop", *flags)
-    solo = coop_run(tmp_path, tmp_path / "solo", "--solo", *flags)
-    print(
-        f"source bytes / dataset: cooperating {coop['source_over_dataset']:.3f}, "
-        f"alone {solo['source_over_dataset']:.3f}"
-    )
-    assert coop["bad"] == 0 and solo["bad"] == 0
+    print(f"source bytes / dataset: cooperating {coop['source_over_dataset']:.3f}")
+    assert coop["bad"] == 0
     assert coop["source_over_dataset"] <= 1.1, coop
     assert coop["peer_bytes"] > 0 and coop["peer_failures"] == 0
-    assert solo["source_over_dataset"] > 1.5, solo  # about nodes x dataset without it
+    if not flags:  # the same caches alone, once: about nodes x the dataset
+        solo = coop_run(tmp_path, tmp_path / "solo", "--solo", *flags)
+        print(f"source bytes / dataset alone: {solo['source_over_dataset']:.3f}")
+        assert solo["bad"] == 0 and solo["source_over_dataset"] > 1.5, solo
 
 
 # -- two "hosts": network namespaces joined by a veth pair ---------------------------------------
