@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import dataplane as dp
+from dataplane import _progress
 from dataplane.registry import resolve
 
 __all__ = ["main"]
@@ -123,36 +123,6 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Progress:
-    """One line on stderr, redrawn in place on a terminal and every few seconds otherwise."""
-
-    def __init__(self, stream: TextIO, total: int | None, quiet: bool) -> None:
-        self.stream = stream
-        self.total = total
-        self.quiet = quiet
-        self.tty = stream.isatty()
-        self.start = self.last = time.monotonic()
-
-    def update(self, steps: int, nbytes: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if self.quiet or not (final or now - self.last >= (0.2 if self.tty else 5.0)):
-            return
-        self.last = now
-        rate = nbytes / max(now - self.start, 1e-9)
-        if self.total:
-            done = min(steps / self.total, 1.0)
-            bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
-            head = f"[{bar}] {steps}/{self.total} steps"
-        else:
-            head = f"{steps} steps"
-        line = f"{head}  {nbytes / 2**20:,.1f} MiB  {rate / 2**20:,.1f} MiB/s"
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
 def _convert(args: argparse.Namespace) -> int:
     src_opts = parse_options(args.src_opt, "--src-opt")
     dst_opts = parse_options(args.dst_opt, "--dst-opt")
@@ -165,9 +135,12 @@ def _convert(args: argparse.Namespace) -> int:
             total = None  # not written yet: subscribe below waits for it or says why
     wanted = None if args.vars is None else [v for v in args.vars.split(",") if v]
     renamed: dict[str, str] = {}
-    progress = _Progress(sys.stderr, total, args.quiet)
     steps = nbytes = 0
-    with dp.subscribe(args.src, vars=wanted, timeout=args.timeout, **src_opts) as sub:
+    t0 = time.monotonic()
+    with (
+        dp.subscribe(args.src, vars=wanted, timeout=args.timeout, **src_opts) as sub,
+        _progress.bar("convert", total, show=_progress.wanted(args)) as progress,
+    ):
         pub = dp.publish(args.dst, mode=args.mode, **dst_opts)
         try:
             attrs: dict[str, Any] | None = None
@@ -185,19 +158,22 @@ def _convert(args: argparse.Namespace) -> int:
                     nbytes += data[new].nbytes
                 pub.write(data, attrs=step.attrs)
                 steps += 1
-                progress.update(steps, nbytes)
+                rate = nbytes / max(time.monotonic() - t0, 1e-9)
+                progress.set_postfix_str(
+                    f"{nbytes / 2**20:,.1f} MiB, {rate / 2**20:,.1f} MiB/s", refresh=False
+                )
+                progress.update()
                 if args.steps is not None and steps >= args.steps:
                     break
         except KeyboardInterrupt:
             pub.close()  # keep what was recorded: every written step is complete
-            progress.update(steps, nbytes, final=True)
+            progress.close()
             print(f"dataplane: interrupted after {steps} steps", file=sys.stderr)
             return 130
         except BaseException:
             pub.close(failed=True)
             raise
         pub.close()
-    progress.update(steps, nbytes, final=True)
     for old, new in renamed.items():
         if old != new and not args.quiet:
             print(f"dataplane: variable {old!r} written as {new!r}", file=sys.stderr)
@@ -207,7 +183,15 @@ def _convert(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from dataplane.demo import run_demo
 
-    run_demo(args.steps, args.size, args.every, args.out, policy=args.policy, url=args.url)
+    run_demo(
+        args.steps,
+        args.size,
+        args.every,
+        args.out,
+        policy=args.policy,
+        url=args.url,
+        progress=_progress.wanted(args),
+    )
     return 0
 
 
@@ -289,9 +273,7 @@ def _bench(args: argparse.Namespace) -> int:
     )
     phases = PHASES if args.phase == "all" else (args.phase,)
     world = World()
-    rows = run(
-        config, phases, world, progress=sys.stderr if not args.quiet else open(os.devnull, "w")
-    )
+    rows = run(config, phases, world, progress=_progress.wanted(args))
     if world.rank == 0:
         command = "dataplane " + " ".join(args.argv)
         if world.size > 1:
@@ -321,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--size", type=int, default=128, help="grid is SIZE x SIZE (default 128)")
     demo.add_argument("--every", type=int, default=4, help="iterations per published step")
     demo.add_argument("--policy", choices=("block", "drop-oldest"), default="block")
+    _progress.add_arguments(demo)
     demo.add_argument("--url", help="channel (default: a fresh shm://demo-...)")
     demo.add_argument(
         "--out",
@@ -380,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         help="option for DST, e.g. compression=gzip (h5), compressors=zstd (zarr), "
         "operator=blosc (bp5)",
     )
-    conv.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _progress.add_arguments(conv)
     conv.set_defaults(func=_convert)
 
     cache = sub.add_parser(
@@ -449,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("--out", type=Path, default=Path("results"), help="default results/")
     bench.add_argument("--quick", action="store_true", help="tiny sizes, under a minute")
-    bench.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _progress.add_arguments(bench)
     bench.set_defaults(func=_bench)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

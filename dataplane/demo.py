@@ -18,13 +18,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 import dataplane as dp
+from dataplane import _progress
 
 __all__ = ["GrayScott", "main", "run_demo", "train"]
 
@@ -69,10 +72,10 @@ class GrayScott:
 
 
 def simulate(
-    url: str, steps: int, size: int, every: int, policy: str, progress: bool, stored: str
+    url: str, steps: int, size: int, every: int, policy: str, progress: Any, stored: str
 ) -> dict:
     """Run the simulation, publishing ``steps`` steps live to ``url`` and to the file
-    ``stored``; returns timing figures.
+    ``stored``; returns timing figures. ``progress``: a tqdm bar (or None) counting steps.
 
     Each step holds a training pair: ``x``, the state (u and v stacked), and ``y``, the state
     ``every`` iterations later, as a surrogate's training data would.
@@ -87,7 +90,7 @@ def simulate(
         pub.attrs.update(model="gray-scott", du=sim.du, dv=sim.dv, f=sim.f, k=sim.k, every=every)
         store.attrs.update(pub.attrs)
         t_start = time.perf_counter()
-        for i in range(steps):
+        for _ in range(steps):
             x = np.stack([sim.u, sim.v])
             sim.advance(every)
             step = {"x": x, "y": np.stack([sim.u, sim.v])}
@@ -95,11 +98,9 @@ def simulate(
             pub.write(step, attrs={"iteration": sim.iteration})
             store.write(step, attrs={"iteration": sim.iteration})
             waited += time.perf_counter() - tw
-            if progress and (i + 1) % max(1, steps // 5) == 0:
-                print(
-                    f"[sim]   published step {i + 1}/{steps} (iteration {sim.iteration})",
-                    flush=True,
-                )
+            if progress is not None:
+                progress.set_postfix_str(f"iteration {sim.iteration}", refresh=False)
+                progress.update()
     return {
         "sim_seconds": time.perf_counter() - t_start,
         "publish_seconds": waited,
@@ -108,10 +109,11 @@ def simulate(
 
 
 def train(
-    url: str, out: Path, stored: str | None = None, *, lr: float = 1e-3, progress: bool = True
+    url: str, out: Path, stored: str | None = None, *, lr: float = 1e-3, report: bool = False
 ) -> dict:
     """Train a small CNN online from ``url``, then one offline epoch over ``stored``; writes
-    summary.json and loss.png.
+    summary.json and loss.png. ``report``: print a JSON line on stdout every 20 batches
+    (``{"batch": n, "error": e}``), which ``run_demo`` shows as a progress bar.
 
     Online, a ``StreamDataset`` keeps a replay buffer of the latest steps and draws 8 samples
     per published step. Offline, a ``SampleDataset`` over the stored file is read in shuffled
@@ -160,12 +162,8 @@ def train(
     for x, y in torch.utils.data.DataLoader(live, batch_size=4, num_workers=0):
         t_first = t_first or time.perf_counter()
         errors.append(fit(x, y))
-        if progress and len(errors) % 100 == 0:
-            print(
-                f"[train] batch {len(errors):4d}  error {np.mean(errors[-20:]):.3f} "
-                f"of copying the last step",
-                flush=True,
-            )
+        if report and len(errors) % 20 == 0:
+            _report(batch=len(errors), error=float(np.mean(errors[-20:])))
     elapsed = time.perf_counter() - (t_first or time.perf_counter())
     stats = live.stats
     summary: dict = {
@@ -177,6 +175,9 @@ def train(
         "final_error": float(np.mean(errors[-10:])) if errors else float("nan"),
         "errors": errors,
     }
+    if report:
+        _report(batch=len(errors), error=float(np.mean(errors[-20:])) if errors else None)
+        _report(phase="offline epoch")
     if stored is not None:
         ds = SampleDataset(stored, vars=("x", "y"), sample="step")
         sampler = ShuffleSampler(ds, seed=0, block=None)
@@ -200,11 +201,18 @@ def train(
     return summary
 
 
+def _report(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
 def _plot(errors: list[float], path: Path) -> str | None:
     try:
         import matplotlib
     except ImportError:
-        print("[train] no plot: matplotlib is missing (pip install 'dataplane[demo]')")
+        print(
+            "dataplane demo: no plot: matplotlib is missing (pip install 'dataplane[demo]')",
+            file=sys.stderr,
+        )
         return None
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
@@ -223,9 +231,17 @@ def _plot(errors: list[float], path: Path) -> str | None:
 
 
 def run_demo(
-    steps: int, size: int, every: int, out: Path, policy: str = "block", url: str | None = None
+    steps: int,
+    size: int,
+    every: int,
+    out: Path,
+    policy: str = "block",
+    url: str | None = None,
+    progress: bool | None = None,
 ) -> dict:
-    """Start the trainer process, run the simulation, print the table; returns the summary."""
+    """Start the trainer process, run the simulation, print the table; returns the summary.
+    ``progress``: two bars on stderr, the simulation's steps and the trainer's batches (None:
+    only on a terminal)."""
     url = url or f"shm://demo-{uuid.uuid4().hex[:8]}"
     out.mkdir(parents=True, exist_ok=True)
     stored = f"h5://{(out / 'gray-scott.h5').resolve()}"
@@ -246,16 +262,27 @@ def run_demo(
             str(out),
             "--stored",
             stored,
+            "--report",
         ],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        text=True,
     )
+    sim_bar = _progress.bar("simulation", steps, show=progress, position=0)
+    train_bar = _progress.bar("training", unit=" batch", show=progress, position=1)
+    follow = threading.Thread(target=_follow, args=(trainer.stdout, train_bar), daemon=True)
+    follow.start()
     try:
-        sim = simulate(url, steps, size, every, policy, progress=True, stored=stored)
+        sim = simulate(url, steps, size, every, policy, progress=sim_bar, stored=stored)
         code = trainer.wait(timeout=600)
+        follow.join(60)
     except BaseException:
         trainer.kill()
         trainer.wait()
         raise
+    finally:
+        train_bar.close()
+        sim_bar.close()
     if code != 0:
         raise dp.DataplaneError(f"the trainer process failed with exit code {code}")
     summary = json.loads((out / "summary.json").read_text())
@@ -293,6 +320,24 @@ def run_demo(
     return summary
 
 
+def _follow(lines: Any, bar: Any) -> None:
+    """Show the trainer's reports (JSON lines on its stdout) on ``bar``; pass anything else
+    through to this process's stdout."""
+    for line in lines:
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError:
+            fields = None
+        if not isinstance(fields, dict):
+            bar.write(line.rstrip("\n"), file=sys.stdout)
+        elif "phase" in fields:
+            bar.set_description_str(f"training ({fields['phase']})")
+        else:
+            if fields.get("error") is not None:
+                bar.set_postfix_str(f"error {fields['error']:.3f} of copying", refresh=False)
+            bar.update(fields["batch"] - bar.n)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dataplane.demo")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -300,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("url")
     t.add_argument("--out", type=Path, default=Path("demo_out"))
     t.add_argument("--stored", help="the file the simulation also writes (offline epoch)")
+    t.add_argument("--report", action="store_true", help="progress as JSON lines on stdout")
     args = ap.parse_args(argv)
-    train(args.url, args.out, args.stored)
+    train(args.url, args.out, args.stored, report=args.report)
     return 0
 
 

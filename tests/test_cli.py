@@ -49,10 +49,49 @@ def test_convert_copies_steps_and_attributes(tmp_path, capsys, src, dst):
     src_url = FILES[src](tmp_path, "src")
     dst_url = FILES[dst](tmp_path, "dst")
     write_run(src_url)
-    assert main(["convert", src_url, dst_url]) == 0
+    assert main(["convert", src_url, dst_url, "--progress"]) == 0
     assert_same_run(dst_url)
     err = capsys.readouterr().err
-    assert "4/4 steps" in err  # the progress line, on stderr
+    assert "convert: 100%" in err and "4/4" in err and "MiB/s" in err  # the bar, on stderr
+
+
+def test_convert_shows_progress_on_a_terminal_only(tmp_path) -> None:
+    """A bar on a terminal; nothing on a pipe (a log) unless --progress; never with --quiet."""
+    import os
+    import pty
+
+    src = FILES["h5"](tmp_path, "src")
+    write_run(src)
+    cmd = [sys.executable, "-m", "dataplane.cli", "convert", src]
+    piped = subprocess.run([*cmd, FILES["h5"](tmp_path, "a")], capture_output=True, timeout=60)
+    assert piped.returncode == 0 and piped.stderr == b""
+    quiet = subprocess.run(
+        [*cmd, FILES["h5"](tmp_path, "b"), "--quiet", "--progress"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert quiet.returncode == 0 and quiet.stderr == b""
+    main_end, tty_end = pty.openpty()
+    try:
+        with subprocess.Popen(
+            [*cmd, FILES["h5"](tmp_path, "c")], stderr=tty_end, stdout=subprocess.DEVNULL
+        ) as proc:
+            os.close(tty_end)
+            shown = b""
+            while True:
+                try:
+                    chunk = os.read(main_end, 4096)
+                except OSError:  # EIO: the process closed its end
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            assert proc.wait(timeout=60) == 0
+    finally:
+        os.close(main_end)
+    assert b"convert: 100%" in shown and b"4/4" in shown, shown
+    for url in ("a", "b", "c"):
+        assert_same_run(FILES["h5"](tmp_path, url))
 
 
 def test_convert_passes_compression_options_through(tmp_path):
@@ -167,7 +206,7 @@ def test_convert_records_a_live_stream(tmp_path, stream, extra):
     """A live stream from another process, recorded step by step until the writer closes."""
     src = f"shm://rec-{tmp_path.name}" if stream == "shm" else f"sst://{tmp_path}/live"
     dst = FILES["h5" if stream == "shm" else "bp5"](tmp_path, "rec")
-    rec = _cli("convert", src, dst, "--timeout", "60")
+    rec = _cli("convert", src, dst, "--timeout", "60", "--progress")
     writer = run_proc("publish", src, "--steps", "6", "--size", "256", "--sleep", "0.05", *extra)
     try:
         w_out, w_err = writer.communicate(timeout=90)
@@ -177,7 +216,7 @@ def test_convert_records_a_live_stream(tmp_path, stream, extra):
             p.kill()
     assert writer.returncode == 0, w_err
     assert rec.returncode == 0, r_err
-    assert "6 steps" in r_err
+    assert "convert: 6 step " in r_err  # the bar, asked for: stderr is a pipe
     wrote = [json.loads(line) for line in w_out.splitlines() if '"wrote"' in line]
     (got,) = read_events(run_proc("verify", dst), 60)
     assert got["error"] is None and got["count"] == 6

@@ -35,6 +35,7 @@ def test_demo_command_end_to_end(tmp_path) -> None:
             "32",
             "--out",
             str(out),
+            "--progress",
         ],
         capture_output=True,
         text=True,
@@ -42,6 +43,10 @@ def test_demo_command_end_to_end(tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "steps received               30 (dropped 0)" in result.stdout
+    # Both bars, asked for in a log: the simulation's steps and the trainer's batches.
+    bars = result.stderr.splitlines()
+    assert any(line.startswith("simulation: 100%") and "30/30" in line for line in bars), bars
+    assert any(line.startswith("training (offline epoch): 60 batch") for line in bars), bars
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["dropped"] == 0
     # Steps hold (x, y) pairs of the two fields; 8 replay draws per step in batches of 4.

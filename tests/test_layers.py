@@ -111,6 +111,8 @@ ALLOWED = {
         "dataplane.transports.base",
     ],
     "dataplane._sigterm": ["dataplane.errors"],
+    # The progress bars of the commands (tqdm, imported when a bar is made).
+    "dataplane._progress": [],
     "dataplane.publisher": ["dataplane.errors", "dataplane.model", "dataplane.transports.base"],
     "dataplane.subscriber": [
         "dataplane.errors",

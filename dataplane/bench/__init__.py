@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from typing import Any, TextIO
+from typing import Any
 
 from dataplane.errors import OptionError
 
@@ -89,9 +89,10 @@ def run(
     config: Config,
     phases: tuple[str, ...] = PHASES,
     world: World | None = None,
-    progress: TextIO | None = None,
+    progress: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the benchmark; returns every figure (on every rank)."""
+    """Run the benchmark; returns every figure (on every rank). ``progress``: a bar on
+    stderr (rank 0); None shows it only on a terminal."""
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
         raise ValueError(f"unknown phase(s) {unknown}; choose from {', '.join(PHASES)}")
@@ -150,6 +151,7 @@ def run(
             shutil.rmtree(workdir, ignore_errors=True)
         if world.node_leader:
             shutil.rmtree(cache_root, ignore_errors=True)
+        rec.close()
     return rec.rows
 
 

@@ -7,14 +7,14 @@ import contextlib
 import dataclasses
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
 import dataplane as dp
+from dataplane import _progress
 from dataplane.model import parse_size
 
 __all__ = [
@@ -288,45 +288,29 @@ class Limits:
 
 # -- recording figures -------------------------------------------------------------------------
 class Recorder:
-    """Collects figures (one dict each, written as JSON lines) and shows progress."""
+    """Collects figures (one dict each, written as JSON lines) and shows progress (a bar on
+    stderr, one task per figure measured)."""
 
-    def __init__(self, config: Config, world: World, stream: TextIO | None = None) -> None:
+    def __init__(self, config: Config, world: World, show: bool | None = None) -> None:
         self.config = config
         self.world = world
         self.rows: list[dict[str, Any]] = []
-        self.stream = stream if stream is not None else sys.stderr
-        self.show = world.rank == 0
         self.total = 0
-        self.done = 0
-        self.t0 = time.perf_counter()
-        self.tty = self.stream.isatty()
+        # One bar, on rank 0; ``show`` as in dataplane._progress.bar (None: on a terminal).
+        self.bar = _progress.bar("bench", 0, unit=" task", show=show if world.rank == 0 else False)
 
     def plan(self, tasks: int) -> None:
         self.total += tasks
+        self.bar.total = self.total
 
     @contextlib.contextmanager
     def task(self, label: str) -> Iterator[None]:
-        self._draw(label)
+        self.bar.set_description_str(label)
         yield
-        self.done += 1
-        self._draw(label, starting=False, finished=self.done == self.total)
+        self.bar.update()
 
-    def _draw(self, label: str, starting: bool = True, finished: bool = False) -> None:
-        if not self.show:
-            return
-        width = 24
-        filled = width * self.done // max(self.total, 1)
-        elapsed = time.perf_counter() - self.t0
-        line = (
-            f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-            f"{elapsed:5.0f}s  {label}"
-        )
-        if self.tty:
-            end = "\n" if finished else ""
-            self.stream.write(f"\r\x1b[K{line}{end}")
-        elif starting:  # a log file gets one line per task
-            self.stream.write(line + "\n")
-        self.stream.flush()
+    def close(self) -> None:
+        self.bar.close()
 
     def add(self, **row: Any) -> dict[str, Any]:
         row.setdefault("rank", None)
