@@ -52,15 +52,14 @@ test-mpio: $(MPIO_STAMP)
 	$(MPIO_VENV)/bin/python -c "import h5py, sys; sys.exit(0 if h5py.get_config().mpi else 'h5py without MPI')"
 	$(MPIO_VENV)/bin/python -m pytest -q tests/test_mpio.py
 
+# dataplane bench (the user-facing report), the pytest-benchmark suite (saved under
+# .benchmarks/ for --benchmark-compare; see docs/benchmarking.md) and the system benchmarks.
 bench: $(STAMP)
 	$(VENV)/bin/dataplane bench all --dir $(or $(BENCH_DIR),/tmp) --out bench_results
-	$(PY) bench/bench_shm.py
-	$(PY) bench/bench_files.py
-	$(PY) bench/bench_verify.py
+	$(PY) -m pytest bench --benchmark-only --benchmark-autosave \
+		--benchmark-json bench_results/pytest-benchmark.json $(if $(BENCH_DIR),--bench-dir $(BENCH_DIR))
 	$(PY) bench/bench_mpi.py
-	$(PY) bench/bench_loaders.py
 	$(PY) bench/bench_cache.py
-	$(PY) bench/bench_batches.py
 	$(PY) bench/bench_many_files.py
 	$(VENV)/bin/mpiexec -n 4 $(PY) bench/bench_coop.py
 

@@ -26,19 +26,6 @@ def run_bench(script: str, out: Path, *args: str) -> tuple[str, object]:
     return result.stdout, json.loads(out.read_text())
 
 
-def test_bench_shm_reports_all_methods(tmp_path) -> None:
-    stdout, rows = run_bench(
-        "bench_shm.py", tmp_path / "rows.json", "--sizes", "4KiB,64KiB", "--seconds", "0.01"
-    )
-    assert {(r["size"], r["method"]) for r in rows} == {
-        (s, m) for s in (4096, 65536) for m in ("raw copy", "shm://", "mp.Queue", "ring")
-    }
-    for r in rows:
-        assert r["gbps"] > 0 and 0 < r["median_us"] <= r["p99_us"]
-        assert r["steps"] > 8  # steady state: more than the warm-up
-    assert "vs Queue" in stdout and "vs ring" in stdout
-
-
 def test_bench_mpi_reports_every_transport_and_rank_count(tmp_path) -> None:
     _, rows = run_bench(
         "bench_mpi.py",
@@ -52,36 +39,43 @@ def test_bench_mpi_reports_every_transport_and_rank_count(tmp_path) -> None:
     assert all(r["gb_per_s"] > 0 for r in rows)
 
 
-def test_bench_loaders_compares_with_the_naive_reader(tmp_path) -> None:
-    stdout, report = run_bench(
-        "bench_loaders.py",
-        tmp_path / "report.json",
-        *("--samples", "256", "--sample-kib", "4", "--steps", "2", "--repeat", "1"),
+# -- the pytest-benchmark suite (bench/test_*.py) -----------------------------------------------
+def run_suite(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", str(BENCH), "--benchmark-only", "--quick", "-q"]
+        + ["-p", "no:cacheprovider", "--benchmark-storage", f"file://{tmp_path / 'saved'}"]
+        + ["--bench-dir", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        stdin=subprocess.DEVNULL,
+        cwd=BENCH.parent,
     )
-    assert report["samples"] == 256 and report["sample_bytes"] == 4096
-    assert {(r["file"], r["workers"]) for r in report["results"]} == {
-        (f, w) for f in ("dataplane.h5", "plain.h5") for w in (0, 2)
-    }
-    for r in report["results"]:
-        assert r["naive_s"] > 0 and r["dataplane_blockNone_s"] > 0 and r["dataplane_block64_s"] > 0
-    assert "x naive" in stdout
 
 
-def test_bench_batches_reports_the_loaders_side_by_side(tmp_path) -> None:
-    stdout, report = run_bench(
-        "bench_batches.py",
-        tmp_path / "report.json",
-        *("--samples", "640", "--sample-kib", "4", "--repeat", "1", "--workers", "0", "1"),
-    )
-    (size,) = report["sizes"]
-    assert report["memcpy_gbs"] > 0 and size["sample_kib"] == 4
-    for w in (0, 1):
-        row = size[f"workers={w}"]
-        assert set(row) == {"memory", "naive", "dataplane", "batches"}
-        assert all(v > 0 for v in row.values())
-    for kind in ("dataplane", "batches"):
-        assert size[f"new_process_{kind}"]["new"] > 0 and size[f"new_process_{kind}"]["same"] > 0
-    assert "of memcpy" in stdout and "new process" in stdout
+@pytest.mark.timeout(300)
+def test_benchmark_suite_runs_quick_with_dataplane_beside_its_baseline(tmp_path) -> None:
+    """Every group holds dataplane and a plain-library baseline; every benchmark checked the
+    values it moved (a wrong value fails the run); the JSON carries GB/s; a later run is
+    compared with a saved one."""
+    done = run_suite(tmp_path, "--benchmark-json", str(tmp_path / "run.json"), "--benchmark-save=a")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "run.json").read_text())
+    groups: dict[str, set[str]] = {}
+    for b in report["benchmarks"]:
+        groups.setdefault(b["group"], set()).add(b["extra_info"]["side"])
+        assert b["stats"]["rounds"] == 1 and positive(b["stats"]["median"], b["extra_info"]["GB/s"])
+    assert all(sides == {"dataplane", "baseline"} for sides in groups.values()), groups
+    kinds = {g.split()[0] for g in groups}
+    assert kinds == {"write", "read", "stream", "epoch"}
+    assert {"write h5: 2 steps of 1 MiB", "read zarr rows", "stream 64 KiB steps"} <= set(groups)
+    assert {"epoch 4KiB workers=0", "epoch 4KiB workers=2"} <= set(groups)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("dp-bench-")] == []
+    # --benchmark-compare against the saved run: a regression beyond the threshold fails.
+    (saved,) = (tmp_path / "saved").rglob("0001_a.json")
+    again = run_suite(tmp_path, "-k", "test_read and h5", "--benchmark-compare=0001")
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert "0001_a" in again.stdout and saved.exists()
 
 
 def test_bench_many_files_reports_cold_and_warm(tmp_path) -> None:
@@ -173,6 +167,7 @@ def run_dataplane_bench(tmp_path: Path, *args: str, ranks: int = 1) -> list[dict
         cmd, capture_output=True, text=True, timeout=280, stdin=subprocess.DEVNULL
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "\r" not in result.stderr  # no progress bar: stderr is not a terminal
     assert "## Limits of this machine" in result.stdout
     rows = [strict_json(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     assert rows and (out / "bench.md").read_text().startswith("# dataplane bench")

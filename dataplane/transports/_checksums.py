@@ -29,8 +29,9 @@ from dataplane.model import Selection
 __all__ = ["BLOCK_BYTES", "Corrupt", "block_shape", "block_sums", "digest", "verified_read"]
 
 #: Target bytes of a checksum block: a partial read reads at most this much more at either end.
-#: Measured (bench/bench_verify.py, h5, page cache): a verified 4 KiB row costs 24 us against
-#: 14 us unverified with 64 KiB blocks (54 us with 256 KiB); a whole 16 MiB step 1.2x.
+#: Measured (bench_verify.py, now bench/test_read.py; h5, page cache): a verified 4 KiB row
+#: costs 24 us against 14 us unverified with 64 KiB blocks (54 us with 256 KiB); a whole
+#: 16 MiB step 1.2x.
 BLOCK_BYTES = 64 << 10
 
 
