@@ -235,6 +235,18 @@ def _bench(args: argparse.Namespace) -> int:
     from dataplane.bench import PHASES, Config, World, run, save
     from dataplane.bench._common import parse_size
 
+    if args.phase == "compare":
+        return _bench_compare(args)
+    if args.folders:
+        raise dp.OptionError(
+            f"unexpected {' '.join(args.folders)!r}: only `dataplane bench compare A B` takes "
+            "folders"
+        )
+    if not args.dir:
+        raise dp.OptionError(
+            "--dir is required: the directory the benchmark writes into (your filesystem)"
+        )
+
     quick = {
         "samples": 1024,
         "sample_size": "16KiB",
@@ -270,6 +282,7 @@ def _bench(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         quick=args.quick,
         nodes=args.nodes,
+        repeats=args.repeats if args.repeats is not None else (1 if args.quick else 3),
     )
     phases = PHASES if args.phase == "all" else (args.phase,)
     world = World()
@@ -284,6 +297,26 @@ def _bench(args: argparse.Namespace) -> int:
             f"figures: {out['jsonl']}; table: {out['markdown']}; plots: "
             f"{', '.join(out['plots']) or 'none'}"
         )
+    return 0
+
+
+def _bench_compare(args: argparse.Namespace) -> int:
+    from dataplane.bench import compare
+
+    if len(args.folders) != 2:
+        raise dp.OptionError(
+            f"`dataplane bench compare` takes two --out folders, A and B; got {len(args.folders)}"
+        )
+    a, b = args.folders
+    result = compare.compare(compare.load(a), compare.load(b))
+    if not result["cells"]:
+        raise dp.DataplaneError(
+            f"{a} and {b} have no figure in common (different phases or transports?)"
+        )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(compare.markdown(result, a, b))
     return 0
 
 
@@ -391,11 +424,21 @@ def main(argv: list[str] | None = None) -> int:
         epilog="examples:  dataplane bench all --dir /lustre/$USER/bench\n"
         "           mpiexec -n 4 dataplane bench read --dir /gpfs/scratch/bench --workers 4 "
         "--compute-ms 20\n"
-        "           dataplane bench all --dir /tmp --quick",
+        "           dataplane bench all --dir /tmp --quick\n"
+        "           dataplane bench compare results-before results-after",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_argument("phase", choices=("write", "read", "stream", "all"))
-    bench.add_argument("--dir", required=True, help="where data goes (your parallel filesystem)")
+    bench.add_argument("phase", choices=("write", "read", "stream", "all", "compare"))
+    bench.add_argument(
+        "folders", nargs="*", help="compare: two --out folders of earlier runs, A then B"
+    )
+    bench.add_argument("--dir", help="where data goes (your parallel filesystem; required)")
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        help="runs of every cell, interleaved; the report gives median and min-max "
+        "(default 3; 1 with --quick)",
+    )
     bench.add_argument(
         "--transports", default="bp5,h5,zarr,shm,sst", help="default: bp5,h5,zarr,shm,sst"
     )
@@ -431,7 +474,12 @@ def main(argv: list[str] | None = None) -> int:
         "machines the ranks run on, when there are several)",
     )
     bench.add_argument("--out", type=Path, default=Path("results"), help="default results/")
-    bench.add_argument("--quick", action="store_true", help="tiny sizes, under a minute")
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test: tiny sizes, one run, under a minute (the figures mean nothing)",
+    )
+    bench.add_argument("--json", action="store_true", help="compare: machine-readable output")
     _progress.add_arguments(bench)
     bench.set_defaults(func=_bench)
     args = ap.parse_args(argv)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dataplane.bench.report import plot_data
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -252,6 +254,31 @@ def test_dataplane_bench_all_quick_reports_every_figure(tmp_path) -> None:
     for name in ("read", "write", "stream"):
         png = tmp_path / "results" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The plots draw the limits that bound them, in the units of the plot.
+    data = plot_data(rows)
+    per_sample = 1e9 / sample
+    read = {x["label"]: x["value"] for x in data["read"]["limits"]}
+    assert read == {
+        "DataLoader ceiling": limits["DataLoader ceiling"]["samples_per_s"],
+        "sequential read, cold": pytest.approx(limits["sequential read cold"]["gbps"] * per_sample),
+        "memcpy": pytest.approx(limits["memcpy"]["gbps"] * per_sample),
+    }
+    assert {x["label"]: x["value"] for x in data["write"]["limits"]} == {
+        "sequential write": limits["sequential write"]["gbps"],
+        "memcpy": limits["memcpy"]["gbps"],
+    }
+    assert [x["label"] for x in data["stream"]["limits"]] == ["memcpy"]
+    # Bars carry the spread of the repeats: one run here, so min = median = max.
+    series = data["read"]["series"]
+    assert [s["label"] for s in series] == [
+        "naive cold",
+        "naive warm",
+        "dataplane cold",
+        "dataplane warm",
+    ]
+    assert all(s["min"] == s["values"] == s["max"] and len(s["values"]) == 9 for s in series)
+    assert data["title_suffix"] == " (smoke test: --quick)"
+    assert all(r["smoke_test"] and r["config"]["repeats"] == 1 for r in rows)
 
 
 @pytest.mark.timeout(300)
@@ -308,6 +335,23 @@ def test_dataplane_bench_under_mpi_reports_aggregate_and_per_rank(tmp_path) -> N
     assert alone["source_over_dataset"] >= coop["source_over_dataset"]
     assert positive(coop["vs_alone"])
     assert "## Cooperating node caches" in report
+    # The spread across ranks: the slowest bounds a synchronous training step.
+    for r in figures(rows, "read") + figures(rows, "write") + figures(rows, "stream"):
+        sp = r["rank_spread"]
+        assert sp is not None and 0 <= sp["min"] <= sp["median"] <= sp["max"], r
+    for r in figures(rows, "read"):
+        per_rank = sorted(
+            x["samples_per_s"]
+            for x in rows
+            if x["phase"] == "read"
+            and x["rank"] is not None
+            and (x["transport"], x["pattern"], x["reader"], x["cache"])
+            == (r["transport"], r["pattern"], r["reader"], r["cache"])
+        )
+        assert [r["rank_spread"]["min"], r["rank_spread"]["max"]] == pytest.approx(
+            [per_rank[0], per_rank[-1]]
+        )
+    assert "## Across ranks" in report and "| slowest rank |" in report
 
 
 def test_dataplane_bench_rejects_bad_options(tmp_path, capsys) -> None:
@@ -320,9 +364,14 @@ def test_dataplane_bench_rejects_bad_options(tmp_path, capsys) -> None:
         (["--samples", "4", "--steps", "8"], "every step holds at least one sample"),
         (["--nodes", "0"], "--nodes must be at least 1"),
         (["--nodes", "3", "--quick"], "--nodes 3 needs at least as many ranks"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
     ):
         assert main(["bench", "all", "--dir", str(tmp_path), *args]) == 1
         assert message in capsys.readouterr().err
+    assert main(["bench", "read"]) == 1
+    assert "--dir is required" in capsys.readouterr().err
+    assert main(["bench", "read", "old-results", "--dir", str(tmp_path)]) == 1
+    assert "only `dataplane bench compare A B` takes folders" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(300)

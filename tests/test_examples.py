@@ -128,4 +128,6 @@ def test_bench_filesystem_renders_the_report(tmp_path) -> None:
     )
     assert "## Read (training side)" in stdout and "per rank" in stdout
     page = (out / "report.html").read_text()
-    assert page.count("<table>") == 4 and page.count("<img") == 3
+    # limits, write, read, stream, and the spread across the two ranks
+    assert page.count("<table>") == 5 and page.count("<img") == 3
+    assert "Across ranks" in page

@@ -75,11 +75,16 @@ def measure_limits(rec: Recorder, world: World, workdir: str) -> Limits:
         os.remove(path)
     total = size * world.size
     limits = Limits(memcpy, total / w / 1e9, total / cold / 1e9, total / warm / 1e9, how)
+    seq = "limit: sequential write and read of --dir"
     for what, gbps, extra in (
-        ("memcpy", limits.memcpy_gbps, {}),
-        ("sequential write", limits.seq_write_gbps, {"bytes": total}),
-        ("sequential read cold", limits.seq_read_cold_gbps, {"bytes": total, "evicted": how}),
-        ("sequential read warm", limits.seq_read_warm_gbps, {"bytes": total}),
+        ("memcpy", limits.memcpy_gbps, {"cell": "limit: memcpy"}),
+        ("sequential write", limits.seq_write_gbps, {"bytes": total, "cell": seq}),
+        (
+            "sequential read cold",
+            limits.seq_read_cold_gbps,
+            {"bytes": total, "evicted": how, "cell": seq},
+        ),
+        ("sequential read warm", limits.seq_read_warm_gbps, {"bytes": total, "cell": seq}),
     ):
         rec.add(phase="limit", what=what, gbps=gbps, **extra)
     return limits
@@ -104,12 +109,13 @@ def run(
     # The cache is node-local: one directory per node, shared by the node's ranks.
     cache_root = os.path.join(config.cache_dir or tempfile.gettempdir(), name + "-cache")
     files = len(config.file_transports)
+    reps = config.repeats
     rec.plan(2)
     if "write" in phases:
-        rec.plan(1 + 2 * files)
+        rec.plan(reps * (1 + 2 * files))
     if "read" in phases:
         # the ceiling; naive and dataplane per pattern; the data, unless the write phase ran
-        rec.plan(1 + files * (6 if "write" in phases else 7))
+        rec.plan(1 + reps * files * 6 + (0 if "write" in phases else files))
         from . import nodes
 
         if config.nodes is not None and config.nodes > world.size:
@@ -118,9 +124,9 @@ def run(
                 f"got {world.size}"
             )
         split = nodes.groups(world, config.nodes)[0] if files else 1
-        rec.plan(len(nodes.MODES) if split > 1 else 0)
+        rec.plan(reps * len(nodes.MODES) if split > 1 else 0)
     if "stream" in phases:
-        rec.plan(len(config.stream_sizes) * (2 + len(config.stream_transports)))
+        rec.plan(reps * len(config.stream_sizes) * (2 + len(config.stream_transports)))
     if world.rank == 0:
         os.makedirs(workdir)
     world.barrier()
@@ -145,6 +151,7 @@ def run(
             from . import stream
 
             stream.run(rec, world)
+        rec.finish()
     finally:
         world.barrier()
         if world.rank == 0:

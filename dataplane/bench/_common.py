@@ -17,6 +17,8 @@ import dataplane as dp
 from dataplane import _progress
 from dataplane.model import parse_size
 
+from . import load
+
 __all__ = [
     "Config",
     "Limits",
@@ -64,6 +66,7 @@ class Config:
     cache_dir: str | None = None
     quick: bool = False
     nodes: int | None = None
+    repeats: int = 3
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.transports if t not in TRANSPORTS]
@@ -87,6 +90,8 @@ class Config:
             )
         if self.workers < 0 or self.compute_ms < 0 or self.max_seconds <= 0:
             raise dp.OptionError("--workers and --compute-ms must be >= 0, --max-seconds > 0")
+        if self.repeats < 1:
+            raise dp.OptionError(f"--repeats must be at least 1, got {self.repeats}")
         if self.nodes is not None and self.nodes < 1:
             raise dp.OptionError(f"--nodes must be at least 1, got {self.nodes}")
         if self.evict not in ("auto", "drop_caches", "fadvise"):
@@ -298,6 +303,11 @@ class Recorder:
         self.total = 0
         # One bar, on rank 0; ``show`` as in dataplane._progress.bar (None: on a terminal).
         self.bar = _progress.bar("bench", 0, unit=" task", show=show if world.rank == 0 else False)
+        # The load of this node during each task; the job is every rank on this host.
+        host = socket.gethostname()
+        pids = world.gather((host, os.getpid()))
+        self.meter = load.Meter(pid for h, pid in pids if h == host)
+        self.loads: dict[str, list[dict[str, Any]]] = {}
 
     def plan(self, tasks: int) -> None:
         self.total += tasks
@@ -305,17 +315,32 @@ class Recorder:
 
     @contextlib.contextmanager
     def task(self, label: str) -> Iterator[None]:
+        """One measurement (a cell, or one repeat of it): shown on the bar, and the load
+        of the machine while it ran recorded under ``label``."""
         self.bar.set_description_str(label)
+        start = self.meter.start()
         yield
+        self.loads.setdefault(label, []).append(self.meter.stop(start))
         self.bar.update()
+
+    def finish(self) -> None:
+        """Give every figure the load of the tasks it came from, over all nodes (collective)."""
+        every = self.world.gather(self.loads)
+        for row in self.rows:
+            label = row.get("cell")
+            if label is not None and row.get("rank") is None:
+                row["load"] = load.merge([x for mine in every for x in mine.get(label, [])])
 
     def close(self) -> None:
         self.bar.close()
 
     def add(self, **row: Any) -> dict[str, Any]:
+        """A figure; ``cell``: the label of the task(s) that measured it."""
         row.setdefault("rank", None)
         row["ranks"] = self.world.size
         row["nodes"] = self.world.nodes
+        if self.config.quick:
+            row["smoke_test"] = True
         row["config"] = self.config.get_config()
         self.rows.append(row)
         return row

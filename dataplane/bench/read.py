@@ -31,6 +31,7 @@ from dataplane.cache import NodeCache, cache_stats
 from dataplane.loaders import SampleDataset, ShuffleSampler
 
 from ._common import Recorder, World, evict, seq_read
+from .load import median_run, rank_spread, spread
 
 __all__ = [
     "NAIVE",
@@ -259,6 +260,7 @@ def run(
         mb_per_s=ceiling_sps * cfg.sample_size / 1e6,
         limit="memcpy",
         of_limit=ceiling_sps * cfg.sample_size / 1e9 / limits["memcpy_gbps"],
+        cell=f"limit: DataLoader ceiling, {cfg.workers} workers",
     )
     # A cold epoch can go no faster than the file reads sequentially, nor than the DataLoader
     # passes samples; a warm one only the latter.
@@ -283,97 +285,125 @@ def run(
         out["evicted"] = how
         return out
 
+    # cell (transport, pattern, reader) -> per repeat: {state: (aggregate, per-rank results)}
+    runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    labels: dict[tuple[str, str, str], str] = {}
+    orders: dict[tuple[str, str], list[int]] = {}
     for transport, path in paths.items():
-        url = f"{transport}://{path}"
-        probe = SampleDataset(url, vars="x")
+        probe = SampleDataset(f"{transport}://{path}", vars="x")
         for pattern in PATTERNS:
             kw = _sampler_kw(pattern, cfg.block)
-            order = (
+            orders[transport, pattern] = (
                 ShuffleSampler(probe, seed=0, rank=world.rank, world=world.size, **kw)
                 .order()
                 .tolist()
             )
-            results: dict[str, dict[str, Any]] = {}
-            naive_cls = NAIVE.get(transport)
-            if naive_cls is not None:
-                with rec.task(f"read {transport} {pattern} naive"):
-
-                    def warm_file(path: str = path) -> None:
-                        if world.node_leader:
-                            seq_read(path)
-
-                    loader = loader_for(naive_cls(path), cfg.workers, cfg.batch_size, sampler=order)
-                    results["naive"] = epoch_pair(loader, path, False, warm_file)
-                    del loader  # its workers exit
-            with rec.task(f"read {transport} {pattern} dataplane"):
-                cdir = os.path.join(cache_root, f"{transport}-{pattern}")
-                cache = NodeCache(cdir, capacity=int(cfg.data_bytes * 1.5) + (64 << 20))
-                ds = SampleDataset(url, vars="x", cache=cache)
-                sampler = ShuffleSampler(ds, seed=0, rank=world.rank, world=world.size, **kw)
-                # Software loaded, data cold: the prefetch process has imported its library
-                # before the caches are dropped, as the naive reader's workers (forked from
-                # this process) have.
-                ds.start_prefetch(wait=60)
-                try:
-                    loader = loader_for(ds, cfg.workers, cfg.batch_size, sampler=sampler)
-                    results["dataplane"] = epoch_pair(
-                        loader, path, True, lambda sampler=sampler: sampler.set_epoch(1)
-                    )
-                    del loader  # its workers exit and write their cache counters
-                    ds.close()  # so does the prefetch process
-                    cache.flush_stats()
-                    stats = cache_stats(cdir)  # every process's
-                finally:
-                    ds.close()
-                    cache.close()
-                    world.barrier()
-                    if world.node_leader:
-                        shutil.rmtree(cdir, ignore_errors=True)
-            for reader, res in results.items():
-                for state in ("cold", "warm"):
-                    agg = aggregate(world.gather(res[state]), cfg.sample_size)
-                    limit, bound = bounds[state]
-                    row = rec.add(
-                        phase="read",
-                        transport=transport,
-                        reader=reader,
-                        pattern=pattern,
-                        cache=state,
-                        **agg,
-                        workers=cfg.workers,
-                        compute_ms=cfg.compute_ms,
-                        evicted=res["evicted"] if state == "cold" else None,
-                        limit=limit,
-                        of_limit=agg["samples_per_s"] / bound,
-                    )
-                    if reader == "dataplane" and "naive" in results:
-                        naive = next(
-                            r
-                            for r in rec.rows
-                            if r.get("phase") == "read"
-                            and r["rank"] is None
-                            and (r["transport"], r["reader"], r["pattern"], r["cache"])
-                            == (transport, "naive", pattern, state)
-                        )
-                        row["vs_naive"] = agg["samples_per_s"] / naive["samples_per_s"]
-                    if reader == "dataplane" and state == "warm":
-                        # Both epochs: the cold one fetches each shard once, the warm one hits.
-                        row["cache_stats"] = {
-                            k: stats[k] for k in ("hits", "misses", "bytes_from_source")
-                        }
-                    rec.add_ranks(
-                        [
-                            {
-                                "samples": p["samples"],
-                                "seconds": p["seconds"],
-                                "samples_per_s": p["samples"] / p["seconds"],
-                            }
-                            for p in world.gather(res[state])
-                        ],
-                        phase="read",
-                        transport=transport,
-                        reader=reader,
-                        pattern=pattern,
-                        cache=state,
-                    )
         probe.close()
+
+    def keep(cell: tuple[str, str, str], label: str, res: dict[str, Any]) -> None:
+        for state in ("cold", "warm"):
+            per_rank = world.gather(res[state])
+            res[state] = (aggregate(per_rank, cfg.sample_size), per_rank)
+        runs.setdefault(cell, []).append(res)
+        labels[cell] = label
+
+    # Every repeat measures every cell once, so that drift over the run hits all alike.
+    for _ in range(cfg.repeats):
+        for transport, path in paths.items():
+            url = f"{transport}://{path}"
+            for pattern in PATTERNS:
+                kw = _sampler_kw(pattern, cfg.block)
+                naive_cls = NAIVE.get(transport)
+                if naive_cls is not None:
+                    label = f"read {transport} {pattern} naive"
+                    with rec.task(label):
+
+                        def warm_file(path: str = path) -> None:
+                            if world.node_leader:
+                                seq_read(path)
+
+                        loader = loader_for(
+                            naive_cls(path),
+                            cfg.workers,
+                            cfg.batch_size,
+                            sampler=orders[transport, pattern],
+                        )
+                        res = epoch_pair(loader, path, False, warm_file)
+                        del loader  # its workers exit
+                    keep((transport, pattern, "naive"), label, res)
+                label = f"read {transport} {pattern} dataplane"
+                with rec.task(label):
+                    cdir = os.path.join(cache_root, f"{transport}-{pattern}")
+                    cache = NodeCache(cdir, capacity=int(cfg.data_bytes * 1.5) + (64 << 20))
+                    ds = SampleDataset(url, vars="x", cache=cache)
+                    sampler = ShuffleSampler(ds, seed=0, rank=world.rank, world=world.size, **kw)
+                    # Software loaded, data cold: the prefetch process has imported its
+                    # library before the caches are dropped, as the naive reader's workers
+                    # (forked from this process) have.
+                    ds.start_prefetch(wait=60)
+                    try:
+                        loader = loader_for(ds, cfg.workers, cfg.batch_size, sampler=sampler)
+                        res = epoch_pair(
+                            loader, path, True, lambda sampler=sampler: sampler.set_epoch(1)
+                        )
+                        del loader  # its workers exit and write their cache counters
+                        ds.close()  # so does the prefetch process
+                        cache.flush_stats()
+                        res["stats"] = cache_stats(cdir)  # every process's
+                    finally:
+                        ds.close()
+                        cache.close()
+                        world.barrier()
+                        if world.node_leader:
+                            shutil.rmtree(cdir, ignore_errors=True)
+                keep((transport, pattern, "dataplane"), label, res)
+
+    medians: dict[tuple[str, str, str, str], float] = {}
+    for (transport, pattern, reader), reps in runs.items():
+        for state in ("cold", "warm"):
+            rates = [r[state][0]["samples_per_s"] for r in reps]
+            pick = median_run(rates)
+            agg, per_rank = reps[pick][state]
+            medians[transport, pattern, reader, state] = agg["samples_per_s"]
+            limit, bound = bounds[state]
+            s = spread(rates)
+            row = rec.add(
+                phase="read",
+                transport=transport,
+                reader=reader,
+                pattern=pattern,
+                cache=state,
+                **agg,
+                workers=cfg.workers,
+                compute_ms=cfg.compute_ms,
+                evicted=reps[pick]["evicted"] if state == "cold" else None,
+                limit=limit,
+                of_limit=agg["samples_per_s"] / bound,
+                repeats=len(reps),
+                spread={"samples_per_s": [s["min"], s["max"]]},
+                # a cut epoch's rate is over its first samples: of how many
+                of_samples=cfg.rows_per_step * cfg.steps,
+                rank_spread=rank_spread([p["samples"] / p["seconds"] for p in per_rank]),
+                cell=labels[transport, pattern, reader],
+            )
+            if reader == "dataplane" and (transport, pattern, "naive", state) in medians:
+                row["vs_naive"] = agg["samples_per_s"] / medians[transport, pattern, "naive", state]
+            if reader == "dataplane" and state == "warm":
+                # Both epochs: the cold one fetches each shard once, the warm one hits.
+                stats = reps[pick]["stats"]
+                row["cache_stats"] = {k: stats[k] for k in ("hits", "misses", "bytes_from_source")}
+            rec.add_ranks(
+                [
+                    {
+                        "samples": p["samples"],
+                        "seconds": p["seconds"],
+                        "samples_per_s": p["samples"] / p["seconds"],
+                    }
+                    for p in per_rank
+                ],
+                phase="read",
+                transport=transport,
+                reader=reader,
+                pattern=pattern,
+                cache=state,
+            )

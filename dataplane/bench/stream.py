@@ -25,6 +25,7 @@ import numpy as np
 import dataplane as dp
 
 from ._common import Recorder, World, fmt_size
+from .load import median_run, rank_spread, spread
 
 __all__ = ["METHODS", "bench_queue", "bench_raw", "bench_stream", "run"]
 
@@ -232,42 +233,63 @@ def measure(method: str, size: int, seconds: float, workdir: str, ctx: Any) -> d
     return thr
 
 
+def _range(values: Any) -> list[float]:
+    v = list(values)
+    return [min(v), max(v)]
+
+
 def run(rec: Recorder, world: World) -> None:
     """Every rank runs its own writer/reader pairs at the same time (aggregate throughput)."""
     cfg = rec.config
     methods = ["raw copy", *(f"{t}://" for t in cfg.stream_transports), "mp.Queue"]
     ctx = mp.get_context("spawn")  # the parent may hold threads (prefetchers, loaders)
     workdir = tempfile.mkdtemp(prefix="dp-bench-stream-")
+    # (size, method) -> per repeat: every rank's figures
+    runs: dict[tuple[int, str], list[list[dict[str, Any]]]] = {}
     try:
-        for size in cfg.stream_sizes:
-            raw_gbps = None
-            for method in methods:
-                with rec.task(f"stream {method} {fmt_size(size)}"):
-                    world.barrier()
-                    fig = measure(method, size, cfg.stream_seconds, workdir, ctx)
-                    figs = world.gather(fig)
-                total = sum(f["gbps"] for f in figs)
-                if method == "raw copy":
-                    raw_gbps = total
-                rec.add(
-                    phase="stream",
-                    method=method,
-                    step_bytes=size,
-                    steps=sum(f["steps"] for f in figs),
-                    gbps=total,
-                    median_us=float(np.median([f["median_us"] for f in figs])),
-                    p99_us=max(f["p99_us"] for f in figs),
-                    limit="raw copy",
-                    of_limit=total / raw_gbps if raw_gbps else None,
-                )
-                rec.add_ranks(
-                    [
-                        {"gbps": f["gbps"], "median_us": f["median_us"], "p99_us": f["p99_us"]}
-                        for f in figs
-                    ],
-                    phase="stream",
-                    method=method,
-                    step_bytes=size,
-                )
+        for _ in range(cfg.repeats):  # every cell once per repeat: drift hits all alike
+            for size in cfg.stream_sizes:
+                for method in methods:
+                    with rec.task(f"stream {method} {fmt_size(size)}"):
+                        world.barrier()
+                        fig = measure(method, size, cfg.stream_seconds, workdir, ctx)
+                        runs.setdefault((size, method), []).append(world.gather(fig))
+        raw: dict[int, float] = {}
+        for (size, method), reps in runs.items():
+            totals = [sum(f["gbps"] for f in figs) for figs in reps]
+            pick = median_run(totals)
+            figs, total = reps[pick], totals[pick]
+            if method == "raw copy":
+                raw[size] = total
+            s = spread(totals)
+            rec.add(
+                phase="stream",
+                method=method,
+                step_bytes=size,
+                steps=sum(f["steps"] for f in figs),
+                gbps=total,
+                median_us=float(np.median([f["median_us"] for f in figs])),
+                p99_us=max(f["p99_us"] for f in figs),
+                limit="raw copy",
+                of_limit=total / raw[size] if raw.get(size) else None,
+                repeats=len(reps),
+                spread={
+                    "gbps": [s["min"], s["max"]],
+                    "median_us": _range(
+                        float(np.median([f["median_us"] for f in r])) for r in reps
+                    ),
+                },
+                rank_spread=rank_spread([f["gbps"] for f in figs]),
+                cell=f"stream {method} {fmt_size(size)}",
+            )
+            rec.add_ranks(
+                [
+                    {"gbps": f["gbps"], "median_us": f["median_us"], "p99_us": f["p99_us"]}
+                    for f in figs
+                ],
+                phase="stream",
+                method=method,
+                step_bytes=size,
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
