@@ -28,6 +28,14 @@ def rows_from_source(
     """Rows ``idx`` into ``outs`` (one per variable), with one hyperslab read per variable
     per run of nearby rows of a step (through ``direct`` where it can). Returns the reads
     and bytes read."""
+    if len(idx) == 1:  # one sample (a per-sample __getitem__): no runs to find
+        row = int(idx[0])
+        i = int(np.searchsorted(snap.offsets, row, side="right")) - 1
+        first = row - int(snap.offsets[i])
+        got = step_rows(arc, direct, i, snap.names, snap.rows, first, first + 1)
+        for out, block in zip(outs, got):
+            out[0] = block[0]
+        return len(got), sum(block.nbytes for block in got)
     row_bytes = sum(
         int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for dtype, shape in snap.rows.values()
     )

@@ -206,6 +206,8 @@ class SampleDataset(torch.utils.data.Dataset[Any]):
     def _indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
+        if idx.size == 1 and 0 <= idx[0] < n:  # one sample in range: nothing to check
+            return idx
         if idx.size and (idx.max() >= n or idx.min() < -n):
             # A worker's snapshot can be older than the sampler's (persistent workers): steps
             # only ever get appended, so catching up is safe.
