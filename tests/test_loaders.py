@@ -62,6 +62,18 @@ def test_rows_of_every_step_in_order(stored) -> None:
         ds[STEPS * ROWS]
 
 
+def test_every_sample_by_index_is_the_row_written(stored) -> None:
+    """ds[i] (one sample, its own read: a per-sample loop without a cache) for every i."""
+    ds = SampleDataset(stored, vars=("x", "label"))
+    for i in range(len(ds)):
+        x, label = ds[i]
+        assert ident(x) == i and bool((x == x[0]).all()) and int(label) == i // ROWS
+        assert ident(ds[i - len(ds)][0]) == i
+    before = ds.reads
+    ds[ROWS + 3]
+    assert ds.reads - before == 2  # one row of each variable
+
+
 def test_batches_come_back_in_the_asked_order_with_few_reads(stored) -> None:
     ds = SampleDataset(stored, vars={"inp": "x", "y": "label"}, dtype={"x": "float64"})
     want = [3, 140, 2, 199, 3, 57, 0]
